@@ -1,0 +1,209 @@
+"""params.yaml -> one frozen, validated model per stage.
+
+``params.yaml`` is the single source of defaults. An optional, untracked ``params.local.yaml`` is
+deep-merged on top (``make pipeline DATA=... MODELS=...`` writes it), so a run can be pointed at other
+data without editing tracked files; DVC tracks both files as params. Unknown keys and bad values raise
+:class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+OVERRIDE_FILE = "params.local.yaml"
+
+
+class ConfigError(ValueError):
+    """A params file is missing, malformed, or holds an unknown key / bad value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+Range = tuple[float, float]
+
+
+class IngestParams(Section):
+    """Where the raw photographs come from and how many to take (the default run must be small)."""
+
+    # "lfw" (scikit-learn's download), "s3://bucket/prefix", or a folder of <identity>/<image> subfolders.
+    source: str = Field("lfw", min_length=1)
+    s3_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+")
+    max_identities: int = Field(200, ge=1)
+    max_images_per_identity: int = Field(8, ge=1)
+    # A preference, not a filter: identities with fewer images are used only to fill up max_identities.
+    min_images_per_identity: int = Field(2, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_reject_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    # PIL format names accepted at ingest; anything else PIL can open (ICO, PSD, GIF, ...) is rejected.
+    formats: tuple[str, ...] = Field(("JPEG", "PNG", "WEBP", "BMP", "TIFF"), min_length=1)
+
+    @model_validator(mode="after")
+    def _check_ingest(self) -> IngestParams:
+        source = self.source.strip()
+        if source != self.source or not source:
+            raise ValueError(f"ingest.source has leading/trailing spaces or is blank: {self.source!r}")
+        if source.startswith("s3://"):
+            if not source[len("s3://") :].split("/")[0]:
+                raise ValueError(f"ingest.source {source!r} names no bucket (expected s3://bucket/prefix)")
+        elif "://" in source:
+            raise ValueError(
+                f"ingest.source {source!r}: only s3:// URLs, 'lfw' or a local folder path are supported"
+            )
+        from PIL import Image
+
+        Image.init()
+        unknown = [f for f in self.formats if f not in Image.OPEN]
+        if unknown:
+            raise ValueError(
+                f"ingest.formats: {unknown} are not PIL format names (use upper case, e.g. JPEG, PNG)"
+            )
+        return self
+
+
+class SSLParams(Section):
+    """Self-supervised pretraining (defaults are the official LAFS recipe)."""
+
+    method: Literal["lafs", "dino_face", "pros"] = "lafs"
+    model: str = "lafs_vit_base"
+    landmark_net: str = "landmark_net_mnv3_large"
+    num_landmarks: int = Field(196, ge=1)
+    patch_padding: Literal["zeros", "border"] = "zeros"
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    # views
+    global_crops: int = Field(2, ge=2)
+    local_crops: int = Field(8, ge=0)
+    local_landmarks: int = Field(36, ge=1)
+    landmark_jitter_px: float = Field(5.0, ge=0.0)
+    global_scale: Range = (0.4, 1.0)
+    local_scale: Range = (0.05, 0.4)
+    local_size: int = Field(48, ge=8)
+    # head and loss
+    out_dim: int = Field(100_000, ge=2)
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    head_layers: int = Field(3, ge=1)
+    norm_last_layer: bool = True
+    student_temp: float = Field(0.1, gt=0.0)
+    teacher_temp: float = Field(0.04, gt=0.0)
+    warmup_teacher_temp: float = Field(0.07, gt=0.0)
+    warmup_teacher_temp_epochs: int = Field(30, ge=0)
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    num_prototypes: int = Field(4096, ge=2)
+    # optimisation
+    epochs: int = Field(41, ge=1)
+    batch_size: int = Field(82, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    warmup_epochs: int = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0.0)
+    weight_decay_end: float = Field(0.4, ge=0.0)
+    momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
+    clip_grad: float = Field(3.0, ge=0.0)
+    freeze_last_layer: int = Field(1, ge=0)
+    # auto: bf16 autocast where the hardware has bf16 matmul (CUDA, AVX512-BF16/AMX CPUs), else fp32.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SSLParams:
+        for key in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, key)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"{key} must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
+        if self.method == "lafs" and not self.model.startswith("lafs_"):
+            raise ValueError(f"method 'lafs' needs a landmark model (lafs_vit_*), got model={self.model!r}")
+        if self.method == "dino_face" and not self.model.startswith("dino_"):
+            raise ValueError(f"method 'dino_face' needs a grid model (dino_vit_*), got model={self.model!r}")
+        return self
+
+
+class Params(BaseModel):
+    """The whole params.yaml: one section per stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ingest: IngestParams = IngestParams()
+    pretrain: SSLParams = SSLParams()
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base`` (override wins on leaves)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c=value`` in a nested dict (CLI / Prefect overrides)."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = "unknown key (check the spelling or remove it)" if err["type"] == "extra_forbidden" else err["msg"]
+        shown = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any], source: str = "<dict>") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_params(
+    path: str | Path = PARAMS_FILE,
+    overrides: str | Path | None = OVERRIDE_FILE,
+    sets: dict[str, Any] | None = None,
+) -> Params:
+    """Load ``path``, merge the override file (if present) and ``a.b=value`` sets, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    data = _read_yaml(path)
+    sources = [str(path)]
+    if overrides is not None:
+        opath = path.parent / overrides if not Path(overrides).is_absolute() else Path(overrides)
+        if opath.exists():
+            data = deep_merge(data, _read_yaml(opath))
+            sources.append(str(opath))
+    for key, value in (sets or {}).items():
+        set_dotted(data, key, value)
+    return parse_params(data, " + ".join(sources))
+
+
+def resolved(params: BaseModel) -> dict[str, Any]:
+    """Plain-data view of a (section of the) config, saved next to outputs and logged to MLflow."""
+    return params.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Data: geometric transforms that carry landmarks exactly, and the multi-view SSL transforms."""

@@ -1,0 +1,1 @@
+"""Shared training engine: schedules, EMA, clipping, optimizer groups, checkpoints, the SSL step."""
