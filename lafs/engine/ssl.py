@@ -18,6 +18,7 @@ from torch import nn
 from lafs.config import SSLParams
 from lafs.data.views import jitter_landmarks, random_landmark_subset
 from lafs.engine.clipping import cancel_last_layer_gradients, clip_gradients
+from lafs.engine.distributed import all_true
 from lafs.engine.ema import ema_update
 from lafs.engine.optim import param_groups, set_lr_wd
 from lafs.engine.schedules import cosine_schedule, teacher_temp_schedule
@@ -130,12 +131,17 @@ class SSLTask(nn.Module):
         return loss, {"teacher_entropy": float(entropy), "teacher_std": float(teacher_out.float().std(0).mean())}
 
 
-def build_ssl_task(cfg: SSLParams, landmark_net: nn.Module | None = None) -> SSLTask:
-    """Student/teacher for ``cfg.method``; LAFS without ``landmark_net`` reads landmarks from the batch."""
+def backbone_kwargs(cfg: SSLParams) -> dict[str, Any]:
+    """Constructor kwargs of the backbone (saved with the teacher so finetuning rebuilds the same model)."""
     kwargs: dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate}
     if cfg.method != "dino_face":
         kwargs |= {"num_landmarks": cfg.num_landmarks, "padding_mode": cfg.patch_padding}
-    backbone = create_model(cfg.model, **kwargs)
+    return kwargs
+
+
+def build_ssl_task(cfg: SSLParams, landmark_net: nn.Module | None = None) -> SSLTask:
+    """Student/teacher for ``cfg.method``; LAFS without ``landmark_net`` reads landmarks from the batch."""
+    backbone = create_model(cfg.model, **backbone_kwargs(cfg))
     if cfg.method == "pros":
         head: nn.Module = PrototypeHead(backbone.embed_dim, cfg.num_prototypes, cfg.hidden_dim,
                                         cfg.bottleneck_dim, cfg.head_layers)
@@ -182,7 +188,7 @@ class SSLTrainer:
         with self.autocast():
             temp = float(self.teacher_temp[epoch])
             loss, stats = task(batch, temp, generator, student=self.student_call)
-        if not torch.isfinite(loss):
+        if not all_true(bool(torch.isfinite(loss)), self.device):  # every rank stops, none hangs in backward
             raise NonFiniteLossError(f"loss is {loss.item()} at iteration {it} (epoch {epoch}); stopping")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,61 @@
+"""Datasets over aligned faces. Each sample's augmentation draws from its own generator seeded by
+(seed, epoch, index), so a batch is the same whichever worker builds it: resume is exact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+
+from lafs.engine.distributed import derived_seed
+
+
+def read_face(path: Path) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] from an aligned face file written by the landmarks stage."""
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class SSLFaces(Dataset):
+    """Unlabelled aligned faces -> a dict of views (LAFSViews / DINOFaceViews)."""
+
+    def __init__(self, paths: Sequence[Path], views: Callable[..., dict[str, torch.Tensor]],
+                 landmarks: torch.Tensor | None = None, seed: int = 0) -> None:
+        if landmarks is not None and len(landmarks) != len(paths):
+            raise ValueError(f"{len(paths)} images but {len(landmarks)} landmark sets")
+        self.paths = list(paths)
+        self.views = views
+        self.landmarks = landmarks
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
+        landmarks = self.landmarks[index] if self.landmarks is not None else None
+        return self.views(read_face(self.paths[index]), landmarks, generator=generator)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch (``skip`` samples of this rank), for exact resume."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip

@@ -1,0 +1,257 @@
+"""Stage ``pretrain``: self-supervised pretraining (LAFS, DINO-face or ProS) on the SSL split.
+
+Runs as one process or under torchrun (DDP: NCCL on GPUs, gloo on CPUs). Checkpoints go to
+``<out>/last.pt`` atomically every ``checkpoint_every`` iterations and at each epoch end; an existing
+``last.pt`` is resumed automatically, exactly: data order, augmentations, jitter and drop-path all draw from
+streams seeded by (seed, epoch, index) or (seed, rank, iteration), never from state lost in a crash.
+SIGTERM (preemption) saves a checkpoint and exits; NaN/inf loss or a collapsed teacher stops the run and
+keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lafs.config import SSLParams, resolved
+from lafs.data.datasets import ResumableSampler, SSLFaces
+from lafs.data.views import DINOFaceViews, LAFSViews
+from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
+from lafs.engine.distributed import (
+    DistEnv,
+    all_true,
+    barrier,
+    derived_seed,
+    init_distributed,
+    ranks_in_sync,
+    shutdown,
+)
+from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, backbone_kwargs, build_ssl_task
+from lafs.models import create_model
+from lafs.stages import StageError
+from lafs.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(StageError):
+    """SIGTERM arrived: a checkpoint was written; rerun the same command to resume."""
+
+    exit_code = 143
+
+
+@dataclass(frozen=True)
+class PretrainPaths:
+    data_dir: Path = Path("data")
+    out_dir: Path = Path("models/pretrain")
+    landmark_net: Path = Path("models/landmark_net.pt")
+    metrics: Path = Path("metrics/pretrain.json")
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def teacher(self) -> Path:
+        return self.out_dir / "teacher_backbone.pt"
+
+
+@dataclass
+class PretrainSummary:
+    iterations: int
+    epochs: int
+    final_loss: float
+    resumed_from: int
+    images_per_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        resumed = f", resumed at iteration {self.resumed_from}" if self.resumed_from else ""
+        return (f"pretrained {self.iterations} iterations / {self.epochs} epochs{resumed}; "
+                f"final loss {self.final_loss:.4f}, {self.images_per_s:.1f} images/s")
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (a checkpoint, then a clean exit)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def load_landmark_net(path: Path, device: torch.device) -> torch.nn.Module:
+    """The frozen landmark CNN written by the landmark_net stage ({"model", "kwargs", "state_dict"})."""
+    if not path.exists():
+        raise StageError(f"landmark network {path} not found: run `dvc repro landmark_net` first, or set "
+                         "pretrain.landmark_source: extracted to place patches at the extracted landmarks")
+    state = load_checkpoint(path, map_location="cpu")
+    net = create_model(state["model"], **state["kwargs"])
+    net.load_state_dict(state["state_dict"])
+    return net.to(device).eval()
+
+
+def _ssl_table(cfg: SSLParams, data_dir: Path) -> tuple[list[Path], torch.Tensor | None]:
+    split = data_dir / "splits" / "ssl.csv"
+    if not split.exists():
+        raise StageError(f"{split} not found: run the split stage first (`dvc repro split`)")
+    table = pd.read_csv(split)
+    if table.empty:
+        raise StageError(f"{split} holds no images: check the split params")
+    paths = [data_dir / p if not Path(p).is_absolute() else Path(p) for p in table["aligned_path"]]
+    if cfg.method == "dino_face" or cfg.landmark_source == "net":
+        return paths, None
+    dense = pd.read_parquet(data_dir / "landmarks.parquet", columns=["aligned_path", "dense"])
+    dense = table[["aligned_path"]].merge(dense, on="aligned_path", how="left")
+    if dense["dense"].isna().any():
+        raise StageError("some SSL images have no dense landmarks in data/landmarks.parquet; rerun landmarks")
+    landmarks = torch.tensor([list(d) for d in dense["dense"]], dtype=torch.float32).reshape(len(paths), -1, 2)
+    if landmarks.shape[1] != cfg.num_landmarks:
+        raise StageError(f"extracted landmarks have K={landmarks.shape[1]} points but pretrain.num_landmarks is "
+                         f"{cfg.num_landmarks}; set them equal")
+    return paths, landmarks
+
+
+def _views(cfg: SSLParams):
+    if cfg.method == "dino_face":
+        return DINOFaceViews(cfg.global_crops, cfg.local_crops, 112, cfg.local_size, cfg.global_scale, cfg.local_scale)
+    return LAFSViews(cfg.global_crops, cfg.local_crops, 112, cfg.global_scale)
+
+
+def run(cfg: SSLParams, paths: PretrainPaths = PretrainPaths()) -> PretrainSummary:
+    env = init_distributed(cfg.device)
+    try:
+        return _train(cfg, paths, env)
+    finally:
+        shutdown()
+
+
+def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv) -> PretrainSummary:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    image_paths, landmarks = _ssl_table(cfg, paths.data_dir)
+    dataset = SSLFaces(image_paths, _views(cfg), landmarks, seed=cfg.seed)
+    sampler = ResumableSampler(dataset, env.world_size, env.rank, seed=cfg.seed)
+    iters_per_epoch = len(sampler) // cfg.batch_size
+    if iters_per_epoch == 0:
+        raise StageError(f"{len(dataset)} SSL images over {env.world_size} process(es) is less than one batch of "
+                         f"{cfg.batch_size}: lower pretrain.batch_size")
+
+    net = load_landmark_net(paths.landmark_net, env.device) if (
+        cfg.method != "dino_face" and cfg.landmark_source == "net") else None
+    task = build_ssl_task(cfg, net).to(env.device)
+    student_ddp = DistributedDataParallel(task.student, device_ids=[env.device.index] if env.device.type == "cuda"
+                                          else None) if env.distributed else None
+    trainer = SSLTrainer(task, iters_per_epoch, cfg.batch_size * env.world_size, student_ddp)
+
+    start_it, run_id = 0, None
+    if paths.last.exists():
+        state = load_checkpoint(paths.last, map_location=env.device)
+        if state["config"] != resolved(cfg):
+            raise StageError(f"{paths.last} was written with different pretrain params; move it away to start over "
+                             "or restore the params to resume")
+        trainer.load_state_dict(state)
+        start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id")
+    total = cfg.epochs * iters_per_epoch
+
+    logger = RunLogger(env.is_main, cfg.experiment, f"pretrain-{cfg.method}", resolved(cfg), run_id=run_id,
+                       uri=cfg.tracking_uri, tags={"stage": "pretrain", "method": cfg.method})
+
+    def checkpoint(it: int) -> None:
+        if env.is_main:
+            save_checkpoint({**trainer.state_dict(), "iteration": it, "config": resolved(cfg),
+                             "mlflow_run_id": logger.run_id or ""}, paths.last)
+        barrier()
+
+    it, metrics, low_std, t0, seen = start_it, {"loss": float("nan")}, 0, time.perf_counter(), 0
+    bar = tqdm(total=total, initial=start_it, disable=not env.is_main, desc=f"pretrain {cfg.method}", unit="it")
+    status = "FAILED"
+    try:
+        with _SigtermFlag() as sigterm:
+            for epoch in range(start_it // iters_per_epoch, cfg.epochs):
+                sampler.set_epoch(epoch)
+                sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
+                dataset.set_epoch(epoch)
+                loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                    num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda",
+                                    persistent_workers=False)
+                for batch in loader:
+                    seed = derived_seed(cfg.seed, env.rank, it)
+                    torch.manual_seed(seed)  # drop-path etc.: a function of the iteration, not of history
+                    generator = torch.Generator(env.device).manual_seed(seed)
+                    try:
+                        metrics = trainer.train_step(batch, it, generator)
+                    except NonFiniteLossError as exc:
+                        raise StageError(f"{exc}; the last good checkpoint {paths.last} is kept. Lower the lr "
+                                         "or use dtype fp32") from None
+                    it += 1
+                    seen += cfg.batch_size * env.world_size
+                    rate = seen / (time.perf_counter() - t0)
+                    low_std = low_std + 1 if metrics["teacher_std"] < cfg.collapse_std else 0
+                    if low_std >= cfg.collapse_patience:
+                        raise StageError(
+                            f"teacher collapsed at iteration {it}: output std {metrics['teacher_std']:.2e} < "
+                            f"{cfg.collapse_std} for {low_std} iterations (entropy {metrics['teacher_entropy']:.3f});"
+                            f" the last good checkpoint {paths.last} is kept. Check centring/temperatures/lr")
+                    logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.1f}")
+                    stop = not all_true(not sigterm.raised, env.device)
+                    if stop or it % cfg.checkpoint_every == 0:
+                        checkpoint(it)
+                    if stop:
+                        raise Preempted(f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; "
+                                        "rerun the same command to resume")
+                if it % cfg.checkpoint_every:
+                    checkpoint(it)
+        status = "FINISHED"
+    except Preempted:
+        status = "KILLED"
+        raise
+    finally:
+        bar.close()
+        if status != "FINISHED":
+            logger.end(status)
+
+    in_sync = ranks_in_sync(task.student, env.device)
+    if not in_sync:
+        raise StageError("DDP ranks ended with different student weights; this is a bug, please report it")
+    summary = PretrainSummary(iterations=it, epochs=cfg.epochs, final_loss=metrics["loss"], resumed_from=start_it,
+                              images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
+                              metrics={k: float(v) for k, v in metrics.items()})
+    if env.is_main:
+        backbone = task.teacher.backbone
+        save_checkpoint({"model": cfg.model, "kwargs": backbone_kwargs(cfg), "state_dict": backbone.state_dict(),
+                         "config": resolved(cfg)}, paths.teacher)
+        paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics.write_text(json.dumps({"iterations": it, "final_loss": summary.final_loss,
+                                             "teacher_entropy": metrics.get("teacher_entropy"),
+                                             "images_per_s": summary.images_per_s, "world_size": env.world_size,
+                                             "ranks_in_sync": in_sync}, indent=2) + "\n")
+        logger.log_artifact(paths.teacher, "teacher")
+        logger.log_metrics({"final_loss": summary.final_loss}, it)
+        logger.end("FINISHED")
+    barrier()
+    return summary
+

@@ -1,0 +1,84 @@
+"""MLflow adapter: one run per training, opened on rank 0 only, resumable by run id.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` from the environment, else the ``tracking_uri`` param, else a local
+sqlite store ``mlflow.db`` (MLflow 3 refuses new file stores) with artifacts in ``mlartifacts/`` beside it.
+Params are the resolved, credential-free stage config (keys that look like secrets are dropped defensively).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+_SECRET_WORDS = ("password", "secret", "token", "access_key", "credential")
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if any(word in name.lower() for word in _SECRET_WORDS):
+            continue
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def tracking_uri(param: str | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or param or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database, not in the current directory."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None  # a tracking server decides (e.g. --artifacts-destination s3://...)
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
+class RunLogger:
+    """No-op unless ``enabled`` (rank 0), so training code logs unconditionally."""
+
+    def __init__(self, enabled: bool, experiment: str, run_name: str, params: Mapping[str, Any],
+                 run_id: str | None = None, uri: str | None = None, tags: Mapping[str, str] | None = None,
+                 system_metrics: bool = True) -> None:
+        self.enabled = enabled
+        self.run_id: str | None = None
+        if not enabled:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        uri = tracking_uri(uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=ensure_experiment(experiment, uri))
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                               log_system_metrics=system_metrics, tags=dict(tags or {}))
+        self.run_id = run.info.run_id
+        if run_id is None:  # a resumed run already holds its params (MLflow refuses changed values)
+            mlflow.log_params(flatten(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.enabled:
+            self._mlflow.log_metrics(dict(metrics), step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifact(str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)

@@ -1,0 +1,205 @@
+"""Pretraining stage on real face photos: single process, DDP on gloo, exact resume, SIGTERM, NaN, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from lafs.config import SSLParams, resolved
+from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
+from lafs.engine.ssl import NonFiniteLossError, SSLTrainer
+from lafs.models import create_model
+from lafs.stages import StageError
+from lafs.stages.pretrain import PretrainPaths, run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small", "num_landmarks": 68, "out_dim": 128,
+        "hidden_dim": 64, "bottleneck_dim": 32, "num_prototypes": 64, "local_crops": 2, "local_landmarks": 12,
+        "epochs": 2, "batch_size": 4, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 1, "num_workers": 0,
+        "dtype": "fp32", "checkpoint_every": 2, "nproc_per_node": 1, "device": "cpu", "deterministic": True}
+
+
+def _mean_shape() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(68, 2, generator=g) * 70 + 20
+
+
+@pytest.fixture(scope="module")
+def ssl_data(tmp_path_factory, lfw_subset) -> Path:
+    """A data dir shaped like the split stage's output: 16 real faces at 112 px, dense landmarks, a net."""
+    root = tmp_path_factory.mktemp("ssl")
+    data = root / "data"
+    files = sorted(lfw_subset.glob("*/*.jpg"))[:16]
+    rows = []
+    for f in files:
+        rel = Path("aligned") / f.parent.name / (f.stem + ".png")
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("RGB").crop((19, 19, 131, 131)).save(data / rel)
+        rows.append({"aligned_path": str(rel), "identity": f.parent.name, "label": 0, "sha256": f.stem})
+    (data / "splits").mkdir()
+    pd.DataFrame(rows).to_csv(data / "splits" / "ssl.csv", index=False)
+    dense = [(_mean_shape() + torch.randn(68, 2)).reshape(-1).tolist() for _ in rows]
+    pd.DataFrame({"aligned_path": [r["aligned_path"] for r in rows], "dense": dense}).to_parquet(
+        data / "landmarks.parquet")
+    net = create_model("landmark_net_mnv3_small", num_landmarks=68)
+    net.init_mean_shape(_mean_shape())
+    save_checkpoint({"model": "landmark_net_mnv3_small", "kwargs": {"num_landmarks": 68},
+                     "state_dict": net.state_dict()}, root / "models" / "landmark_net.pt")
+    return root
+
+
+def _paths(root: Path, out: str) -> PretrainPaths:
+    return PretrainPaths(data_dir=root / "data", out_dir=root / out, landmark_net=root / "models" / "landmark_net.pt",
+                         metrics=root / out / "metrics.json")
+
+
+def _script(root: Path, out: str, cfg: dict) -> list[str]:
+    code = (
+        "import json, sys; from pathlib import Path\n"
+        "from lafs.config import SSLParams\n"
+        "from lafs.stages.pretrain import PretrainPaths, run, Preempted\n"
+        f"cfg = SSLParams(**json.loads({json.dumps(json.dumps(cfg))}))\n"
+        f"root = Path({str(root)!r})\n"
+        f"paths = PretrainPaths(root / 'data', root / {out!r}, root / 'models' / 'landmark_net.pt',"
+        f" root / {out!r} / 'metrics.json')\n"
+        "try:\n    print(run(cfg, paths).describe())\n"
+        "except Preempted as e:\n    print(e); sys.exit(143)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("method", ["lafs", "dino_face", "pros"])
+def test_pretrain_runs_each_method_on_real_faces(ssl_data, method, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    model = "dino_vit_tiny" if method == "dino_face" else "lafs_vit_tiny"
+    cfg = SSLParams(**{**TINY, "method": method, "model": model, "epochs": 1})
+    paths = _paths(ssl_data, f"out_{method}")
+    summary = run(cfg, paths)
+    assert summary.iterations == 4 and summary.final_loss == summary.final_loss  # 16 images / batch 4, not NaN
+    state = load_checkpoint(paths.last)
+    assert state["iteration"] == 4 and state["config"] == resolved(cfg)
+    teacher = load_checkpoint(paths.teacher)
+    backbone = create_model(teacher["model"], **teacher["kwargs"])
+    backbone.load_state_dict(teacher["state_dict"])
+    assert json.loads(paths.metrics.read_text())["iterations"] == 4
+
+
+def test_extracted_landmarks_mode(ssl_data, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = SSLParams(**{**TINY, "landmark_source": "extracted", "epochs": 1})
+    assert run(cfg, _paths(ssl_data, "out_extracted")).iterations == 4
+
+
+def test_mlflow_run_has_params_metrics_and_teacher(ssl_data, monkeypatch, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = SSLParams(**{**TINY, "epochs": 1, "experiment": "t-pretrain"})
+    run(cfg, _paths(ssl_data, "out_mlflow"))
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("t-pretrain")
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["method"] == "lafs" and r.data.params["out_dim"] == "128"
+    for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "images_per_s"):
+        assert len(client.get_metric_history(r.info.run_id, key)) == 4, key
+    artifacts = [a.path for a in client.list_artifacts(r.info.run_id, "teacher")]
+    assert artifacts == ["teacher/teacher_backbone.pt"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(ssl_data, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    real_step = SSLTrainer.train_step
+
+    def step(self, batch, it, generator=None):
+        if it == 3:
+            raise NonFiniteLossError(f"loss is nan at iteration {it}")
+        return real_step(self, batch, it, generator)
+
+    monkeypatch.setattr(SSLTrainer, "train_step", step)
+    paths = _paths(ssl_data, "out_nan")
+    with pytest.raises(StageError, match=r"iteration 3.*last good checkpoint"):
+        run(SSLParams(**TINY), paths)
+    assert load_checkpoint(paths.last)["iteration"] == 2
+
+
+def _final_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path)
+    return {**{f"s.{k}": v for k, v in state["student"].items()}, **{f"t.{k}": v for k, v in state["teacher"].items()}}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path):
+    cfg = {**TINY, "checkpoint_every": 1, "num_workers": 1}
+    env = _env(tmp_path)
+    ref = subprocess.run(_script(ssl_data, "ref", cfg), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    # interrupted run: SIGKILL once a checkpoint mid-training exists, then rerun the same command
+    proc = subprocess.Popen(_script(ssl_data, "killed", cfg), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    last = ssl_data / "killed" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (last.exists() and load_checkpoint(last)["iteration"] >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = load_checkpoint(last)["iteration"]
+    assert 3 <= killed_at < 8
+    resumed = subprocess.run(_script(ssl_data, "killed", cfg), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at iteration" in resumed.stdout
+    a, b = _final_weights(ssl_data / "ref" / "last.pt"), _final_weights(last)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(ssl_data, tmp_path):
+    cfg = {**TINY, "checkpoint_every": 100, "epochs": 3}
+    proc = subprocess.Popen(_script(ssl_data, "term", cfg), env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ssl_data / "term" / "last.pt").exists():
+        # the first checkpoint comes at the end of epoch 1; send SIGTERM while epoch 2 runs
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM at iteration" in out and "Traceback" not in err
+    it = load_checkpoint(ssl_data / "term" / "last.pt")["iteration"]
+    assert 4 <= it < 12
+
+
+def test_resume_refuses_changed_params(ssl_data, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    paths = _paths(ssl_data, "out_changed")
+    run(SSLParams(**{**TINY, "epochs": 1}), paths)
+    with pytest.raises(StageError, match="different pretrain params"):
+        run(SSLParams(**{**TINY, "epochs": 1, "lr": 1e-3}), paths)
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(ssl_data, tmp_path):
+    cfg = {**TINY, "epochs": 1, "batch_size": 2}
+    script = _script(ssl_data, "ddp", cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+           *script]
+    res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((ssl_data / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] is True
+    assert metrics["iterations"] == 4  # 16 images / 2 ranks / batch 2
