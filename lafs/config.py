@@ -9,6 +9,7 @@ data without editing tracked files; DVC tracks both files as params. Unknown key
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +69,103 @@ class IngestParams(Section):
         return self
 
 
+class LandmarksParams(Section):
+    """Face detection, 112x112 ArcFace alignment and dense landmarks (stage ``landmarks``)."""
+
+    # insightface root holding models/<pack>/ (a folder holding <pack>/ directly also works); null = ~/.insightface
+    models_root: str | None = None
+    # Pack name under the root; only its detector file is loaded (scrfd_500m = the buffalo_s/sc detector).
+    detector: str = Field("scrfd_500m", min_length=1, pattern=r"^[^/\\]+$")
+    detector_file: str = Field("det_*.onnx", min_length=1)  # glob inside the pack; must match exactly one file
+    # Detector input side: 320 finds every face of the 150 px LFW photos at ~3x the speed of 640.
+    det_size: int = Field(320, ge=64, le=2048, multiple_of=32)
+    det_thresh: float = Field(0.5, gt=0.0, lt=1.0)
+    # Faces whose box is narrower/shorter than this (original pixels) are not upsampled into the 112 template.
+    min_face_px: int = Field(32, ge=1)
+    policy: Literal["central", "largest"] = "central"  # which face of a multi-face photo is kept
+    dense: Literal["auto", "dlib68", "insightface106"] = "auto"  # auto: 2d106det.onnx if the pack has it
+    workers: int = Field(2, ge=1)
+    chunk_size: int = Field(32, ge=1)  # images per task sent to a worker
+    max_reject_fraction: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class ValidateParams(Section):
+    """Data-quality gate over the manifest and the landmark table (stage ``validate``).
+
+    Geometry is checked in the 112x112 aligned frame. Defaults come from the shared LFW photos (SCRFD 500m at
+    320 px + dlib68): scores 0.65-0.98, inter-ocular 27-39 px for all but 0.5% near-profile faces (template
+    35.7), chin points up to 22 px below the crop, open mouths' lower lips just past it.
+    """
+
+    min_det_score: float = Field(0.5, ge=0.0, le=1.0)  # raise above landmarks.det_thresh to be stricter
+    iod_px: Range = (25.0, 50.0)  # inter-ocular distance band (aligned px); outside = a bad 5-point fit
+    # A dense point counts as inside when within this margin of the crop (jaw points leave the tight crop) ...
+    dense_margin_px: float = Field(16.0, ge=0.0)
+    min_dense_inside_fraction: float = Field(0.9, ge=0.0, le=1.0)  # ... and this fraction of each face's must be
+    inner_margin_px: float = Field(4.0, ge=0.0)  # brows/eyes/nose/mouth points: all inside up to this margin
+    # Identities usable for verification (>= min_images_per_eval_identity accepted images): at least this many.
+    # 20 = two per fold for split's 10 identity-disjoint folds.
+    min_eval_identities: int = Field(20, ge=1)
+    min_images_per_eval_identity: int = Field(2, ge=2)
+    # Fraction of faces that must pass each per-face quality check (IOD, score, dense): the full shared subset has
+    # 0.5% near-profile faces with IOD < 25 and an open mouth past the crop; the report lists them either way.
+    mostly: float = Field(0.99, gt=0.0, le=1.0)
+    max_example_rows: int = Field(5, ge=1)  # failing rows listed per expectation in reports/validation.md
+
+    @model_validator(mode="after")
+    def _check_validate(self) -> ValidateParams:
+        lo, hi = self.iod_px
+        if not 0.0 < lo < hi:
+            raise ValueError(f"validate.iod_px must satisfy 0 < low < high (pixels), got {(lo, hi)}")
+        return self
+
+
+class SplitParams(Section):
+    """Identity-disjoint ssl / finetune / test sets, few-shot views and verification pairs (stage ``split``)."""
+
+    seed: int = 0
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # of identities with >= 2 images (ignored with pairs_file)
+    finetune_fraction: float = Field(1.0, gt=0.0, le=1.0)  # of the other identities with >= min_finetune_images
+    min_finetune_images: int = Field(2, ge=1)
+    # SSL on the finetune identities' images too (labels dropped), as LAFS pretrains on the set it finetunes on.
+    ssl_include_finetune: bool = True
+    fewshot_k: tuple[int, ...] = (1, 2, 5)  # labelled images per finetune identity, one fewshot_k<k>.csv each
+    folds: int = Field(10, ge=2)  # identity-disjoint verification folds (LFW: 10)
+    pairs_per_fold: int = Field(100, ge=2)  # half same, half different (LFW: 600)
+    pairs_file: str | None = None  # LFW pairs.txt (or the fold-prefixed subset file): use it as the test protocol
+    max_dropped_pair_fraction: float = Field(0.2, ge=0.0, le=1.0)  # official pairs whose images are missing
+
+    @model_validator(mode="after")
+    def _check_split(self) -> SplitParams:
+        bad = [k for k in self.fewshot_k if k < 1]
+        if bad or len(set(self.fewshot_k)) != len(self.fewshot_k):
+            raise ValueError(f"split.fewshot_k must be distinct integers >= 1, got {list(self.fewshot_k)}")
+        if self.pairs_per_fold % 2:
+            raise ValueError(
+                f"split.pairs_per_fold must be even (half same, half different pairs), got {self.pairs_per_fold}"
+            )
+        if self.pairs_file is not None and not self.pairs_file.strip():
+            raise ValueError("split.pairs_file is blank: give a pairs.txt path or null to generate pairs")
+        return self
+
+
+class LandmarkNetParams(Section):
+    """Landmark network training: regress the extracted dense landmarks on crops like the SSL views."""
+
+    model: str = "landmark_net_mnv3_small"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    min_lr: float = Field(1e-5, ge=0.0)
+    warmup_epochs: int = Field(1, ge=0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    crop_scale: Range = (0.4, 1.0)  # the RandomResizedCrop range of the SSL views it will see
+    flip: bool = True
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    max_nme: float = Field(0.08, gt=0.0)  # fail the stage above this held-out NME (fraction of eye distance)
+
+
 class SSLParams(Section):
     """Self-supervised pretraining (defaults are the official LAFS recipe)."""
 
@@ -111,6 +209,21 @@ class SSLParams(Section):
     # auto: bf16 autocast where the hardware has bf16 matmul (CUDA, AVX512-BF16/AMX CPUs), else fp32.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+    # run: data, devices, checkpoints, tracking
+    landmark_source: Literal["net", "extracted"] = "net"  # net: frozen landmark CNN (official); extracted: dense
+    num_workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc_per_node: int | Literal["auto"] = "auto"  # auto: one process per GPU, 1 on CPU
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str = "127.0.0.1:29500"
+    deterministic: bool = False
+    checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (plus one at every epoch end)
+    checkpoint_uri: str | None = None  # s3://bucket/prefix to mirror last.pt to (and resume from)
+    collapse_std: float = Field(1e-5, ge=0.0)  # teacher outputs with a smaller std across the batch ...
+    collapse_patience: int = Field(20, ge=1)  # ... for this many iterations in a row stop the run
+    experiment: str = "lafs-pretrain"
+    tracking_uri: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SSLParams:
@@ -125,12 +238,21 @@ class SSLParams(Section):
         return self
 
 
+# The `validate` section is named after its stage; as a field it shadows pydantic's deprecated v1 classmethod
+# BaseModel.validate (unused here), which pydantic reports with a UserWarning at import. Only that warning is silenced.
+warnings.filterwarnings("ignore", message='Field name "validate" in "Params" shadows', category=UserWarning)
+
+
 class Params(BaseModel):
     """The whole params.yaml: one section per stage."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ingest: IngestParams = IngestParams()
+    landmarks: LandmarksParams = LandmarksParams()
+    validate: ValidateParams = ValidateParams()
+    split: SplitParams = SplitParams()
+    landmark_net: LandmarkNetParams = LandmarkNetParams()
     pretrain: SSLParams = SSLParams()
 
 

@@ -42,9 +42,9 @@ def ssl_data(tmp_path_factory, lfw_subset) -> Path:
     files = sorted(lfw_subset.glob("*/*.jpg"))[:16]
     rows = []
     for f in files:
-        rel = Path("aligned") / f.parent.name / (f.stem + ".png")
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.open(f).convert("RGB").crop((19, 19, 131, 131)).save(data / rel)
+        rel = Path("data/aligned") / f.parent.name / (f.stem + ".png")  # relative to the project root
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("RGB").crop((19, 19, 131, 131)).save(root / rel)
         rows.append({"aligned_path": str(rel), "identity": f.parent.name, "label": 0, "sha256": f.stem})
     (data / "splits").mkdir()
     pd.DataFrame(rows).to_csv(data / "splits" / "ssl.csv", index=False)
@@ -59,8 +59,8 @@ def ssl_data(tmp_path_factory, lfw_subset) -> Path:
 
 
 def _paths(root: Path, out: str) -> PretrainPaths:
-    return PretrainPaths(data_dir=root / "data", out_dir=root / out, landmark_net=root / "models" / "landmark_net.pt",
-                         metrics=root / out / "metrics.json")
+    return PretrainPaths(root=root, data_dir=root / "data", out_dir=root / out,
+                         landmark_net=root / "models" / "landmark_net.pt", metrics=root / out / "metrics.json")
 
 
 def _script(root: Path, out: str, cfg: dict) -> list[str]:
@@ -70,7 +70,7 @@ def _script(root: Path, out: str, cfg: dict) -> list[str]:
         "from lafs.stages.pretrain import PretrainPaths, run, Preempted\n"
         f"cfg = SSLParams(**json.loads({json.dumps(json.dumps(cfg))}))\n"
         f"root = Path({str(root)!r})\n"
-        f"paths = PretrainPaths(root / 'data', root / {out!r}, root / 'models' / 'landmark_net.pt',"
+        f"paths = PretrainPaths(root, root / 'data', root / {out!r}, root / 'models' / 'landmark_net.pt',"
         f" root / {out!r} / 'metrics.json')\n"
         "try:\n    print(run(cfg, paths).describe())\n"
         "except Preempted as e:\n    print(e); sys.exit(143)\n"
@@ -189,7 +189,7 @@ def test_resume_refuses_changed_params(ssl_data, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     paths = _paths(ssl_data, "out_changed")
     run(SSLParams(**{**TINY, "epochs": 1}), paths)
-    with pytest.raises(StageError, match="different pretrain params"):
+    with pytest.raises(StageError, match="different pretrain params or inputs"):
         run(SSLParams(**{**TINY, "epochs": 1, "lr": 1e-3}), paths)
 
 

@@ -59,3 +59,28 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+class LandmarkFaces(Dataset):
+    """Aligned faces with their dense landmarks, geometrically augmented with the exact label transform."""
+
+    def __init__(self, paths: Sequence[Path], landmarks: torch.Tensor, augment: Callable | None,
+                 seed: int = 0) -> None:
+        self.paths = list(paths)
+        self.landmarks = landmarks
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, landmarks = read_face(self.paths[index]), self.landmarks[index]
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
+            image, landmarks = self.augment(image, landmarks, generator)
+        return image.sub(0.5).div(0.5), landmarks

@@ -10,6 +10,7 @@ keeps the last good checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from lafs.config import SSLParams, resolved
 from lafs.data.datasets import ResumableSampler, SSLFaces
 from lafs.data.views import DINOFaceViews, LAFSViews
+from lafs.engine import remote
 from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
 from lafs.engine.distributed import (
     DistEnv,
@@ -53,6 +55,7 @@ class Preempted(StageError):
 
 @dataclass(frozen=True)
 class PretrainPaths:
+    root: Path = Path(".")  # project root: split / landmark tables hold paths relative to it
     data_dir: Path = Path("data")
     out_dir: Path = Path("models/pretrain")
     landmark_net: Path = Path("models/landmark_net.pt")
@@ -111,14 +114,14 @@ def load_landmark_net(path: Path, device: torch.device) -> torch.nn.Module:
     return net.to(device).eval()
 
 
-def _ssl_table(cfg: SSLParams, data_dir: Path) -> tuple[list[Path], torch.Tensor | None]:
+def _ssl_table(cfg: SSLParams, root: Path, data_dir: Path) -> tuple[list[Path], torch.Tensor | None]:
     split = data_dir / "splits" / "ssl.csv"
     if not split.exists():
         raise StageError(f"{split} not found: run the split stage first (`dvc repro split`)")
     table = pd.read_csv(split)
     if table.empty:
         raise StageError(f"{split} holds no images: check the split params")
-    paths = [data_dir / p if not Path(p).is_absolute() else Path(p) for p in table["aligned_path"]]
+    paths = [root / p for p in table["aligned_path"]]
     if cfg.method == "dino_face" or cfg.landmark_source == "net":
         return paths, None
     dense = pd.read_parquet(data_dir / "landmarks.parquet", columns=["aligned_path", "dense"])
@@ -132,25 +135,34 @@ def _ssl_table(cfg: SSLParams, data_dir: Path) -> tuple[list[Path], torch.Tensor
     return paths, landmarks
 
 
+def _input_fingerprint(cfg: SSLParams, paths: PretrainPaths) -> dict[str, str]:
+    """sha256 of the files a run depends on besides its params: resuming across other inputs is wrong."""
+    files = {"ssl_split": paths.data_dir / "splits" / "ssl.csv"}
+    if cfg.method != "dino_face" and cfg.landmark_source == "net":
+        files["landmark_net"] = paths.landmark_net
+    return {name: hashlib.sha256(f.read_bytes()).hexdigest() for name, f in files.items() if f.exists()}
+
+
 def _views(cfg: SSLParams):
     if cfg.method == "dino_face":
         return DINOFaceViews(cfg.global_crops, cfg.local_crops, 112, cfg.local_size, cfg.global_scale, cfg.local_scale)
     return LAFSViews(cfg.global_crops, cfg.local_crops, 112, cfg.global_scale)
 
 
-def run(cfg: SSLParams, paths: PretrainPaths = PretrainPaths()) -> PretrainSummary:
+def run(cfg: SSLParams, paths: PretrainPaths = PretrainPaths(), restart_on_change: bool = False) -> PretrainSummary:
+    """Train (or resume) to the end; ``restart_on_change`` sets aside a checkpoint of other params."""
     env = init_distributed(cfg.device)
     try:
-        return _train(cfg, paths, env)
+        return _train(cfg, paths, env, restart_on_change)
     finally:
         shutdown()
 
 
-def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv) -> PretrainSummary:
+def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change: bool) -> PretrainSummary:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    image_paths, landmarks = _ssl_table(cfg, paths.data_dir)
+    image_paths, landmarks = _ssl_table(cfg, paths.root, paths.data_dir)
     dataset = SSLFaces(image_paths, _views(cfg), landmarks, seed=cfg.seed)
     sampler = ResumableSampler(dataset, env.world_size, env.rank, seed=cfg.seed)
     iters_per_epoch = len(sampler) // cfg.batch_size
@@ -166,13 +178,27 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv) -> PretrainSummar
     trainer = SSLTrainer(task, iters_per_epoch, cfg.batch_size * env.world_size, student_ddp)
 
     start_it, run_id = 0, None
-    if paths.last.exists():
-        state = load_checkpoint(paths.last, map_location=env.device)
-        if state["config"] != resolved(cfg):
-            raise StageError(f"{paths.last} was written with different pretrain params; move it away to start over "
-                             "or restore the params to resume")
+    # one download per node (local rank 0): nodes may or may not share the checkpoint directory
+    fetch = cfg.checkpoint_uri and env.local_rank == 0 and not paths.last.exists()
+    if fetch and remote.download_if_exists(cfg.checkpoint_uri, paths.last.name, paths.last):
+        log.info("resuming from %s/%s", cfg.checkpoint_uri, paths.last.name)
+    barrier()
+    inputs = _input_fingerprint(cfg, paths)
+    state = load_checkpoint(paths.last, map_location=env.device) if paths.last.exists() else None
+    if state is not None and (state["config"], state.get("inputs")) != (resolved(cfg), inputs):
+        if not restart_on_change:
+            raise StageError(f"{paths.last} was written with different pretrain params or inputs (SSL split, "
+                             "landmark net); restore them to resume, or pass --restart-on-change to set it "
+                             "aside and start over")
+        barrier()
+        if env.is_main:
+            paths.last.replace(paths.last.with_suffix(".previous.pt"))
+            log.warning("params changed: %s moved to %s; starting over", paths.last, paths.last.with_suffix(
+                ".previous.pt"))
+        state = None
+    if state is not None:
         trainer.load_state_dict(state)
-        start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id")
+        start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id") or None
     total = cfg.epochs * iters_per_epoch
 
     logger = RunLogger(env.is_main, cfg.experiment, f"pretrain-{cfg.method}", resolved(cfg), run_id=run_id,
@@ -180,8 +206,10 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv) -> PretrainSummar
 
     def checkpoint(it: int) -> None:
         if env.is_main:
-            save_checkpoint({**trainer.state_dict(), "iteration": it, "config": resolved(cfg),
+            save_checkpoint({**trainer.state_dict(), "iteration": it, "config": resolved(cfg), "inputs": inputs,
                              "mlflow_run_id": logger.run_id or ""}, paths.last)
+            if cfg.checkpoint_uri:
+                remote.upload(paths.last, cfg.checkpoint_uri)
         barrier()
 
     it, metrics, low_std, t0, seen = start_it, {"loss": float("nan")}, 0, time.perf_counter(), 0

@@ -1,0 +1,83 @@
+# Two commands: `make test` and `make pipeline`. Both set up the venv first (fast when already done).
+#
+#   make setup                      .venv with python3.11 + `pip install -c constraints.txt -e '.[dev]'`
+#   make test                       ruff, then the whole pytest suite (slow end-to-end tests included)
+#   make pipeline                   `dvc repro` on the defaults in params.yaml (DATA=lfw downloads LFW)
+#   make pipeline DATA=../shared/data/lfw_subset MODELS=../shared/models     (offline, what CI uses)
+#   make pipeline DATA=s3://bucket/faces                                     (AWS env / ingest.s3_endpoint_url)
+#   make clean                      caches, build files and params.local.yaml (keeps .venv, DVC cache, outputs)
+#
+# Overrides (DATA, MODELS) never edit tracked files: `lafs local-params` writes them into the untracked
+# params.local.yaml, which lafs/config.py deep-merges over params.yaml, and every dvc.yaml stage tracks its
+# own section of BOTH files. Why the file is regenerated on every run with every section present: DVC 3.67 fails
+# `dvc repro` when a stage declares params from a file that is absent ("dependency 'params.local.yaml' does
+# not exist") or that lacks the declared key ("Parameters 'ingest' are missing from 'params.local.yaml'"),
+# even if the file is empty; with `ingest: {}` present it works, and DVC compares values, not mtimes, so
+# regenerating identical content leaves a second `dvc repro` a no-op, while a changed DATA reruns ingest
+# (the file is only written when its content changes).
+# Tracking the whole file instead (`- params.local.yaml:` without keys) also needs the file to exist and
+# reruns every stage when any section changes, so it is not used. Keys set by these make variables are
+# rewritten on every run (an empty value removes the key: params.yaml's default applies); other keys you
+# add to params.local.yaml by hand are kept. Running `dvc repro` yourself on a fresh clone therefore needs
+# `make local-params` (or `make pipeline`) once.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+
+# The setup stamp is named after a hash of the install inputs, so editing pyproject.toml or constraints.txt
+# (or a checkout that changes them) reinstalls, and touching them without a change does not.
+SETUP_HASH := $(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.setup-$(SETUP_HASH)
+
+# Pipeline inputs. DATA: a folder of <identity>/<image> subfolders, s3://bucket/prefix, or lfw (downloaded by
+# scikit-learn into $SCIKIT_LEARN_DATA, default ~/scikit_learn_data). MODELS: insightface model root for
+# the landmarks stage (empty = insightface's default ~/.insightface, downloaded on first use).
+# Plain `=`, not `?=`: a DATA variable lying around in the environment must not redirect the pipeline.
+DATA = lfw
+MODELS =
+
+# No telemetry anywhere; the venv's tools (lafs, dvc, pytest, moto_server) first on PATH.
+export PATH := $(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+# Embedded defaults for a one-machine pipeline run: local MLflow file store, Prefect's ephemeral server with
+# its state in the project, DVC's local cache (.dvc/cache, no remote needed). Only the pipeline gets them
+# (tests pick their own tmp stores); override any of them from the environment.
+pipeline local-params: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+pipeline local-params: export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: help setup test pipeline local-params clean
+
+help:
+	@sed -n '1,9p' $(firstword $(MAKEFILE_LIST))
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): | $(BIN)/python
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.setup-*
+	touch $@
+
+setup: $(STAMP)
+
+test: setup
+	ruff check .
+	pytest -q --timeout=1200
+
+local-params: setup
+	lafs local-params --set 'ingest.source=$(DATA)' --set 'landmarks.models_root=$(MODELS)'
+
+pipeline: local-params
+	dvc repro
+	dvc metrics show
+
+clean:
+	find . \( -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache build params.local.yaml data/.raw.partial

@@ -1,0 +1,150 @@
+"""Stage ``landmark_net``: train the landmark CNN that places LAFS patches.
+
+Replaces the official, never-released stage-1 checkpoint. The network regresses the dense landmarks of the
+landmarks stage on random resized crops (scale 0.4-1, flips with the scheme's left/right permutation), i.e.
+on exactly the kind of views it will see, frozen, during LAFS pretraining; labels follow the crop exactly.
+Held out: the test identities of the split (never trained on). The reported NME is the mean point error
+divided by the distance between the eye centres (from the 5-point detection), on uncropped aligned faces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lafs.config import LandmarkNetParams, resolved
+from lafs.data.datasets import LandmarkFaces
+from lafs.data.transforms import LandmarkAugment, flip_permutation, flip_permutation_from_mean_shape
+from lafs.engine.checkpoint import save_checkpoint
+from lafs.engine.optim import param_groups, set_lr_wd
+from lafs.engine.schedules import cosine_schedule
+from lafs.models import create_model
+from lafs.stages import StageError
+from lafs.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LandmarkNetPaths:
+    root: Path = Path(".")
+    data_dir: Path = Path("data")
+    model: Path = Path("models/landmark_net.pt")
+    metrics: Path = Path("metrics/landmark_net.json")
+
+
+@dataclass
+class LandmarkNetSummary:
+    train_images: int
+    heldout_images: int
+    nme: float
+    mean_shape_nme: float
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"landmark net: held-out NME {self.nme:.2%} of eye distance (mean shape alone "
+                f"{self.mean_shape_nme:.2%}) on {self.heldout_images} faces, trained on {self.train_images}")
+
+
+def _table(paths: LandmarkNetPaths, split_files: list[str]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+    """Image paths, dense landmarks (N, K, 2) and eye centres (N, 2, 2) of the images in ``split_files``."""
+    frames = []
+    for name in split_files:
+        f = paths.data_dir / "splits" / name
+        if not f.exists():
+            raise StageError(f"{f} not found: run the split stage first (`dvc repro split`)")
+        frames.append(pd.read_csv(f, usecols=["aligned_path"]))
+    wanted = pd.concat(frames).drop_duplicates()
+    table = pd.read_parquet(paths.data_dir / "landmarks.parquet", columns=["aligned_path", "dense", "kps5_aligned"])
+    table = wanted.merge(table, on="aligned_path", how="inner")
+    if table.empty:
+        raise StageError(f"no landmarks for the images of {split_files}: rerun the landmarks and split stages")
+    dense = torch.tensor([list(d) for d in table["dense"]], dtype=torch.float32).reshape(len(table), -1, 2)
+    kps = torch.tensor([list(k) for k in table["kps5_aligned"]], dtype=torch.float32).reshape(len(table), 5, 2)
+    return [paths.root / p for p in table["aligned_path"]], dense, kps[:, :2]
+
+
+def normalised_mean_error(pred: torch.Tensor, target: torch.Tensor, eyes: torch.Tensor) -> torch.Tensor:
+    """Per-face mean point-to-point error divided by the eye-centre distance."""
+    iod = (eyes[:, 0] - eyes[:, 1]).norm(dim=-1)
+    return (pred - target).norm(dim=-1).mean(dim=-1) / iod
+
+
+@torch.no_grad()
+def evaluate_nme(net: torch.nn.Module, loader: DataLoader, eyes: torch.Tensor) -> float:
+    net.eval()
+    errors = []
+    offset = 0
+    for images, target in loader:
+        n = images.shape[0]
+        errors.append(normalised_mean_error(net(images), target, eyes[offset:offset + n]))
+        offset += n
+    return float(torch.cat(errors).mean())
+
+
+def run(cfg: LandmarkNetParams, paths: LandmarkNetPaths = LandmarkNetPaths()) -> LandmarkNetSummary:
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    train_paths, train_lm, _ = _table(paths, ["ssl.csv", "finetune.csv"])
+    test_paths, test_lm, test_eyes = _table(paths, ["test.csv"])
+    k = train_lm.shape[1]
+    mean_shape = train_lm.mean(0)
+    try:
+        perm = flip_permutation(k)
+    except ValueError:
+        perm = flip_permutation_from_mean_shape(mean_shape, 112)
+    augment = LandmarkAugment(size=112, scale=cfg.crop_scale, flip_p=0.5 if cfg.flip else 0.0, flip_perm=perm)
+    train_set = LandmarkFaces(train_paths, train_lm, augment, seed=cfg.seed)
+    test_set = LandmarkFaces(test_paths, test_lm, None)
+    if len(train_set) < cfg.batch_size:
+        raise StageError(f"{len(train_set)} training faces is less than one batch of {cfg.batch_size}: "
+                         "lower landmark_net.batch_size")
+    test_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+
+    net = create_model(cfg.model, num_landmarks=k)
+    net.init_mean_shape(mean_shape)
+    mean_nme = float(normalised_mean_error(mean_shape.expand_as(test_lm), test_lm, test_eyes).mean())
+    iters = len(train_set) // cfg.batch_size
+    lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, iters, cfg.warmup_epochs)
+    optimizer = torch.optim.AdamW(param_groups(net), lr=cfg.lr)
+    logger = RunLogger(True, "lafs-landmark-net", "landmark_net", resolved(cfg), tags={"stage": "landmark_net"})
+    it = 0
+    for epoch in tqdm(range(cfg.epochs), desc="landmark_net", unit="epoch"):
+        net.train()
+        train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        for images, target in loader:
+            set_lr_wd(optimizer, float(lr[it]), cfg.weight_decay)
+            pred = net(images)
+            # L1 in the normalised frame: robust to the few badly detected jaw points
+            loss = torch.nn.functional.l1_loss(net.to_normalised(pred), net.to_normalised(target))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            it += 1
+        logger.log_metrics({"loss": float(loss), "lr": float(lr[it - 1])}, epoch)
+    nme = evaluate_nme(net, test_loader, test_eyes)
+    logger.log_metrics({"heldout_nme": nme, "mean_shape_nme": mean_nme}, cfg.epochs)
+
+    save_checkpoint({"model": cfg.model, "kwargs": {"num_landmarks": k}, "state_dict": net.state_dict(),
+                     "mean_shape": mean_shape, "flip_perm": perm, "nme": nme, "config": resolved(cfg)}, paths.model)
+    summary = LandmarkNetSummary(len(train_set), len(test_set), nme, mean_nme, time.perf_counter() - t0)
+    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics.write_text(json.dumps({"heldout_nme": nme, "mean_shape_nme": mean_nme, "num_landmarks": k,
+                                         "train_images": len(train_set), "heldout_images": len(test_set)},
+                                        indent=2) + "\n")
+    logger.log_artifact(paths.model, "landmark_net")
+    logger.end()
+    if nme > cfg.max_nme:
+        raise StageError(f"landmark net held-out NME {nme:.2%} is above landmark_net.max_nme {cfg.max_nme:.2%}; "
+                         "train longer (epochs) or check the landmarks stage output")
+    return summary

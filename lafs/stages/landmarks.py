@@ -1,0 +1,571 @@
+"""Stage ``landmarks``: one aligned face and its landmarks per ingested photo.
+
+For each image of ``data/manifest.parquet`` (decoded with :func:`lafs.data.images.load_rgb`): SCRFD
+finds faces with 5 keypoints (:mod:`lafs.faces.detect`), ``landmarks.policy`` keeps one, the photo is warped
+to the 112x112 ArcFace template (:mod:`lafs.faces.align`) and a dense landmark set is measured on the
+original photo and mapped into the aligned frame (:mod:`lafs.faces.dense`).
+
+Outputs (paths relative to ``out_dir``, the project root under DVC):
+
+- ``data/aligned/<identity>/<name>.png``: aligned faces, lossless. ``<name>`` is the raw file's name with its
+  suffix replaced; when two raw files differ only by suffix, both keep their full name plus ``.png``.
+- ``data/landmarks.parquet``: one row per accepted image, in manifest order (see :data:`SCHEMA`). Points are
+  flat ``x0, y0, x1, y1, ...`` lists; ``bbox``/``kps5`` are in original-photo pixels, ``kps5_aligned`` and
+  ``dense`` in aligned-crop pixels (some jaw points of ``dense`` fall outside the tight 112 crop).
+  The schema metadata holds the resolved params and the fingerprint that decides reuse.
+- ``data/rejects.csv``: path, reason, message, sha256 of every image this stage rejected (``no_face``,
+  ``face_too_small``, ``align_failed``, decode failures); ingest keeps its own ``data/ingest_rejects.csv``.
+- ``metrics/landmarks.json``: counts, reject fraction, mean detection score, mean inter-ocular distance.
+
+Incremental: when the previous table was made with the same detector/landmarker files (sha256) and the same
+output-affecting params, rows and rejects of images whose (path, sha256) is unchanged are reused and only new
+or changed images are processed; rows of images that left the manifest are dropped and their aligned files
+deleted. Under DVC this needs ``persist: true`` on the outputs (DVC deletes outputs before running a stage).
+
+Parallel: work goes in chunks to ``landmarks.workers`` forked processes, each loading the models once with
+one ONNX Runtime thread. Fork, not spawn: ``import lafs`` costs seconds and ~1 GB (torch), which forked
+workers share instead of paying again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lafs.config import LandmarksParams, resolved
+from lafs.data import images
+from lafs.data.images import ImageRejected
+from lafs.faces import PROCESSING_ERROR, FaceModelError
+from lafs.faces import REASON_CODES as FACE_REASON_CODES
+from lafs.faces.align import ALIGNED_SIZE, align_face, inter_ocular, transform_points
+from lafs.faces.dense import DLIB68, NUM_POINTS, DenseLandmarker, load_landmarker, resolve_scheme
+from lafs.faces.detect import FaceDetector, file_sha256, find_detector_file, find_pack, select_face
+from lafs.stages import StageError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = Path("data/manifest.parquet")
+RAW_DIR = Path("data/raw")
+ALIGNED_DIR = Path("data/aligned")
+TABLE = Path("data/landmarks.parquet")
+REJECTS = Path("data/rejects.csv")
+METRICS = Path("metrics/landmarks.json")
+REJECT_COLUMNS = ("path", "reason", "message", "sha256")
+# Bump when the meaning of an output changes, so existing tables are recomputed instead of reused.
+FORMAT_VERSION = 1
+FINGERPRINT_KEY = b"lafs.landmarks.fingerprint"
+PARAMS_KEY = b"lafs.landmarks.params"
+
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # manifest path of the raw photo, relative to the project root
+        ("identity", pa.string()),
+        ("sha256", pa.string()),  # of the raw file (from the manifest)
+        ("aligned_path", pa.string()),  # relative to the project root
+        ("num_faces", pa.int32()),  # faces above det_thresh
+        ("face_index", pa.int32()),  # the kept face, in detector order (highest score first)
+        ("det_score", pa.float32()),
+        ("bbox", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 (original pixels)
+        ("kps5", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners (original pixels)
+        ("kps5_aligned", pa.list_(pa.float32(), 10)),  # same points in the aligned crop
+        ("dense", pa.list_(pa.float32())),  # 2K values in the aligned crop (K = 68 or 106)
+        ("dense_scheme", pa.string()),  # dlib68 | insightface106
+        ("detector", pa.string()),  # <pack>/<file>
+        ("detector_sha256", pa.string()),
+        ("landmarker_sha256", pa.string()),
+        ("det_size", pa.int32()),
+    ]
+)
+
+
+POINT_COLUMNS = ("bbox", "kps5", "kps5_aligned", "dense")
+
+
+class LandmarksError(StageError):
+    """The manifest or models are unusable, or too many images were rejected."""
+
+
+@dataclass(frozen=True)
+class Models:
+    """Resolved model files; plain data so it can be sent to worker processes."""
+
+    detector_path: Path
+    detector_name: str
+    detector_sha256: str
+    dense_scheme: str
+    landmarker_path: Path
+    landmarker_sha256: str
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    path: str
+    identity: str
+    sha256: str
+    aligned_path: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    path: str
+    reason: str
+    message: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LandmarksSummary:
+    """What ``run`` did; ``metrics()`` is written to ``metrics/landmarks.json``."""
+
+    images: int
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    processed: int  # images decoded and detected in this run
+    reused: int  # images whose previous row or reject was kept
+    detector_calls: int
+    multi_face_images: int
+    mean_det_score: float
+    mean_inter_ocular_px: float
+    dense_in_crop_fraction: float
+    dense_scheme: str
+    dense_points: int
+    detector: str
+    seconds: float = field(default=0.0, compare=False)
+
+    @property
+    def reject_fraction(self) -> float:
+        return self.rejected / self.images if self.images else 0.0
+
+    def metrics(self) -> dict[str, object]:
+        # Timing and reuse counts are left out: metrics must not change when nothing changed.
+        return {
+            "images": self.images,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "reject_fraction": round(self.reject_fraction, 6),
+            "rejected_by_reason": dict(self.rejected_by_reason),
+            "multi_face_images": self.multi_face_images,
+            "mean_det_score": round(self.mean_det_score, 6),
+            "mean_inter_ocular_px": round(self.mean_inter_ocular_px, 4),
+            "dense_in_crop_fraction": round(self.dense_in_crop_fraction, 6),
+            "dense_scheme": self.dense_scheme,
+            "dense_points": self.dense_points,
+            "detector": self.detector,
+        }
+
+    def describe(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in self.rejected_by_reason.items() if v) or "none"
+        rate = self.processed / self.seconds if self.seconds else 0.0
+        return (
+            f"landmarks: {self.accepted} of {self.images} images aligned ({self.dense_scheme}, {self.detector}); "
+            f"{self.rejected} rejected ({self.reject_fraction:.1%}: {reasons}); {self.processed} processed, "
+            f"{self.reused} reused in {self.seconds:.1f} s ({rate:.0f} images/s)"
+        )
+
+
+def resolve_models(cfg: LandmarksParams) -> Models:
+    """Find the detector and dense-landmark files named by ``cfg`` and hash them."""
+    try:
+        pack = find_pack(cfg.models_root, cfg.detector)
+        detector = find_detector_file(pack, cfg.detector_file)
+        scheme, landmarker = resolve_scheme(cfg.dense, pack)
+    except FaceModelError as exc:
+        raise LandmarksError(str(exc)) from None
+    return Models(
+        detector_path=detector,
+        detector_name=f"{cfg.detector}/{detector.name}",
+        detector_sha256=file_sha256(detector),
+        dense_scheme=scheme,
+        landmarker_path=landmarker,
+        landmarker_sha256=file_sha256(landmarker),
+    )
+
+
+def fingerprint(cfg: LandmarksParams, models: Models) -> dict[str, Any]:
+    """Everything that changes an output row; a previous table is reused only when this is equal."""
+    return {
+        "format": FORMAT_VERSION,
+        "aligned_size": ALIGNED_SIZE,
+        "detector_sha256": models.detector_sha256,
+        "landmarker_sha256": models.landmarker_sha256,
+        "dense_scheme": models.dense_scheme,
+        "det_size": cfg.det_size,
+        "det_thresh": cfg.det_thresh,
+        "min_face_px": cfg.min_face_px,
+        "policy": cfg.policy,
+    }
+
+
+class FacePipeline:
+    """Models loaded once (per worker process) and applied to one image at a time."""
+
+    def __init__(
+        self, cfg: LandmarksParams, models: Models, threads: int = 0, landmarker: DenseLandmarker | None = None
+    ):
+        try:
+            self.detector = FaceDetector(
+                models.detector_path, det_size=cfg.det_size, det_thresh=cfg.det_thresh, threads=threads
+            )
+            self.landmarker = landmarker or load_landmarker(
+                models.dense_scheme, models.landmarker_path, threads=threads
+            )
+        except FaceModelError as exc:
+            raise LandmarksError(str(exc)) from None
+        self.cfg = cfg
+        self.models = models
+
+    def process(self, job: Job, out_dir: Path) -> dict[str, Any]:
+        """Row for ``job`` (the aligned PNG is written), or :class:`ImageRejected`."""
+        import cv2
+
+        rgb = images.load_rgb(out_dir / job.path)
+        faces = self.detector.detect(rgb)
+        index = select_face(faces, (rgb.shape[1], rgb.shape[0]), self.cfg.policy, self.cfg.min_face_px)
+        face = faces[index]
+        crop, matrix = align_face(rgb, face.kps)
+        dense = transform_points(self.landmarker(rgb, face.bbox), matrix)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise RuntimeError(f"PNG encoding of the aligned face of {job.path} failed")
+        _write_atomic(out_dir / job.aligned_path, png.tobytes())
+        return {
+            "path": job.path,
+            "identity": job.identity,
+            "sha256": job.sha256,
+            "aligned_path": job.aligned_path,
+            "num_faces": len(faces),
+            "face_index": index,
+            "det_score": face.score,
+            # float32 arrays, not lists: a fifth of the memory per row in the parent, and cheaper to pickle.
+            "bbox": face.bbox.astype(np.float32),
+            "kps5": face.kps.astype(np.float32).ravel(),
+            "kps5_aligned": transform_points(face.kps, matrix).astype(np.float32).ravel(),
+            "dense": dense.astype(np.float32).ravel(),
+            "dense_scheme": self.models.dense_scheme,
+            "detector": self.models.detector_name,
+            "detector_sha256": self.models.detector_sha256,
+            "landmarker_sha256": self.models.landmarker_sha256,
+            "det_size": self.cfg.det_size,
+        }
+
+    def process_chunk(self, jobs: list[Job], out_dir: Path) -> tuple[list[tuple[int, dict | Reject]], int]:
+        """Outcomes of ``jobs`` (row or reject, by job index) and the detector calls made."""
+        before = self.detector.calls
+        outcomes: list[tuple[int, dict | Reject]] = []
+        for job in jobs:
+            try:
+                outcomes.append((job.index, self.process(job, out_dir)))
+            except ImageRejected as exc:
+                outcomes.append((job.index, Reject(job.path, exc.code, exc.message, job.sha256)))
+            except Exception as exc:  # one odd photo must not stop the others; the reject fraction still guards
+                log.exception("landmarks: unexpected failure on %s", job.path)
+                message = f"{type(exc).__name__}: {exc} (a bug? the traceback is in the stage log)"
+                outcomes.append((job.index, Reject(job.path, PROCESSING_ERROR, message, job.sha256)))
+        return outcomes, self.detector.calls - before
+
+
+_WORKER: FacePipeline | None = None
+# dlib's predictor, loaded by the parent before forking: workers share its ~100 MB copy-on-write and skip
+# the ~1 s load. (ONNX Runtime sessions are never shared across fork: each worker makes its own.)
+_INHERITED_LANDMARKER: DenseLandmarker | None = None
+
+
+def _init_worker(cfg: LandmarksParams, models: Models, threads: int) -> None:
+    global _WORKER
+    import cv2
+
+    cv2.setNumThreads(1)  # the process is the unit of parallelism (the parent's pool is stopped before forking)
+    _WORKER = FacePipeline(cfg, models, threads=threads, landmarker=_INHERITED_LANDMARKER)
+
+
+def _work(jobs: list[Job], out_dir: Path) -> tuple[list[tuple[int, dict | Reject]], int]:
+    assert _WORKER is not None, "worker used before its initializer ran"
+    return _WORKER.process_chunk(jobs, out_dir)
+
+
+def run(cfg: LandmarksParams, out_dir: Path) -> LandmarksSummary:
+    """Detect, align and landmark every image of the manifest under ``out_dir`` (see the module docstring);
+    raise :class:`LandmarksError` when inputs/models are unusable or the rejected fraction exceeds
+    ``cfg.max_reject_fraction`` (after writing every output, so the reasons can be read)."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    manifest = _read_manifest(out_dir / MANIFEST)
+    models = resolve_models(cfg)
+    fp = fingerprint(cfg, models)
+    jobs = [
+        Job(i, r["path"], r["identity"], r["sha256"], aligned)
+        for i, (r, aligned) in enumerate(zip(manifest, _aligned_paths(manifest), strict=True))
+    ]
+    prev_rows, prev_rejects = _previous(out_dir, fp)
+    outcomes: dict[int, dict | Reject] = {}
+    todo: list[Job] = []
+    for job in jobs:
+        key = (job.path, job.sha256)
+        row = prev_rows.get(key)
+        if row is not None and row["aligned_path"] == job.aligned_path and (out_dir / job.aligned_path).is_file():
+            outcomes[job.index] = {**row, "identity": job.identity, "detector": models.detector_name}
+        elif key in prev_rejects:
+            outcomes[job.index] = prev_rejects[key]
+        else:
+            todo.append(job)
+    reused = len(outcomes)
+    log.info("landmarks: %d images, %d reused, %d to process", len(jobs), reused, len(todo))
+    detector_calls = 0
+    if todo:
+        new, detector_calls = _process(todo, cfg, models, out_dir)
+        outcomes.update(new)
+
+    rows = [o for i in sorted(outcomes) if isinstance(o := outcomes[i], dict)]
+    rejects = [o for i in sorted(outcomes) if isinstance(o := outcomes[i], Reject)]
+    _prune_aligned(out_dir, {r["aligned_path"] for r in rows})
+    _write_table(out_dir / TABLE, rows, cfg, fp)
+    _write_rejects(out_dir / REJECTS, rejects)
+    summary = _summarise(rows, rejects, models, len(todo), reused, detector_calls, time.perf_counter() - start)
+    metrics_path = out_dir / METRICS
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    log.info(summary.describe())
+
+    if summary.reject_fraction > cfg.max_reject_fraction:
+        raise LandmarksError(
+            f"{summary.rejected} of {summary.images} images rejected ({summary.reject_fraction:.1%}), more than "
+            f"landmarks.max_reject_fraction={cfg.max_reject_fraction:.1%}. Each image's reason is in "
+            f"{out_dir / REJECTS}; if the photos are fine, try a larger landmarks.det_size, a lower "
+            "landmarks.det_thresh or landmarks.min_face_px, or raise landmarks.max_reject_fraction."
+        )
+    return summary
+
+
+def _process(
+    todo: list[Job], cfg: LandmarksParams, models: Models, out_dir: Path
+) -> tuple[dict[int, dict | Reject], int]:
+    """Run the pipeline over ``todo`` in-process (one worker or one chunk) or in a pool of forked workers."""
+    workers = max(1, min(cfg.workers, math.ceil(len(todo) / 2)))
+    # Chunks small enough that every worker gets work, large enough to keep task overhead negligible.
+    size = max(1, min(cfg.chunk_size, math.ceil(len(todo) / workers)))
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    outcomes: dict[int, dict | Reject] = {}
+    calls = 0
+    if workers == 1 or len(chunks) == 1:
+        pipeline = FacePipeline(cfg, models, threads=1)  # more ORT threads only spin when cores are busy
+        for chunk in chunks:
+            done, n = pipeline.process_chunk(chunk, out_dir)
+            outcomes.update(done)
+            calls += n
+        return outcomes, calls
+    global _INHERITED_LANDMARKER
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    method = "fork" if sys.platform.startswith("linux") else None  # fork is unsafe on macOS, absent on Windows
+    if method == "fork":
+        # Done once here so forked workers inherit them instead of each paying ~1 s for the import and the load.
+        import insightface.model_zoo  # noqa: F401
+
+        if models.dense_scheme == DLIB68:
+            try:
+                _INHERITED_LANDMARKER = load_landmarker(DLIB68, models.landmarker_path)
+            except FaceModelError as exc:
+                raise LandmarksError(str(exc)) from None
+    try:
+        with (
+            _no_opencv_threads(),
+            ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context(method),
+                initializer=_init_worker,
+                initargs=(cfg, models, threads),
+            ) as pool,
+        ):
+            for done, n in pool.map(_work, chunks, [out_dir] * len(chunks)):
+                outcomes.update(done)
+                calls += n
+    except BrokenProcessPool as exc:
+        raise LandmarksError(
+            f"a landmarks worker process died ({exc}); the log above shows why (a model that fails to load, "
+            "or memory); landmarks.workers=1 runs everything in this process with a plain traceback"
+        ) from None
+    finally:
+        _INHERITED_LANDMARKER = None
+    return outcomes, calls
+
+
+@contextmanager
+def _no_opencv_threads() -> Iterator[None]:
+    """Stop OpenCV's thread pool while workers are forked, restore it afterwards.
+
+    A child forked while the parent's OpenCV pool has threads inherits the pool's state but not its threads:
+    its first OpenCV call that touches the pool (even ``cv2.setNumThreads``) waits for them forever. Seen in
+    tests, where the parent had already resized images.
+    """
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+def _read_manifest(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise LandmarksError(f"{path} not found: run `lafs ingest` (or `dvc repro ingest`) first")
+    try:
+        # ParquetFile, not read_table: the latter imports pyarrow.dataset, ~0.4 s on every stage run.
+        table = pq.ParquetFile(path).read()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise LandmarksError(f"{path} is not a readable parquet file ({exc}); rerun `lafs ingest`") from None
+    missing = {"path", "identity", "sha256"} - set(table.column_names)
+    if missing:
+        raise LandmarksError(f"{path} lacks columns {sorted(missing)}; rerun `lafs ingest` with this version")
+    rows = table.select(["path", "identity", "sha256"]).to_pylist()
+    if not rows:
+        raise LandmarksError(f"{path} lists no images; check ingest's source and data/ingest_rejects.csv")
+    return rows
+
+
+def _aligned_paths(manifest: list[dict[str, str]]) -> list[str]:
+    """``data/aligned/<path under data/raw with suffix .png>``; full name + ``.png`` where suffixes collide."""
+
+    def under_raw(p: str) -> Path:
+        path = Path(p)
+        try:
+            return path.relative_to(RAW_DIR)
+        except ValueError:
+            return Path(*path.parts[-2:])
+
+    rel = [under_raw(r["path"]) for r in manifest]
+    counts = Counter(p.with_suffix(".png") for p in rel)
+    out = []
+    for p in rel:
+        target = p.with_suffix(".png")
+        if counts[target] > 1:
+            target = p.with_name(p.name + ".png")
+        out.append((ALIGNED_DIR / target).as_posix())
+    return out
+
+
+def _previous(out_dir: Path, fp: dict[str, Any]) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, str], Reject]]:
+    """Rows and rejects of the previous run, keyed by (path, sha256), if it used the same fingerprint."""
+    table_path = out_dir / TABLE
+    if not table_path.is_file():
+        return {}, {}
+    try:
+        table = pq.ParquetFile(table_path).read()
+        meta = table.schema.metadata or {}
+        previous_fp = json.loads(meta.get(FINGERPRINT_KEY, b"null"))
+    except (OSError, pa.ArrowInvalid, json.JSONDecodeError) as exc:
+        log.warning("landmarks: ignoring unreadable previous %s (%s)", table_path, exc)
+        return {}, {}
+    if previous_fp != fp or table.schema.remove_metadata() != SCHEMA:
+        log.info("landmarks: models or params changed since the previous run; processing every image")
+        return {}, {}
+    rows = {}
+    for row in table.to_pylist():
+        row.update({k: np.asarray(row[k], dtype=np.float32) for k in POINT_COLUMNS})
+        rows[(row["path"], row["sha256"])] = row
+    rejects: dict[tuple[str, str], Reject] = {}
+    rejects_path = out_dir / REJECTS
+    if rejects_path.is_file():
+        with rejects_path.open(newline="") as fh:
+            for rec in csv.DictReader(fh):
+                # A file that could not be read may be back now; everything else is a property of the bytes.
+                if rec.get("sha256") and rec.get("reason") != images.UNREADABLE:
+                    key = (rec["path"], rec["sha256"])
+                    rejects[key] = Reject(rec["path"], rec["reason"], rec["message"], rec["sha256"])
+    return rows, rejects
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _prune_aligned(out_dir: Path, keep: set[str]) -> None:
+    """Delete aligned files no row points to (images that left the manifest or are now rejected)."""
+    root = out_dir / ALIGNED_DIR
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), reverse=True):
+        rel = path.relative_to(out_dir).as_posix()
+        if path.is_file() and rel not in keep:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _write_table(path: Path, rows: list[dict], cfg: LandmarksParams, fp: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        FINGERPRINT_KEY: json.dumps(fp, sort_keys=True).encode(),
+        PARAMS_KEY: json.dumps(resolved(cfg), sort_keys=True).encode(),
+    }
+    columns = {name: [r[name] for r in rows] for name in SCHEMA.names}
+    table = pa.table(columns, schema=SCHEMA.with_metadata(meta))
+    tmp = path.with_name(f".{path.name}.partial")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_rejects(path: Path, rejects: list[Reject]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(REJECT_COLUMNS)
+        writer.writerows((r.path, r.reason, r.message, r.sha256) for r in rejects)
+    os.replace(tmp, path)
+
+
+def _summarise(
+    rows: list[dict],
+    rejects: list[Reject],
+    models: Models,
+    processed: int,
+    reused: int,
+    detector_calls: int,
+    seconds: float,
+) -> LandmarksSummary:
+    by_reason = Counter(r.reason for r in rejects)
+    codes = list(FACE_REASON_CODES) + [c for c in images.REASON_CODES if c not in FACE_REASON_CODES]
+    codes += sorted(set(by_reason) - set(codes))
+    dense = [np.asarray(r["dense"], dtype=np.float64).reshape(-1, 2) for r in rows]
+    in_crop = [((d >= 0) & (d < ALIGNED_SIZE)).all(axis=1).mean() for d in dense]
+    return LandmarksSummary(
+        images=len(rows) + len(rejects),
+        accepted=len(rows),
+        rejected=len(rejects),
+        rejected_by_reason={c: by_reason.get(c, 0) for c in codes if by_reason.get(c) or c in FACE_REASON_CODES},
+        processed=processed,
+        reused=reused,
+        detector_calls=detector_calls,
+        multi_face_images=sum(1 for r in rows if r["num_faces"] > 1),
+        mean_det_score=float(np.mean([r["det_score"] for r in rows])) if rows else 0.0,
+        mean_inter_ocular_px=float(np.mean([inter_ocular(np.asarray(r["kps5"])) for r in rows])) if rows else 0.0,
+        dense_in_crop_fraction=float(np.mean(in_crop)) if in_crop else 0.0,
+        dense_scheme=models.dense_scheme,
+        dense_points=NUM_POINTS[models.dense_scheme],
+        detector=models.detector_name,
+        seconds=seconds,
+    )

@@ -1,0 +1,36 @@
+"""The pretraining-step benchmark runs end to end and reports sane numbers (no timing assertions: the machine
+is shared, so only the shape of the report is checked)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "pretrain_step.py"
+KEYS = ("images_per_s", "step_ms", "peak_mem_mb", "gflops_per_image", "achieved_gflops")
+
+
+def _run(*extra: str) -> list[dict]:
+    cmd = [sys.executable, str(SCRIPT), "--model", "lafs_vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1",
+           "--threads", "2", "--out-dim", "64", "--num-landmarks", "16", "--local-crops", "2",
+           "--local-landmarks", "4", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_pretrain_step_reports_positive_finite_numbers(tmp_path) -> None:
+    out = tmp_path / "bench.jsonl"
+    rows = _run("--out", str(out))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["impl"] == "ours" and row["model"] == "lafs_vit_tiny" and row["out_dim"] == 64
+    for key in KEYS:
+        assert isinstance(row[key], float | int) and math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+    assert math.isfinite(row["loss"])
+    # the --out file gets the same line appended
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows

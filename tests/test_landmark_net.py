@@ -1,0 +1,65 @@
+"""landmark_net stage on real aligned faces with real dense landmarks (landmarks stage on ../shared photos)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lafs.config import parse_params
+from lafs.engine.checkpoint import load_checkpoint
+from lafs.models import create_model
+from lafs.stages import StageError
+from lafs.stages.landmark_net import LandmarkNetPaths, normalised_mean_error, run
+
+
+def test_nme_is_normalised_by_eye_distance():
+    target = torch.zeros(1, 3, 2)
+    pred = target + torch.tensor([3.0, 4.0])  # every point off by 5 px
+    eyes = torch.tensor([[[0.0, 0.0], [50.0, 0.0]]])
+    assert normalised_mean_error(pred, target, eyes).item() == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def pipeline_data(tmp_path_factory, lfw_subset, shared) -> Path:
+    """ingest -> landmarks -> split on ~60 real photos: the landmark_net stage's real inputs."""
+    from lafs.stages import ingest, landmarks, split
+
+    root = tmp_path_factory.mktemp("lmnet")
+    params = parse_params({
+        "ingest": {"source": str(lfw_subset), "max_identities": 14, "max_images_per_identity": 5},
+        "landmarks": {"models_root": str(shared / "models")},
+        "split": {"test_fraction": 0.3},
+    })
+    ingest.run(params.ingest, root)
+    landmarks.run(params.landmarks, root)
+    split.run(params.split, root)
+    return root
+
+
+def test_landmark_net_trains_and_saves_a_loadable_net(pipeline_data, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    root = pipeline_data
+    cfg = parse_params({"landmark_net": {"epochs": 2, "batch_size": 8, "num_workers": 0, "max_nme": 10.0}}).landmark_net
+    paths = LandmarkNetPaths(root, root / "data", tmp_path / "landmark_net.pt", tmp_path / "landmark_net.json")
+    summary = run(cfg, paths)
+    assert summary.train_images > 0 and summary.heldout_images > 0
+    metrics = json.loads(paths.metrics.read_text())
+    assert metrics["num_landmarks"] == 68 and metrics["heldout_nme"] == pytest.approx(summary.nme)
+    state = load_checkpoint(paths.model)
+    net = create_model(state["model"], **state["kwargs"])
+    net.load_state_dict(state["state_dict"])
+    assert net(torch.zeros(1, 3, 112, 112)).shape == (1, 68, 2)
+    assert torch.equal(state["flip_perm"][state["flip_perm"]], torch.arange(68))  # a real left/right involution
+
+
+def test_landmark_net_fails_above_max_nme(pipeline_data, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    root = pipeline_data
+    cfg = parse_params({"landmark_net": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_nme": 1e-4}}).landmark_net
+    paths = LandmarkNetPaths(root, root / "data", tmp_path / "net.pt", tmp_path / "net.json")
+    with pytest.raises(StageError, match=r"above landmark_net\.max_nme"):
+        run(cfg, paths)
+    assert paths.metrics.exists()  # the numbers are kept for the reader
