@@ -236,25 +236,22 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ official harness
 
 
-class _NoDDP:
-    """Factory for a stand-in of DistributedDataParallel at world size 1 (``.module``, ``module.`` parameter
-    names, no gradient all-reduce). Real DDP would fail on the official student: its CosFace matrix never gets a
-    gradient and DDP is built without find_unused_parameters. Dropping DDP also removes its overhead, which
-    can only favour the official figure."""
+def _ddp_stand_in(module: Any) -> Any:
+    """Stand-in for DistributedDataParallel at world size 1: ``.module`` and ``module.`` parameter names as DDP,
+    no gradient all-reduce. Their DDP is built without find_unused_parameters although the CosFace matrix never
+    gets a gradient, which recent DDP rejects on the second iteration; dropping DDP (and its overhead) can only
+    favour the official figure."""
+    from torch import nn
 
-    @staticmethod
-    def wrap(module: Any) -> Any:
-        from torch import nn
+    class DDPStandIn(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
 
-        class DDPStandIn(nn.Module):
-            def __init__(self, inner: nn.Module) -> None:
-                super().__init__()
-                self.module = inner
+        def forward(self, *a: Any, **k: Any) -> Any:
+            return self.module(*a, **k)
 
-            def forward(self, *a: Any, **k: Any) -> Any:
-                return self.module(*a, **k)
-
-        return DDPStandIn(module)
+    return DDPStandIn(module)
 
 
 def _official_shims(device: Any, dtype: str) -> None:
@@ -351,7 +348,7 @@ def run_official(args: argparse.Namespace) -> dict[str, Any]:
         teacher = off.utils.MultiCropWrapper(teacher, off.DINOHead(embed_dim, cfg.out_dim, False))
         student, teacher = student.to(device), teacher.to(device)
         teacher_without_ddp = teacher
-        student = _NoDDP.wrap(student)
+        student = _ddp_stand_in(student)
         teacher_without_ddp.load_state_dict(student.module.state_dict())
         for p in teacher.parameters():
             p.requires_grad = False
@@ -404,17 +401,14 @@ def run_peak(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- parent
 
 
-def _worker_argv(args: argparse.Namespace, kind: str, argv: list[str]) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", kind]
-
-
 def spawn(kind: str, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and parse the JSON line it prints last."""
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(_worker_argv(args, kind, argv), env=env, stdout=subprocess.PIPE, text=True, check=False)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", kind]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{kind} run failed (exit {proc.returncode}); its stderr is above")

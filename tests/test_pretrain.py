@@ -203,3 +203,21 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(ssl_data, tmp_path):
     metrics = json.loads((ssl_data / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] is True
     assert metrics["iterations"] == 4  # 16 images / 2 ranks / batch 2
+
+
+def test_checkpoint_mirrored_to_s3_and_resumed_from_it(ssl_data, s3_endpoint, monkeypatch, tmp_path):
+    """A real S3-compatible server (moto) on 127.0.0.1: last.pt is uploaded, and a job on a fresh disk resumes."""
+    import boto3
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    boto3.client("s3").create_bucket(Bucket="ckpt")
+    cfg = SSLParams(**{**TINY, "epochs": 1, "checkpoint_uri": "s3://ckpt/runs/a"})
+    first = _paths(ssl_data, "out_s3_first")
+    run(cfg, first)
+    obj = boto3.client("s3").get_object(Bucket="ckpt", Key="runs/a/last.pt")
+    assert obj["ContentLength"] == first.last.stat().st_size
+    # a new machine: empty checkpoint dir, same params -> it downloads last.pt and finds the run complete
+    second = _paths(ssl_data, "out_s3_second")
+    summary = run(cfg, second)
+    assert summary.resumed_from == 4 and summary.iterations == 4

@@ -375,7 +375,10 @@ def _process(
         return outcomes, calls
     global _INHERITED_LANDMARKER
     threads = max(1, (os.cpu_count() or 1) // workers)
-    method = "fork" if sys.platform.startswith("linux") else None  # fork is unsafe on macOS, absent on Windows
+    # fork is unsafe on macOS, absent on Windows, and deadlocks children when this process already runs an
+    # OpenMP thread pool (torch imported: e.g. under pytest, or called from a training process); the `lafs
+    # landmarks` CLI never imports torch, so it keeps the fast fork path.
+    method = "fork" if sys.platform.startswith("linux") and "torch" not in sys.modules else "spawn"
     if method == "fork":
         # Done once here so forked workers inherit them instead of each paying ~1 s for the import and the load.
         import insightface.model_zoo  # noqa: F401
