@@ -221,3 +221,23 @@ def test_checkpoint_mirrored_to_s3_and_resumed_from_it(ssl_data, s3_endpoint, mo
     second = _paths(ssl_data, "out_s3_second")
     summary = run(cfg, second)
     assert summary.resumed_from == 4 and summary.iterations == 4
+
+
+def test_two_node_run_through_the_cli_launcher(ssl_data, tmp_path):
+    """Multi-node on one machine: two `lafs pretrain` launches (nnodes=2) meet at a c10d rendezvous on 127.0.0.1."""
+    from conftest import free_port
+
+    sets = [f"pretrain.{k}={json.dumps(v)}" for k, v in {**TINY, "epochs": 1, "batch_size": 2, "nnodes": 2,
+                                                "rdzv_endpoint": f"127.0.0.1:{free_port()}"}.items()]
+    procs = []
+    for node in (0, 1):
+        overrides = [a for s in [*sets, f"pretrain.node_rank={node}"] for a in ("--set", s)]
+        cmd = [sys.executable, "-m", "lafs", "pretrain", "--root", str(ssl_data), "--out", str(ssl_data / "mn"),
+               "--params", str(REPO / "params.yaml"), *overrides]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    metrics = json.loads((ssl_data / "metrics" / "pretrain.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] is True and metrics["iterations"] == 4
