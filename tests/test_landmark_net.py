@@ -31,7 +31,7 @@ def pipeline_data(tmp_path_factory, lfw_subset, shared) -> Path:
     params = parse_params({
         "ingest": {"source": str(lfw_subset), "max_identities": 14, "max_images_per_identity": 5},
         "landmarks": {"models_root": str(shared / "models")},
-        "split": {"test_fraction": 0.3},
+        "split": {"test_fraction": 0.4, "folds": 2, "pairs_per_fold": 4},
     })
     ingest.run(params.ingest, root)
     landmarks.run(params.landmarks, root)

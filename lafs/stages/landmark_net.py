@@ -131,7 +131,7 @@ def run(cfg: LandmarkNetParams, paths: LandmarkNetPaths = LandmarkNetPaths()) ->
             loss.backward()
             optimizer.step()
             it += 1
-        logger.log_metrics({"loss": float(loss), "lr": float(lr[it - 1])}, epoch)
+        logger.log_metrics({"loss": loss.item(), "lr": float(lr[it - 1])}, epoch)
     nme = evaluate_nme(net, test_loader, test_eyes)
     logger.log_metrics({"heldout_nme": nme, "mean_shape_nme": mean_nme}, cfg.epochs)
 
