@@ -18,7 +18,16 @@ from typing import Any
 
 import yaml
 
-from lafs.config import OVERRIDE_FILE, PARAMS_FILE, ConfigError, Params, deep_merge, load_params, parse_params
+from lafs.config import (
+    OVERRIDE_FILE,
+    PARAMS_FILE,
+    ConfigError,
+    Params,
+    deep_merge,
+    load_params,
+    parse_params,
+    read_yaml_mapping,
+)
 from lafs.stages import StageError
 
 StageFn = Callable[[Params, argparse.Namespace], str]
@@ -157,7 +166,7 @@ def write_local_params(
     the file are kept. The merged result is validated before writing, and the file is left untouched when
     nothing changes.
     """
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _read_mapping(path).items()}
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in read_yaml_mapping(path, missing_ok=True).items()}
     for key, value in sets.items():
         *parents, leaf = key.split(".")
         node = data
@@ -172,26 +181,13 @@ def write_local_params(
     for section in Params.model_fields:
         if not isinstance(data.get(section), dict):
             data[section] = {}
-    parse_params(deep_merge(_read_mapping(params_file), data), f"{params_file} + {path}")
+    parse_params(deep_merge(read_yaml_mapping(params_file, missing_ok=True), data), f"{params_file} + {path}")
     text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
     header = "# Written by `make pipeline` / `lafs local-params`; untracked. Deep-merged over params.yaml.\n"
     changed = not path.exists() or path.read_text() != header + text
     if changed:
         path.write_text(header + text)
     return changed
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; ``{}`` when the file is absent or empty."""
-    if not path.exists():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc}); fix it or delete it to start over") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections; fix it or delete it to start over")
-    return data
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -278,11 +278,14 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, missing_ok: bool = False) -> dict[str, Any]:
+    """A params-style YAML mapping; ``{}`` for an empty file (or a missing one when ``missing_ok``)."""
+    if missing_ok and not path.exists():
+        return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix it (an override file may be deleted)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data
@@ -314,12 +317,12 @@ def load_params(
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     sources = [str(path)]
     if overrides is not None:
         opath = path.parent / overrides if not Path(overrides).is_absolute() else Path(overrides)
         if opath.exists():
-            data = deep_merge(data, _read_yaml(opath))
+            data = deep_merge(data, read_yaml_mapping(opath))
             sources.append(str(opath))
     for key, value in (sets or {}).items():
         set_dotted(data, key, value)

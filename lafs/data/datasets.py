@@ -21,15 +21,13 @@ def read_face(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-class SSLFaces(Dataset):
-    """Unlabelled aligned faces -> a dict of views (LAFSViews / DINOFaceViews)."""
+class _SeededFaces(Dataset):
+    """Aligned face files plus per-image landmarks; ``generator(index)`` is this epoch's stream for it."""
 
-    def __init__(self, paths: Sequence[Path], views: Callable[..., dict[str, torch.Tensor]],
-                 landmarks: torch.Tensor | None = None, seed: int = 0) -> None:
+    def __init__(self, paths: Sequence[Path], landmarks: torch.Tensor | None, seed: int) -> None:
         if landmarks is not None and len(landmarks) != len(paths):
             raise ValueError(f"{len(paths)} images but {len(landmarks)} landmark sets")
         self.paths = list(paths)
-        self.views = views
         self.landmarks = landmarks
         self.seed = seed
         self.epoch = 0
@@ -40,10 +38,21 @@ class SSLFaces(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
+
+
+class SSLFaces(_SeededFaces):
+    """Unlabelled aligned faces -> a dict of views (LAFSViews / DINOFaceViews)."""
+
+    def __init__(self, paths: Sequence[Path], views: Callable[..., dict[str, torch.Tensor]],
+                 landmarks: torch.Tensor | None = None, seed: int = 0) -> None:
+        super().__init__(paths, landmarks, seed)
+        self.views = views
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
         landmarks = self.landmarks[index] if self.landmarks is not None else None
-        return self.views(read_face(self.paths[index]), landmarks, generator=generator)
+        return self.views(read_face(self.paths[index]), landmarks, generator=self.generator(index))
 
 
 class ResumableSampler(DistributedSampler):
@@ -61,26 +70,16 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-class LandmarkFaces(Dataset):
+class LandmarkFaces(_SeededFaces):
     """Aligned faces with their dense landmarks, geometrically augmented with the exact label transform."""
 
     def __init__(self, paths: Sequence[Path], landmarks: torch.Tensor, augment: Callable | None,
                  seed: int = 0) -> None:
-        self.paths = list(paths)
-        self.landmarks = landmarks
+        super().__init__(paths, landmarks, seed)
         self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, landmarks = read_face(self.paths[index]), self.landmarks[index]
         if self.augment is not None:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
-            image, landmarks = self.augment(image, landmarks, generator)
+            image, landmarks = self.augment(image, landmarks, self.generator(index))
         return image.sub(0.5).div(0.5), landmarks

@@ -35,7 +35,7 @@ from lafs.config import IngestParams, resolved
 from lafs.data import images
 from lafs.data.images import ImageRejected
 from lafs.data.sources import SourceError, SourceFile, iter_source
-from lafs.stages import StageError
+from lafs.stages import StageError, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
     )
     _write_manifest(out_dir / MANIFEST, rows, cfg)
     _write_rejects(out_dir / REJECTS, rejects)
-    metrics_path = out_dir / METRICS
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    write_metrics(out_dir / METRICS, summary.metrics())
     log.info(summary.describe())
 
     if summary.reject_fraction > cfg.max_reject_fraction:

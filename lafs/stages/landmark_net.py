@@ -9,7 +9,6 @@ divided by the distance between the eye centres (from the 5-point detection), on
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from lafs.engine.checkpoint import save_checkpoint
 from lafs.engine.optim import param_groups, set_lr_wd
 from lafs.engine.schedules import cosine_schedule
 from lafs.models import create_model
-from lafs.stages import StageError
+from lafs.stages import StageError, write_metrics
 from lafs.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -138,10 +137,8 @@ def run(cfg: LandmarkNetParams, paths: LandmarkNetPaths = LandmarkNetPaths()) ->
     save_checkpoint({"model": cfg.model, "kwargs": {"num_landmarks": k}, "state_dict": net.state_dict(),
                      "mean_shape": mean_shape, "flip_perm": perm, "nme": nme, "config": resolved(cfg)}, paths.model)
     summary = LandmarkNetSummary(len(train_set), len(test_set), nme, mean_nme, time.perf_counter() - t0)
-    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps({"heldout_nme": nme, "mean_shape_nme": mean_nme, "num_landmarks": k,
-                                         "train_images": len(train_set), "heldout_images": len(test_set)},
-                                        indent=2) + "\n")
+    write_metrics(paths.metrics, {"heldout_nme": nme, "mean_shape_nme": mean_nme, "num_landmarks": k,
+                                  "train_images": len(train_set), "heldout_images": len(test_set)})
     logger.log_artifact(paths.model, "landmark_net")
     logger.end()
     if nme > cfg.max_nme:

@@ -58,7 +58,7 @@ from lafs.faces import REASON_CODES as FACE_REASON_CODES
 from lafs.faces.align import ALIGNED_SIZE, align_face, inter_ocular, transform_points
 from lafs.faces.dense import DLIB68, NUM_POINTS, DenseLandmarker, load_landmarker, resolve_scheme
 from lafs.faces.detect import FaceDetector, file_sha256, find_detector_file, find_pack, select_face
-from lafs.stages import StageError
+from lafs.stages import StageError, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +341,7 @@ def run(cfg: LandmarksParams, out_dir: Path) -> LandmarksSummary:
     _write_table(out_dir / TABLE, rows, cfg, fp)
     _write_rejects(out_dir / REJECTS, rejects)
     summary = _summarise(rows, rejects, models, len(todo), reused, detector_calls, time.perf_counter() - start)
-    metrics_path = out_dir / METRICS
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    write_metrics(out_dir / METRICS, summary.metrics())
     log.info(summary.describe())
 
     if summary.reject_fraction > cfg.max_reject_fraction:

@@ -11,7 +11,6 @@ keeps the last good checkpoint.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import signal
 import time
@@ -41,7 +40,7 @@ from lafs.engine.distributed import (
 )
 from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, backbone_kwargs, build_ssl_task
 from lafs.models import create_model
-from lafs.stages import StageError
+from lafs.stages import StageError, write_metrics
 from lafs.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -272,11 +271,10 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
         backbone = task.teacher.backbone
         save_checkpoint({"model": cfg.model, "kwargs": backbone_kwargs(cfg), "state_dict": backbone.state_dict(),
                          "config": resolved(cfg)}, paths.teacher)
-        paths.metrics.parent.mkdir(parents=True, exist_ok=True)
-        paths.metrics.write_text(json.dumps({"iterations": it, "final_loss": summary.final_loss,
-                                             "teacher_entropy": metrics.get("teacher_entropy"),
-                                             "images_per_s": summary.images_per_s, "world_size": env.world_size,
-                                             "ranks_in_sync": in_sync}, indent=2) + "\n")
+        write_metrics(paths.metrics, {"iterations": it, "final_loss": summary.final_loss,
+                                      "teacher_entropy": metrics.get("teacher_entropy"),
+                                      "images_per_s": summary.images_per_s, "world_size": env.world_size,
+                                      "ranks_in_sync": in_sync})
         logger.log_artifact(paths.teacher, "teacher")
         logger.log_metrics({"final_loss": summary.final_loss}, it)
         logger.end("FINISHED")
