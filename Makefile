@@ -36,7 +36,8 @@ STAMP := $(VENV)/.setup-$(SETUP_HASH)
 
 # Pipeline inputs. DATA: a folder of <identity>/<image> subfolders, s3://bucket/prefix, or lfw (downloaded by
 # scikit-learn into $SCIKIT_LEARN_DATA, default ~/scikit_learn_data). MODELS: insightface model root for
-# the landmarks stage (empty = insightface's default ~/.insightface, downloaded on first use).
+# the landmarks stage (empty = insightface's default ~/.insightface; a missing pack fails with instructions,
+# e.g. `insightface-cli model.download buffalo_s` and landmarks.detector=buffalo_s).
 # Plain `=`, not `?=`: a DATA variable lying around in the environment must not redirect the pipeline.
 DATA = lfw
 MODELS =

@@ -13,7 +13,7 @@ What is compared (each variant in its own fresh Python process, one after the ot
 - ours: ``lafs.stages.landmarks.run`` with the default params (det_size 320, 2 worker processes) from an empty
   output folder: decode with checks, SCRFD, 112x112 alignment, dlib 68 points, PNG + parquet writes. Timed
   from the call to its return, so worker start-up and model loading are included; the one-off
-  ``import lafs`` (torch, via the package ``__init__``) is reported separately as ``ours_import_s``.
+  import of the stage module is reported separately as ``ours_import_s``.
 - ours_640: the same stage at det_size 640, to separate what det_size buys from what parallelism buys.
 - ours_1worker: det_size 320 with one process, to show the parallel speed-up on its own.
 

@@ -23,8 +23,10 @@ or changed images are processed; rows of images that left the manifest are dropp
 deleted. Under DVC this needs ``persist: true`` on the outputs (DVC deletes outputs before running a stage).
 
 Parallel: work goes in chunks to ``landmarks.workers`` forked processes, each loading the models once with
-one ONNX Runtime thread. Fork, not spawn: ``import lafs`` costs seconds and ~1 GB (torch), which forked
-workers share instead of paying again.
+one ONNX Runtime thread. Fork where safe: workers inherit the imported modules (insightface alone takes ~1 s)
+and dlib's predictor (~1 s to load, ~100 MB shared copy-on-write) instead of each paying for them again.
+OpenCV's thread pool is stopped while forking (see :func:`_no_opencv_threads`); in a process that already
+imported torch (its OpenMP pool does not survive a fork) workers are spawned instead.
 """
 
 from __future__ import annotations
