@@ -9,6 +9,7 @@ decorated with :func:`stage`. Expected failures (bad params, a stage refusing it
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -62,32 +63,20 @@ def _root_out(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("."), help="project root for outputs (default: .)")
 
 
-@stage("ingest", "copy face photos from ingest.source into data/raw and write data/manifest.parquet")
-def _ingest(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import ingest
+def _simple_stage(name: str, help: str) -> None:
+    """Register a stage whose ``lafs.stages.<name>.run(params.<name>, out_dir)`` needs nothing else."""
 
-    return ingest.run(params.ingest, args.out).describe()
+    def call(params: Params, args: argparse.Namespace) -> str:
+        module = importlib.import_module(f"lafs.stages.{name}")  # lazily: torch/GX load only when needed
+        return module.run(getattr(params, name), args.out).describe()
 
-
-@stage("landmarks", "detect, align to 112x112 and place dense landmarks: data/aligned, data/landmarks.parquet")
-def _landmarks(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import landmarks
-
-    return landmarks.run(params.landmarks, args.out).describe()
+    stage(name, help)(call)
 
 
-@stage("validate", "check data/manifest.parquet and data/landmarks.parquet with great-expectations")
-def _validate(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import validate
-
-    return validate.run(params.validate, args.out).describe()
-
-
-@stage("split", "identity-disjoint ssl/finetune/test sets, few-shot views and verification pairs (data/splits)")
-def _split(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import split
-
-    return split.run(params.split, args.out).describe()
+_simple_stage("ingest", "copy face photos from ingest.source into data/raw and write data/manifest.parquet")
+_simple_stage("landmarks", "detect, align to 112x112 and place dense landmarks: data/aligned, data/landmarks.parquet")
+_simple_stage("validate", "check data/manifest.parquet and data/landmarks.parquet with great-expectations")
+_simple_stage("split", "identity-disjoint ssl/finetune/test sets, few-shot views and verification pairs (data/splits)")
 
 
 @stage("landmark_net", "train the landmark CNN on the dense landmarks: models/landmark_net.pt")

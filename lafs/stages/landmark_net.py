@@ -53,7 +53,8 @@ class LandmarkNetSummary:
                 f"{self.mean_shape_nme:.2%}) on {self.heldout_images} faces, trained on {self.train_images}")
 
 
-def _table(paths: LandmarkNetPaths, split_files: list[str]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+def _table(paths: LandmarkNetPaths, landmarks: pd.DataFrame,
+           split_files: list[str]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
     """Image paths, dense landmarks (N, K, 2) and eye centres (N, 2, 2) of the images in ``split_files``."""
     frames = []
     for name in split_files:
@@ -62,8 +63,7 @@ def _table(paths: LandmarkNetPaths, split_files: list[str]) -> tuple[list[Path],
             raise StageError(f"{f} not found: run the split stage first (`dvc repro split`)")
         frames.append(pd.read_csv(f, usecols=["aligned_path"]))
     wanted = pd.concat(frames).drop_duplicates()
-    table = pd.read_parquet(paths.data_dir / "landmarks.parquet", columns=["aligned_path", "dense", "kps5_aligned"])
-    table = wanted.merge(table, on="aligned_path", how="inner")
+    table = wanted.merge(landmarks, on="aligned_path", how="inner")
     if table.empty:
         raise StageError(f"no landmarks for the images of {split_files}: rerun the landmarks and split stages")
     dense = torch.tensor([list(d) for d in table["dense"]], dtype=torch.float32).reshape(len(table), -1, 2)
@@ -92,8 +92,9 @@ def evaluate_nme(net: torch.nn.Module, loader: DataLoader, eyes: torch.Tensor) -
 def run(cfg: LandmarkNetParams, paths: LandmarkNetPaths = LandmarkNetPaths()) -> LandmarkNetSummary:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    train_paths, train_lm, _ = _table(paths, ["ssl.csv", "finetune.csv"])
-    test_paths, test_lm, test_eyes = _table(paths, ["test.csv"])
+    landmarks = pd.read_parquet(paths.data_dir / "landmarks.parquet", columns=["aligned_path", "dense", "kps5_aligned"])
+    train_paths, train_lm, _ = _table(paths, landmarks, ["ssl.csv", "finetune.csv"])
+    test_paths, test_lm, test_eyes = _table(paths, landmarks, ["test.csv"])
     k = train_lm.shape[1]
     mean_shape = train_lm.mean(0)
     try:
