@@ -39,7 +39,7 @@ from lafs.engine.distributed import (
     shutdown,
 )
 from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, backbone_kwargs, build_ssl_task
-from lafs.models import create_model
+from lafs.models.io import load_model, save_model
 from lafs.stages import StageError, write_metrics
 from lafs.tracking import RunLogger
 
@@ -103,14 +103,11 @@ class _SigtermFlag:
 
 
 def load_landmark_net(path: Path, device: torch.device) -> torch.nn.Module:
-    """The frozen landmark CNN written by the landmark_net stage ({"model", "kwargs", "state_dict"})."""
+    """The frozen landmark CNN written by the landmark_net stage (a :mod:`lafs.models.io` model file)."""
     if not path.exists():
         raise StageError(f"landmark network {path} not found: run `dvc repro landmark_net` first, or set "
                          "pretrain.landmark_source: extracted to place patches at the extracted landmarks")
-    state = load_checkpoint(path, map_location="cpu")
-    net = create_model(state["model"], **state["kwargs"])
-    net.load_state_dict(state["state_dict"])
-    return net.to(device).eval()
+    return load_model(path, device)
 
 
 def _ssl_table(cfg: SSLParams, root: Path, data_dir: Path) -> tuple[list[Path], torch.Tensor | None]:
@@ -269,8 +266,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
                               metrics={k: float(v) for k, v in metrics.items()})
     if env.is_main:
         backbone = task.teacher.backbone
-        save_checkpoint({"model": cfg.model, "kwargs": backbone_kwargs(cfg), "state_dict": backbone.state_dict(),
-                         "config": resolved(cfg)}, paths.teacher)
+        save_model(backbone, cfg.model, backbone_kwargs(cfg), paths.teacher, config=resolved(cfg))
         write_metrics(paths.metrics, {"iterations": it, "final_loss": summary.final_loss,
                                       "teacher_entropy": metrics.get("teacher_entropy"),
                                       "images_per_s": summary.images_per_s, "world_size": env.world_size,
