@@ -13,6 +13,8 @@ one run (``--rounds`` alternates ours / official to spread the noise over both).
     python benchmarks/pretrain_step.py --batch 4 --threads 2 --peak --official-repo /tmp/lafs_official
     # quick smoke run
     python benchmarks/pretrain_step.py --model lafs_vit_tiny --batch 2 --steps 1 --warmup 1 --out-dim 256
+    # does the real loader (2 workers, augmentations) keep up with the step? (aligned faces of a pipeline run)
+    python benchmarks/pretrain_step.py --batch 16 --loader data/aligned --loader-workers 2 --no-flops
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-landmarks", type=int, default=None, help="landmarks K (official 196)")
     p.add_argument("--local-crops", type=int, default=None, help="local views (official 8)")
     p.add_argument("--local-landmarks", type=int, default=None, help="landmarks per local view (official 36)")
-    p.add_argument("--worker", choices=("ours", "official", "peak"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--loader", type=Path, default=None, metavar="ALIGNED_DIR",
+                   help="also time the real data loader (SSLFaces + LAFS/DINO-face views, augmentations included) "
+                        "on the aligned faces under this folder: alone, and feeding the step")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
+    p.add_argument("--worker", choices=("ours", "official", "peak", "loader"), default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -231,6 +237,60 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             "local_landmarks": cfg.local_landmarks,
             "student_params_m": round(num_params(task.student) / 1e6, 2), "loss": round(last["loss"], 4),
             **result, **environment(args)}
+
+
+def _loader(args: argparse.Namespace, cfg: Any) -> Any:
+    """The pretrain stage's own loader (SSLFaces + the method's views) over the aligned faces in ``--loader``."""
+    from torch.utils.data import DataLoader
+
+    from lafs.data.datasets import SSLFaces
+    from lafs.stages.pretrain import _views
+
+    paths = sorted(p for p in args.loader.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(paths) < 2 * args.batch:
+        raise SystemExit(f"--loader {args.loader}: {len(paths)} images, need at least {2 * args.batch}")
+    dataset = SSLFaces(paths, _views(cfg), None, seed=0)
+    return DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.loader_workers,
+                      persistent_workers=args.loader_workers > 0)
+
+
+def run_loader(args: argparse.Namespace) -> dict[str, Any]:
+    """Loader images/s alone, then training steps fed by that loader (the real pipeline): the loader starves the
+    step when fed throughput falls below the step-only throughput of the ``ours`` row of the same run."""
+    import torch
+
+    from lafs.config import SSLParams
+    from lafs.engine.ssl import SSLTrainer, build_ssl_task
+    from lafs.models import create_model
+
+    torch.manual_seed(0)
+    cfg = SSLParams(**ssl_overrides(args))
+    loader = _loader(args, cfg)
+    batches = args.warmup + args.steps
+
+    def batch_stream() -> Iterator[dict[str, Any]]:
+        while True:
+            yield from loader
+
+    stream = batch_stream()
+    next(stream)  # worker start-up is a one-off cost, not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    loader_s = time.perf_counter() - start
+    landmark_net = None
+    if cfg.method != "dino_face":
+        landmark_net = create_model(cfg.landmark_net, num_landmarks=cfg.num_landmarks)
+    trainer = SSLTrainer(build_ssl_task(cfg, landmark_net=landmark_net), iters_per_epoch=ITERS_PER_EPOCH)
+
+    def fed_step(i: int) -> None:
+        trainer.train_step(next(stream), EPOCH * ITERS_PER_EPOCH + i)
+
+    wall, _ = time_steps(fed_step, lambda: None, args.warmup, args.steps)
+    return {"impl": "loader", "method": cfg.method, "model": cfg.model, "loader_workers": args.loader_workers,
+            "images": len(loader.dataset), "loader_images_per_s": round(batches * args.batch / loader_s, 3),
+            "fed_step_ms": round(1000 * statistics.median(wall), 1),
+            "fed_images_per_s": round(args.batch / statistics.median(wall), 4), **environment(args)}
 
 
 # ------------------------------------------------------------------------------ official harness
@@ -420,7 +480,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     ours = [r for r in results if r.get("impl") == "ours"]
     official = [r for r in results if r.get("impl") == "official"]
     peak = next((r for r in results if r.get("impl") == "peak"), None)
-    if not (official or peak):
+    loader = [r for r in results if r.get("impl") == "loader"]
+    if not (official or peak or loader):
         return None
     out: dict[str, Any] = {"impl": "summary"}
 
@@ -439,6 +500,12 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any] | None:
         out["speedup_vs_official_best"] = round(out["ours_images_per_s_best"] / out["official_images_per_s_best"], 3)
         if out["ours_step_cpu_ms"] and out["official_step_cpu_ms"]:  # same batch: CPU-time ratio per step
             out["speedup_vs_official_cpu_time"] = round(out["official_step_cpu_ms"] / out["ours_step_cpu_ms"], 3)
+    if loader and ours:
+        # > 1: the workers produce batches faster than the step consumes them; fed / step-only ~ 1: no starvation
+        out["loader_images_per_s"] = med(loader, "loader_images_per_s")
+        out["fed_images_per_s"] = med(loader, "fed_images_per_s")
+        out["loader_vs_step"] = round(out["loader_images_per_s"] / out["ours_images_per_s"], 3)
+        out["fed_vs_step_only"] = round(out["fed_images_per_s"] / out["ours_images_per_s"], 3)
     if peak:
         for name in ("ours", "official"):
             achieved = out.get(f"{name}_achieved_gflops")
@@ -468,6 +535,8 @@ def plan(args: argparse.Namespace) -> Iterator[str]:
             yield "ours"
         if args.official_repo is not None:
             yield "official"
+        if args.loader is not None:
+            yield "loader"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        runner = {"ours": run_ours, "official": run_official, "peak": run_peak}[args.worker]
+        runner = {"ours": run_ours, "official": run_official, "peak": run_peak, "loader": run_loader}[args.worker]
         row = runner(args)
         bad = [k for k in ("images_per_s", "step_ms", "gflops_per_image") if k in row
                and not (isinstance(row[k], float | int) and math.isfinite(row[k]))]

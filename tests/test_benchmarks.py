@@ -34,3 +34,19 @@ def test_pretrain_step_reports_positive_finite_numbers(tmp_path) -> None:
     assert math.isfinite(row["loss"])
     # the --out file gets the same line appended
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+
+
+def test_loader_part_reports_loader_and_fed_throughput(tmp_path, lfw_subset) -> None:
+    from PIL import Image
+
+    faces = tmp_path / "aligned"
+    faces.mkdir()
+    for photo in sorted(lfw_subset.glob("*/*.jpg"))[:8]:  # 112x112 stand-ins for aligned faces: same decode cost
+        Image.open(photo).convert("RGB").resize((112, 112)).save(faces / f"{photo.stem}.png")
+    rows = _run("--loader", str(faces), "--loader-workers", "1", "--no-flops")
+    assert [r["impl"] for r in rows] == ["ours", "loader", "summary"]
+    loader, summary = rows[1], rows[2]
+    assert loader["images"] == 8 and loader["loader_workers"] == 1
+    for key in ("loader_images_per_s", "fed_images_per_s"):
+        assert math.isfinite(loader[key]) and loader[key] > 0, (key, loader[key])
+    assert summary["loader_vs_step"] == round(loader["loader_images_per_s"] / rows[0]["images_per_s"], 3)
