@@ -2,13 +2,18 @@
 #
 #   make setup                      .venv with python3.11 + `pip install -c constraints.txt -e '.[dev]'`
 #   make test                       ruff, then the whole pytest suite (slow end-to-end tests included)
-#   make pipeline                   `dvc repro` on the defaults in params.yaml (DATA=lfw downloads LFW)
+#   make pipeline                   Prefect flow lafs-pipeline: a task per dvc.yaml stage (DATA=lfw downloads LFW)
 #   make pipeline DATA=../shared/data/lfw_subset MODELS=../shared/models     (offline, what CI uses)
-#   make pipeline DATA=s3://bucket/faces                                     (AWS env / ingest.s3_endpoint_url)
+#   make pipeline DATA=s3://bucket/faces SET='pretrain.epochs=1'            (AWS env / ingest.s3_endpoint_url)
+#   make compare                    after a pipeline run: scratch vs DINO-face vs LAFS x full / few-shot data
 #   make clean                      caches, build files and params.local.yaml (keeps .venv, DVC cache, outputs)
 #
-# Overrides (DATA, MODELS) never edit tracked files: `lafs local-params` writes them into the untracked
-# params.local.yaml, which lafs/config.py deep-merges over params.yaml, and every dvc.yaml stage tracks its
+# `make pipeline` runs flows/pipeline.py on embedded defaults (no servers: Prefect's temporary server, a local
+# sqlite MLflow store, DVC's local cache): one task per dvc.yaml stage in DVC's dependency order, each
+# `dvc repro --single-item <stage>`, so DVC decides what reruns; then `dvc metrics show`. Export
+# PREFECT_API_URL / MLFLOW_TRACKING_URI to use real servers (infra/local/services.py, infra/compose.yaml).
+# Overrides (DATA, MODELS, SET='k=v k2=v2') never edit tracked files: the flow writes them (like `lafs
+# local-params`) into the untracked params.local.yaml, which lafs/config.py deep-merges over params.yaml, and every dvc.yaml stage tracks its
 # own section of BOTH files. Why the file is regenerated on every run with every section present: DVC 3.67 fails
 # `dvc repro` when a stage declares params from a file that is absent ("dependency 'params.local.yaml' does
 # not exist") or that lacks the declared key ("Parameters 'ingest' are missing from 'params.local.yaml'"),
@@ -41,6 +46,8 @@ STAMP := $(VENV)/.setup-$(SETUP_HASH)
 # Plain `=`, not `?=`: a DATA variable lying around in the environment must not redirect the pipeline.
 DATA = lfw
 MODELS =
+# SET: space-separated dotted params for params.local.yaml (kept there until changed; an empty value removes one).
+SET =
 
 # No telemetry anywhere; the venv's tools (lafs, dvc, pytest, moto_server) first on PATH.
 export PATH := $(BIN):$(PATH)
@@ -50,10 +57,10 @@ export DVC_NO_ANALYTICS ?= 1
 # Embedded defaults for a one-machine pipeline run: local MLflow file store, Prefect's ephemeral server with
 # its state in the project, DVC's local cache (.dvc/cache, no remote needed). Only the pipeline gets them
 # (tests pick their own tmp stores); override any of them from the environment.
-pipeline local-params: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+pipeline local-params compare: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 pipeline local-params: export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help setup test pipeline local-params clean
+.PHONY: help setup test pipeline local-params compare clean
 
 help:
 	@sed -n '1,9p' $(firstword $(MAKEFILE_LIST))
@@ -75,9 +82,14 @@ test: setup
 local-params: setup
 	lafs local-params --set 'ingest.source=$(DATA)' --set 'landmarks.models_root=$(MODELS)'
 
-pipeline: local-params
-	dvc repro
+pipeline: setup
+	python -m flows.pipeline --data '$(DATA)' --models '$(MODELS)' $(foreach s,$(SET),--set '$(s)')
 	dvc metrics show
+
+# Not a dvc.yaml stage (it must not lengthen `dvc repro`): resumable, finished cells are skipped; the
+# budgets are params.yaml's compare section (override with e.g. `lafs compare --set finetune_epochs=5`).
+compare: setup
+	lafs compare --out reports/comparison
 
 clean:
 	find . \( -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

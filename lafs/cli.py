@@ -121,6 +121,149 @@ def _pretrain(params: Params, args: argparse.Namespace) -> str:
     return pretrain.run(cfg, paths, restart_on_change=args.restart_on_change).describe()
 
 
+@stage("tune", "Optuna search over the finetune params, one finetune run (an MLflow child run) per trial: "
+               "params/best_finetune.yaml, metrics/tune.json; rerun to resume, start several to share the study")
+def _tune(params: Params, args: argparse.Namespace) -> str:
+    from lafs.stages import tune
+
+    return tune.run(params.tune, params.finetune, tune.TunePaths.under(args.out, params.tune.out)).describe()
+
+
+def _finetune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("models/finetune"),
+                        help="output directory: DIR/model.pt is the best epoch's recogniser, DIR/last.pt the latest "
+                             "state, resumed automatically (default: %(default)s)")
+    parser.add_argument("--root", type=Path, default=Path("."),
+                        help="project root holding data/, models/ and params/best_finetune.yaml (default: .)")
+    parser.add_argument("--restart-on-change", action="store_true",
+                        help="if DIR/last.pt was written with other params or inputs, set it aside and start over "
+                             "(dvc.yaml uses this)")
+
+
+@stage("finetune", "supervised finetuning (margin head, landmark regulariser) of the pretrained backbone: "
+                   "models/finetune/model.pt, metrics/finetune.json", _finetune_options)
+def _finetune(params: Params, args: argparse.Namespace) -> str:
+    from lafs.stages import finetune
+
+    paths = finetune.FinetunePaths.under(args.root, args.out)
+    return finetune.run(params.finetune, paths, restart_on_change=args.restart_on_change).describe()
+
+
+def _compare_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("reports/comparison"),
+                        help="one folder per cell (a cell with a result.json is skipped: rerun to resume); the "
+                             "table is written to OUT.md (default: %(default)s)")
+    parser.add_argument("--root", type=Path, default=Path("."),
+                        help="project root holding data/ and models/landmark_net.pt (default: .)")
+
+
+@stage("compare", "scratch vs DINO-face vs LAFS pretraining x full / few-shot finetuning at equal budgets: "
+                  "reports/comparison.md (not a DVC stage; `make compare`)", _compare_options)
+def _compare(params: Params, args: argparse.Namespace) -> str:
+    from lafs.stages import compare
+
+    paths = compare.ComparePaths(args.root, args.out)
+    return compare.run(params.compare, params.pretrain, params.finetune, paths).describe()
+
+
+_simple_stage("export", "export models/finetune/model.pt to models/model.onnx and check parity with PyTorch")
+
+
+def _evaluate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="evaluate this model file (.pt), exported .onnx, or dlib_resnet on --images/--pairs "
+                             "instead of the pipeline's finetuned model")
+    parser.add_argument("--images", type=Path, default=None, help="with --model: folder of <Identity>/<Identity>_NNNN "
+                                                                  "photos")
+    parser.add_argument("--pairs", type=Path, default=None, help="with --model: LFW pairs file (official or "
+                                                                 "fold-prefixed)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="with --model: output folder (metrics.json, roc.png, scores.png, roc.csv); "
+                             "without: the project root (default: .)")
+
+
+@stage("evaluate", "verification, few-shot and latency of the finetuned model (metrics/eval.json, plots/), or of "
+                   "any --model on --images + --pairs", _evaluate_options)
+def _evaluate(params: Params, args: argparse.Namespace) -> str:
+    from lafs.stages import evaluate
+
+    if args.model is None:
+        if args.images is not None or args.pairs is not None:
+            raise ConfigError("--images/--pairs go with --model; the pipeline form reads evaluate.pairs / "
+                              "evaluate.images_root")
+        paths = evaluate.EvaluatePaths(args.out or Path("."))
+        return evaluate.run(params.evaluate, params.landmarks, paths).describe()
+    missing = [flag for flag, value in (("--images", args.images), ("--pairs", args.pairs), ("--out", args.out))
+               if value is None]
+    if missing:
+        raise ConfigError(f"--model needs {', '.join(missing)} (e.g. lafs evaluate --model dlib_resnet --images "
+                          "../shared/data/lfw_subset --pairs ../shared/data/lfw_subset_pairs.txt --out /tmp/eval)")
+    return evaluate.run_model(params.evaluate, params.landmarks, args.model, args.images, args.pairs,
+                              args.out).describe()
+
+
+_simple_stage("register", "log the evaluated model to the MLflow Model Registry (alias challenger), run the "
+                          "promotion gate: metrics/promotion.json, reports/promotion.md")
+
+
+def _promote_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-name", default=None, help="registered model (default: register.model_name)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--version", default=None, help="version to run the gate for")
+    which.add_argument("--alias", default="challenger", help="alias of the version to gate (default: %(default)s)")
+    which.add_argument("--rollback", action="store_true",
+                       help="make the previous champion (from the recorded history) champion again")
+    parser.add_argument("--report", type=Path, default=None, help="also write the decision as markdown here")
+
+
+@stage("promote", "run the promotion gate on demand (or --rollback) for a registered model; gate params come "
+                  "from the register section (--set min_gain=0.01)", _promote_options)
+def _promote(params: Params, args: argparse.Namespace) -> str:
+    from lafs import registry
+
+    def write_report(decision: registry.Decision) -> None:
+        if args.report is not None:
+            args.report.parent.mkdir(parents=True, exist_ok=True)
+            args.report.write_text(registry.report_markdown(decision))
+
+    return registry.promote_on_demand(params.register, args.model_name, args.version, args.alias,
+                                      roll_back=args.rollback, before_move=write_report).describe()
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    """``lafs cluster``: on demand, not a DVC stage, so no params section (see lafs.stages.cluster)."""
+    parser.add_argument("--model", default=None, help="model file (.pt), exported .onnx, or dlib_resnet")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="CSV with aligned_path[,identity] (paths relative to --root) or a folder of aligned faces")
+    parser.add_argument("--embeddings", type=Path, default=None,
+                        help="precomputed (N, D) .npy instead of --model (rows in --images order, if given)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: clusters.csv, cluster_metrics.json")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--threshold", type=float, default=None, help="cosine similarity threshold")
+    which.add_argument("--metrics", type=Path, default=None, help="metrics JSON with the verification threshold")
+    parser.add_argument("--metrics-key", default="verification.threshold", help="dotted key (default: %(default)s)")
+    parser.add_argument("--method", choices=["agglomerative", "hdbscan"], default="agglomerative")
+    parser.add_argument("--min-cluster-size", type=int, default=2, help="HDBSCAN's (default: %(default)s)")
+    parser.add_argument("--curate-min-size", type=int, default=None,
+                        help="also write curated.txt: images in clusters of at least N faces, one per line")
+    parser.add_argument("--root", type=Path, default=Path("."), help="base of CSV paths (default: .)")
+    parser.add_argument("--folder-identities", action="store_true",
+                        help="folder input: parent folder name is the identity (scores the clustering)")
+    parser.add_argument("--flip", action="store_true", help="flip-sum embeddings")
+    parser.add_argument("--batch-size", type=int, default=64)
+
+
+def _cluster(args: argparse.Namespace) -> str:
+    from lafs.stages import cluster
+
+    cfg = cluster.ClusterConfig(
+        model=args.model, images=args.images, embeddings=args.embeddings, threshold=args.threshold,
+        metrics=args.metrics, metrics_key=args.metrics_key, method=args.method,
+        min_cluster_size=args.min_cluster_size, curate_min_size=args.curate_min_size, root=args.root,
+        folder_identities=args.folder_identities, flip=args.flip, batch_size=args.batch_size)
+    return cluster.run(cfg, args.out).describe()
+
+
 def parse_sets(items: Sequence[str], section: str | None = None) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "<section>.c": "x"}``; values are YAML (``5``, ``null``, ``[a]``).
 
@@ -207,6 +350,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     p.add_argument("--file", type=Path, default=None, help=f"default: {OVERRIDE_FILE} next to --params")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="empty VALUE removes KEY")
+    _cluster_options(sub.add_parser("cluster", help="group aligned faces into identities with a model: "
+                                                    "clusters.csv, cluster_metrics.json[, curated.txt]"))
     return parser
 
 
@@ -219,7 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             changed = write_local_params(target, parse_sets(args.set), params_file=args.params)
             print(f"{target}: {'written' if changed else 'unchanged'}")
             return 0
-        params = load_params(args.params, sets=parse_sets(args.set, section=args.command))
+        if args.command == "cluster":
+            print(_cluster(args))
+            return 0
+        section = {"promote": "register"}.get(args.command, args.command)  # commands reading another's section
+        params = load_params(args.params, sets=parse_sets(args.set, section=section))
         print(STAGES[args.command].fn(params, args))
         return 0
     except (ConfigError, StageError) as exc:

@@ -9,12 +9,15 @@ data without editing tracked files; DVC tracks both files as params. Unknown key
 from __future__ import annotations
 
 import copy
+import types
+import typing
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 OVERRIDE_FILE = "params.local.yaml"
@@ -29,6 +32,7 @@ class Section(BaseModel):
 
 
 Range = tuple[float, float]
+SectionT = TypeVar("SectionT", bound="Section")
 
 
 class IngestParams(Section):
@@ -238,9 +242,338 @@ class SSLParams(Section):
         return self
 
 
+class FinetuneParams(Section):
+    """Supervised recognition finetuning of the pretrained backbone (defaults: the official recipe,
+    lafs_method.md section 4, with its layer-decay quirk fixed and the landmark regulariser on, section 8)."""
+
+    # pretrained: ViT weights from the SSL teacher (models/pretrain/teacher_backbone.pt); scratch: random ViT
+    # (the no-pretraining baseline). Both start their landmark net from models/landmark_net.pt.
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    model: str = "lafs_vit_base"  # must equal the teacher's registry name (checked); dino_vit_* has no landmark net
+    landmark_net: str = "landmark_net_mnv3_large"  # must equal models/landmark_net.pt's model (checked)
+    num_landmarks: int = Field(196, ge=1)  # must equal the teacher's and the landmark net's K (checked)
+    patch_padding: Literal["zeros", "border"] = "zeros"  # must equal the teacher's (checked)
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)  # official: 0.1 (hard-coded Residual_droppath)
+    # margin head; official: CosFace s=64 m=0.4 (ArcFace: m=0.5 is insightface's usual value)
+    head: Literal["cosface", "arcface"] = "cosface"
+    s: float = Field(64.0, gt=0.0)
+    m: float = Field(0.4, ge=0.0, lt=1.5)
+    # Multiplier on the official regulariser schedule (1000/100/1/0.11/0 over 34 epochs, stretched to `epochs`);
+    # 0 = off and no frozen landmark net. official: off (pre_land/keep_land hard-coded False); ours: on (section 8)
+    reg_weight: float = Field(1.0, ge=0.0)
+    # optimisation
+    epochs: int = Field(34, ge=1)
+    batch_size: int = Field(200, ge=1)  # official: 200 per GPU x 2 GPUs x 3 accumulation steps
+    lr: float = Field(2.29e-3, gt=0.0)  # peak; official: --lr 1e-3 rescaled to ~2.29e-3 (train_largescale.py:472)
+    min_lr: float = Field(1e-6, ge=0.0)  # cosine floor; official: 1e-6
+    warmup_epochs: int = Field(5, ge=0)  # linear warmup; official: 5
+    weight_decay: float = Field(0.1, ge=0.0)  # AdamW, not on biases / norms / embeddings; official: 0.1 (hard-coded)
+    landmark_weight_decay: float = Field(0.05, ge=0.0)  # the landmark net's weights; official: 0.05 ('stn*')
+    layer_decay: float = Field(0.58, gt=0.0, le=1.0)  # lr x layer_decay^(depth+1-layer); official: 0.58, never applied
+    clip_grad: float = Field(0.0, ge=0.0)  # per-parameter gradient-norm clip, 0 = off
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast only where bf16 matmul is native
+    # augmentation: random mirror + mild random resized crop; official: also RandAugment m1 and mixup 0.1 (not here)
+    flip: bool = True
+    crop_scale: Range = (0.8, 1.0)
+    # data: train on finetune.csv, or on fewshot_k<k>.csv (k labelled images per identity)
+    fewshot_k: int | None = Field(None, ge=1)
+    # validation: finetune identities held out from training (never the test identities), verification pairs
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    val_folds: int = Field(10, ge=2)  # identity-disjoint folds for k-fold accuracy (fewer if too few identities)
+    val_pairs_per_fold: int = Field(100, ge=2)
+    # early stopping on validation accuracy: stop after `patience` epochs without a gain > min_delta; null = off
+    # (official: none, 34 epochs)
+    patience: int | None = Field(None, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+    # run
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (plus one at every epoch end)
+    experiment: str = "lafs-finetune"
+    tracking_uri: str | None = None
+    # Written by the tune stage (flat mapping of these keys, relative to the project root); overlays this section
+    tuned_params: str | None = "params/best_finetune.yaml"
+
+    @model_validator(mode="after")
+    def _check_finetune(self) -> FinetuneParams:
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"finetune.crop_scale must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"finetune.warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        if self.val_pairs_per_fold % 2:
+            raise ValueError(
+                f"finetune.val_pairs_per_fold must be even (half same pairs), got {self.val_pairs_per_fold}")
+        return self
+
+
+class GateMetric(Section):
+    """A secondary metric the promotion gate guards: how far the challenger may fall behind the champion."""
+
+    tolerance: float = Field(0.0, ge=0.0)  # largest allowed regression, in the metric's own units
+    higher_is_better: bool = True  # false for error rates (EER, FAR) and latencies
+
+
+class RegisterParams(Section):
+    """MLflow Model Registry: register the evaluated model, then gate its promotion to ``champion``."""
+
+    # Registered model name (MLflow: letters, digits, '_', '-', '.').
+    model_name: str = Field("lafs-face", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Dotted key into metrics/eval.json that decides promotion.
+    primary_metric: str = Field("verification.accuracy_mean", min_length=1)
+    primary_higher_is_better: bool = True
+    # The challenger must beat the champion's primary metric by at least this much (ties never promote).
+    min_gain: float = Field(0.0, ge=0.0)
+    # Dotted keys that may not regress by more than their tolerance, even when the primary metric improves.
+    secondary_metrics: dict[str, GateMetric] = {"verification.eer": GateMetric(tolerance=0.01, higher_is_better=False)}
+    experiment: str = Field("lafs-register", min_length=1)  # MLflow experiment of the registration runs
+    tracking_uri: str | None = None  # null = $MLFLOW_TRACKING_URI or a local sqlite store (lafs.tracking)
+    register_onnx: bool = True  # log models/model.onnx as an artifact of the registration run
+    # MLflow loads the logged model back and runs its input example (a model that cannot be served fails here,
+    # not in production); costs one model load per registration.
+    validate_serving_input: bool = True
+    # dvc.lock stages whose dependency / params hashes are tagged on the model version (its lineage).
+    lineage_stages: tuple[str, ...] = ("tune", "finetune", "export", "evaluate")
+
+    @model_validator(mode="after")
+    def _check_register(self) -> RegisterParams:
+        if self.primary_metric in self.secondary_metrics:
+            raise ValueError(f"register.secondary_metrics repeats the primary metric {self.primary_metric!r}; "
+                             "remove it there (min_gain already governs it)")
+        return self
+
+
+Choice = bool | int | float | str | None  # what Optuna's suggest_categorical can store
+
+
+class SearchDim(Section):
+    """One tuned finetune param: a numeric range (``low``..``high``, optionally ``log`` or ``step``) or ``choices``.
+
+    Integer or float sampling follows the finetune param's own type (``epochs`` is sampled as an int).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # sample uniformly in log space (learning rates, weight decay)
+    step: float | None = Field(None, gt=0.0)  # discretise the range (not with log)
+    choices: tuple[Choice, ...] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check_dim(self) -> SearchDim:
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None:
+            if ranged or self.log or self.step is not None:
+                raise ValueError("give either choices or low/high (with log/step), not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (a range) or choices (a list)")
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high, got {self.low} .. {self.high} (a fixed value belongs in the "
+                             "finetune section, not the search space)")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined (Optuna samples one or the other)")
+        return self
+
+
+class TPESamplerParams(Section):
+    """Optuna's TPE sampler. Each trial's draws are seeded by (seed, trial number), so parallel workers differ
+    and a resumed study proposes what an uninterrupted one would have, given the same history."""
+
+    seed: int = 0
+    n_startup_trials: int = Field(5, ge=0)  # random trials before TPE starts modelling the history
+    constant_liar: bool = True  # parallel workers: count running trials as bad so workers explore apart
+
+
+class PrunerParams(Section):
+    """Stops a trial whose validation accuracy after an epoch trails the other trials' (median, hyperband) or a
+    floor (threshold): Optuna pruners."""
+
+    name: Literal["median", "hyperband", "threshold", "none"] = "median"
+    n_startup_trials: int = Field(3, ge=0)  # median: trials that must finish before any is pruned
+    n_warmup_steps: int = Field(1, ge=0)  # median, threshold: epochs every trial runs before it may be pruned
+    lower: float = 0.5  # threshold: prune below this validation accuracy (0.5 = chance on balanced pairs)
+    min_resource: int = Field(1, ge=1)  # hyperband: epochs of the most aggressive bracket
+    max_resource: int | Literal["auto"] = "auto"  # hyperband: epochs of a full trial (auto: the first trial's)
+    reduction_factor: int = Field(3, ge=2)  # hyperband: 1 in reduction_factor trials survives each rung
+
+
+def _default_search_space() -> dict[str, SearchDim]:
+    return {
+        "lr": SearchDim(low=1e-4, high=1e-2, log=True),
+        "layer_decay": SearchDim(low=0.4, high=1.0),
+        "weight_decay": SearchDim(low=0.01, high=0.3, log=True),
+        "m": SearchDim(low=0.2, high=0.5),
+    }
+
+
+class TuneParams(Section):
+    """Optuna search over the finetune params (stage ``tune``): every trial is one finetune run, logged as an
+    MLflow child run of one parent run per study."""
+
+    # Trials the study ends with (completed + pruned + failed), counted across resumes and parallel workers.
+    n_trials: int = Field(20, ge=1)
+    timeout_s: float | None = Field(None, gt=0.0)  # per `lafs tune` process: no trial starts after it; null = none
+    direction: Literal["maximize"] = "maximize"  # the objective is finetune's best validation accuracy
+    sampler: TPESamplerParams = TPESamplerParams()
+    pruner: PrunerParams = PrunerParams()
+    # finetune param name -> {low, high, log, step} or {choices}; the values overlay the finetune section per trial.
+    search_space: dict[str, SearchDim] = Field(default_factory=_default_search_space, min_length=1)
+    # Optuna RDB URL (sqlite:///..., postgresql+psycopg://user:${OPTUNA_DB_PASSWORD}@host/db: $VARS are expanded);
+    # null = sqlite under the study dir (models/tune/optuna.db). Relative sqlite paths are taken from the project
+    # root. Passwords are never logged.
+    storage: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9+]*://")
+    # null = "finetune-<hash of the search/finetune params and inputs>": a params change starts a new study.
+    study_name: str | None = Field(None, min_length=1)
+    heartbeat_s: int = Field(30, ge=1)  # a worker killed mid-trial is noticed ~2x this later; its trial reruns
+    max_retry: int = Field(1, ge=0)  # reruns of a trial whose worker died (0 = none)
+    experiment: str = Field("lafs-tune", min_length=1)  # MLflow experiment of the parent run and the trial runs
+    tracking_uri: str | None = None  # MLflow tracking URI; null = $MLFLOW_TRACKING_URI or a local sqlite store
+    out: str = Field("params/best_finetune.yaml", min_length=1)  # the best trial's params (finetune.tuned_params)
+    # Trials the new study runs first, before any sampling: a baseline or known-good settings ({lr: 0.001, ...});
+    # keys from search_space, values inside its ranges / choices; keys left out are sampled.
+    enqueue: tuple[dict[str, Choice], ...] = ()
+
+    @field_validator("search_space")
+    @classmethod
+    def _check_search_space(cls, space: dict[str, SearchDim]) -> dict[str, SearchDim]:
+        for name, dim in space.items():
+            _check_search_dim(name, dim)
+        return space
+
+    @model_validator(mode="after")
+    def _check_enqueue(self) -> TuneParams:
+        for n, trial in enumerate(self.enqueue):
+            for name, value in trial.items():
+                dim = self.search_space.get(name)
+                if dim is None:
+                    raise ValueError(f"enqueue[{n}].{name}: not in search_space (only searched params "
+                                     "can be enqueued; set fixed values in the finetune section)")
+                inside = (value in dim.choices if dim.choices is not None else
+                          isinstance(value, int | float) and not isinstance(value, bool)
+                          and dim.low <= value <= dim.high)
+                if not inside:
+                    allowed = list(dim.choices) if dim.choices is not None else f"{dim.low} .. {dim.high}"
+                    raise ValueError(f"enqueue[{n}].{name}: {value!r} is outside the search space ({allowed})")
+        return self
+
+
+def search_kind(name: str) -> type | None:
+    """``int`` or ``float`` for a numeric finetune param (how a range is sampled), else None (choices only)."""
+    annotation = FinetuneParams.model_fields[name].annotation
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = {a for a in (typing.get_args(annotation) if union else (annotation,)) if a is not type(None)}
+    if kinds == {int}:
+        return int
+    return float if kinds and kinds <= {int, float} else None
+
+
+def _check_search_dim(name: str, dim: SearchDim) -> None:
+    """A tuned key must be a finetune param, and its bounds / choices values that param accepts on its own
+    (cross-field rules, e.g. warmup_epochs < epochs, can only be checked per trial)."""
+    fields = FinetuneParams.model_fields
+    if name not in fields:
+        raise ValueError(f"{name!r} is not a finetune param (known: {', '.join(sorted(fields))})")
+    field, kind = fields[name], search_kind(name)
+    if dim.choices is not None:
+        values: tuple[Any, ...] = dim.choices
+    elif kind is None:
+        raise ValueError(f"{name}: finetune.{name} is not numeric ({field.annotation}); use choices")
+    else:
+        bounds = (dim.low, dim.high, dim.step or 1)
+        if kind is int and not all(float(v).is_integer() for v in bounds):
+            raise ValueError(f"{name}: finetune.{name} is an integer; low/high/step must be integers")
+        values = tuple(int(v) if kind is int else v for v in (dim.low, dim.high))
+    accepts = TypeAdapter(typing.Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)
+    for value in values:
+        try:
+            accepts.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"{name}: {value!r} is not a valid finetune.{name} "
+                             f"({exc.errors()[0]['msg']})") from None
+
+
+class ExportParams(Section):
+    """ONNX export of the finetuned model and its parity check against PyTorch (stage ``export``)."""
+
+    opset: int = Field(17, ge=14)  # ONNX opset; >= 14 for scaled_dot_product_attention, >= 16 for GridSample
+    min_cosine: float = Field(0.9999, gt=0.0, le=1.0)  # fail when any parity face's PyTorch/ONNX cosine is lower
+    parity_images: int = Field(32, ge=1)  # real aligned faces (first rows of data/splits/test.csv) compared
+
+
+class EvaluateParams(Section):
+    """Verification, few-shot identification and end-to-end latency (stage ``evaluate`` and ``lafs evaluate``)."""
+
+    flip: bool = True  # flip-sum TTA (embedding + embedding of the mirror image), insightface's LFW protocol
+    batch_size: int = Field(64, ge=1)  # faces per forward pass (accuracy passes; latency runs one photo at a time)
+    # "split": data/splits/pairs.csv on the aligned test faces; or an LFW pairs file (official or fold-prefixed)
+    # whose photos are read from images_root and detected + aligned here.
+    pairs: str = Field("split", min_length=1)
+    images_root: str | None = None  # folder of <Identity>/<Identity>_NNNN.<ext> photos for a pairs file
+    # A photo where the detector finds no usable face: "centre_crop" = the mean LFW face position (counted),
+    # "wrong" = every pair holding it is scored as an error.
+    missed_faces: Literal["centre_crop", "wrong"] = "centre_crop"
+    fewshot_k: tuple[int, ...] = (1, 2, 5)  # gallery images per test identity (the rest are queries)
+    fewshot_seed: int = 0  # seeds which images form each gallery
+    threads: int = Field(0, ge=0)  # cores of the accuracy passes: ONNX Runtime threads, dlib processes (0 = all)
+    # Latency: detect + align + embed per photo on the CPU, one photo at a time, threads pinned.
+    candidates: tuple[Literal["onnx", "torch", "dlib_resnet"], ...] = ("onnx", "torch")  # models timed and scored
+    latency_images: int = Field(50, ge=1)  # timed photos (data/manifest.parquet order) per candidate ...
+    latency_warmup: int = Field(5, ge=0)  # ... after this many untimed ones
+    latency_threads: int = Field(1, ge=1)  # torch / ONNX Runtime / OpenCV threads while timing
+    latency_budgets_ms: tuple[float, ...] = (100.0, 500.0, 1000.0)  # FRUITS-style per-image budgets
+    latency_criterion: Literal["p50", "p95"] = "p95"  # which percentile must fit the budget
+    experiment: str = Field("lafs-evaluate", min_length=1)  # MLflow experiment
+    tracking_uri: str | None = None  # MLflow tracking URI; null = $MLFLOW_TRACKING_URI or a local sqlite store
+
+    @model_validator(mode="after")
+    def _check_evaluate(self) -> EvaluateParams:
+        if self.pairs != "split" and not self.images_root:
+            raise ValueError(f"evaluate.pairs is a pairs file ({self.pairs!r}): set evaluate.images_root to the "
+                             "folder of its <Identity>/<Identity>_NNNN photos")
+        if any(k < 1 for k in self.fewshot_k) or len(set(self.fewshot_k)) != len(self.fewshot_k):
+            raise ValueError(f"evaluate.fewshot_k must be distinct integers >= 1, got {list(self.fewshot_k)}")
+        budgets = self.latency_budgets_ms
+        if any(b <= 0 for b in budgets) or len(set(budgets)) != len(budgets):
+            raise ValueError(f"evaluate.latency_budgets_ms must be distinct positive numbers, got {list(budgets)}")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"evaluate.candidates lists a model twice: {list(self.candidates)}")
+        return self
+
+
+class CompareParams(Section):
+    """``lafs compare`` (not a DVC stage): scratch vs DINO-face vs LAFS pretraining, each finetuned on the full
+    finetune set and on few-shot views, at EQUAL budgets (same model size, epochs, batch, hence steps per data
+    column; no early stopping, no tuned params). The rest comes from the pretrain and finetune sections."""
+
+    inits: tuple[Literal["scratch", "dino_face", "lafs"], ...] = Field(("scratch", "dino_face", "lafs"), min_length=1)
+    fewshot_k: tuple[int, ...] = (1,)  # few-shot columns besides the full data; each must be in split.fewshot_k
+    size: Literal["tiny", "small", "base"] = "tiny"  # every cell: lafs_vit_<size> / dino_vit_<size>
+    pretrain_epochs: int = Field(2, ge=1)
+    pretrain_batch_size: int = Field(16, ge=1)
+    finetune_epochs: int = Field(3, ge=1)
+    finetune_batch_size: int = Field(16, ge=1)
+    seed: int = 0  # one seed for every cell's init, data order and augmentation
+    experiment: str = "lafs-compare"  # the MLflow parent run and its children (pretraining and cells)
+    tracking_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _check_compare(self) -> CompareParams:
+        if len(set(self.inits)) != len(self.inits) or len(set(self.fewshot_k)) != len(self.fewshot_k):
+            raise ValueError(f"compare.inits / fewshot_k must not repeat, got {list(self.inits)} / "
+                             f"{list(self.fewshot_k)}")
+        if any(k < 1 for k in self.fewshot_k):
+            raise ValueError(f"compare.fewshot_k must be >= 1, got {list(self.fewshot_k)}")
+        return self
+
+
 # The `validate` section is named after its stage; as a field it shadows pydantic's deprecated v1 classmethod
 # BaseModel.validate (unused here), which pydantic reports with a UserWarning at import. Only that warning is silenced.
 warnings.filterwarnings("ignore", message='Field name "validate" in "Params" shadows', category=UserWarning)
+# Likewise `register` shadows ABCMeta.register (pydantic's metaclass); instances still see the field.
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
 
 class Params(BaseModel):
@@ -254,6 +587,12 @@ class Params(BaseModel):
     split: SplitParams = SplitParams()
     landmark_net: LandmarkNetParams = LandmarkNetParams()
     pretrain: SSLParams = SSLParams()
+    export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tune: TuneParams = TuneParams()
+    register: RegisterParams = RegisterParams()
+    finetune: FinetuneParams = FinetuneParams()
+    compare: CompareParams = CompareParams()
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -304,6 +643,15 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 def parse_params(data: dict[str, Any], source: str = "<dict>") -> Params:
     try:
         return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def update_section(section: SectionT, updates: Mapping[str, Any], source: str) -> SectionT:
+    """``section`` with a flat mapping of its keys overlaid (e.g. tuned params), validated like params.yaml:
+    an unknown key or a bad value raises :class:`ConfigError` naming the key and ``source``."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **updates})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
 

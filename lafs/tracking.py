@@ -54,7 +54,9 @@ class RunLogger:
 
     def __init__(self, enabled: bool, experiment: str, run_name: str, params: Mapping[str, Any],
                  run_id: str | None = None, uri: str | None = None, tags: Mapping[str, str] | None = None,
-                 system_metrics: bool = True) -> None:
+                 system_metrics: bool = True, parent_run_id: str | None = None) -> None:
+        """``parent_run_id`` nests a new run under that run (tag ``mlflow.parentRunId``: Optuna trials,
+        comparison cells); the parent may be the active run of this process or one opened elsewhere."""
         self.enabled = enabled
         self.run_id: str | None = None
         if not enabled:
@@ -65,8 +67,10 @@ class RunLogger:
         uri = tracking_uri(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_id=ensure_experiment(experiment, uri))
+        nest = parent_run_id is not None and run_id is None  # a resumed run already carries its parent tag
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                               log_system_metrics=system_metrics, tags=dict(tags or {}))
+                               log_system_metrics=system_metrics, tags=dict(tags or {}),
+                               nested=parent_run_id is not None, parent_run_id=parent_run_id if nest else None)
         self.run_id = run.info.run_id
         if run_id is None:  # a resumed run already holds its params (MLflow refuses changed values)
             mlflow.log_params(flatten(params))

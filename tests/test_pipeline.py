@@ -8,87 +8,20 @@ params.local.yaml each time, a changed override reruns the stage, and `dvc metri
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import BIN, TINY_RUN, copy_project, sh
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-# Workspace outputs and machine state that must not leak from the checkout into the fresh copy.
-SKIP_AT_ROOT = {
-    ".venv",
-    ".git",
-    ".dvc",
-    "data",
-    "metrics",
-    "models",
-    "plots",
-    "reports",
-    "mlruns",
-    "mlflow.db",
-    ".prefect",
-    "params.local.yaml",
-    "dvc.lock",
-    "build",
-}
-SKIP_ANYWHERE = {"__pycache__", ".pytest_cache", ".ruff_cache"}
-
-
-def _ignore(folder: str, names: list[str]) -> set[str]:
-    skip = {n for n in names if n in SKIP_ANYWHERE or n.endswith(".egg-info")}
-    if Path(folder) == REPO:
-        skip |= SKIP_AT_ROOT & set(names)
-    return skip
-
-
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """Run ``cmd``; on failure show its output (the assertion message is all CI shows)."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A copy of the checkout as a new git + DVC repo, sharing the venv (the stamp makes setup a no-op)."""
-    dst = tmp_path / "project"
-    shutil.copytree(REPO, dst, ignore=_ignore, symlinks=True)
-    (dst / ".venv").symlink_to(REPO / ".venv")
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        # The venv's `lafs` is an editable install of the checkout: run the copy's code instead.
-        "PYTHONPATH": str(dst),
-        "DVC_NO_ANALYTICS": "1",
-        "DO_NOT_TRACK": "1",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "SCIKIT_LEARN_DATA": str(tmp_path / "sklearn"),  # never the user's cache
-    }
-    env.pop("MAKEFLAGS", None)
-    sh(["git", "init", "-q"], dst, env)
-    sh([str(BIN / "dvc"), "init", "-q"], dst, env)
-    sh([str(BIN / "dvc"), "config", "core.analytics", "false"], dst, env)
-    return dst, env
-
-
-# Every stage, scaled down to seconds: 16 identities x 3 photos, 2 verification folds, one short epoch each.
-TINY_RUN = {
-    "ingest": {"max_identities": 16, "max_images_per_identity": 3},
-    "validate": {"min_eval_identities": 4},
-    "split": {"test_fraction": 0.4, "folds": 2, "pairs_per_fold": 6},
-    "landmark_net": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_nme": 10.0},
-    "pretrain": {"model": "lafs_vit_tiny", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "epochs": 1,
-                 "batch_size": 4, "local_crops": 2, "local_landmarks": 12, "num_workers": 0, "nproc_per_node": 1},
-}
+    return copy_project(tmp_path)
 
 
 def _mtimes(root: Path) -> dict[str, int]:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
+from lafs.data.transforms import LandmarkAugment
 from lafs.engine.distributed import derived_seed
 
 
@@ -83,3 +84,34 @@ class LandmarkFaces(_SeededFaces):
         if self.augment is not None:
             image, landmarks = self.augment(image, landmarks, self.generator(index))
         return image.sub(0.5).div(0.5), landmarks
+
+
+# Recognition crops stay close to the aligned face: the ArcFace template already fixes scale and position,
+# so only a mild zoom (and near-square aspect) adds variety without cutting off the eyes or the mouth.
+RECOGNITION_CROP_RATIO = (0.9, 1.1)
+
+
+def recognition_augment(crop_scale: tuple[float, float] = (0.8, 1.0), flip: bool = True,
+                        size: int = 112) -> LandmarkAugment:
+    """Random mirror + mild random resized crop for recognition finetuning (the official FaceDataset's
+    flip + RandomResizedCrop; its RandAugment and mixup are not reproduced). It is the landmark-exact
+    transform used everywhere else, applied without landmarks: the recogniser places its own."""
+    return LandmarkAugment(size=size, scale=crop_scale, ratio=RECOGNITION_CROP_RATIO, flip_p=0.5 if flip else 0.0)
+
+
+class LabelledFaces(_SeededFaces):
+    """Aligned faces with identity labels -> (image in [-1, 1], label), optionally augmented per sample."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], augment: LandmarkAugment | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(paths, None, seed)
+        if len(labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} images but {len(labels)} labels")
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.augment = augment
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = read_face(self.paths[index])
+        if self.augment is not None:
+            image, _ = self.augment(image, None, self.generator(index))
+        return image.sub(0.5).div(0.5), self.labels[index]

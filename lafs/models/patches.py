@@ -48,12 +48,15 @@ def sample_patches(
     n = points.shape[1]
     # float64 here: the pixel -> [-1, 1] -> pixel round trip drifts by ~1e-6 px in float32, which would
     # blend neighbours; in float64 an integer landmark returns its pixels exactly after the cast back.
-    pts = points.double()
+    # ONNX Runtime has no float64 GridSample kernel, so an exported graph samples in float32 instead (the
+    # export stage's parity check bounds the effect); eager PyTorch is unchanged.
+    work = torch.float32 if torch.onnx.is_in_onnx_export() else torch.float64
+    pts = points.to(work)
     grid = pts[:, :, None, None, :] + patch_offsets(patch_size, pts.device, pts.dtype)  # (B,N,P,P,2)
     # align_corners=False: pixel centre j sits at normalised (2j + 1) / W - 1.
     scale = torch.tensor((2.0 / w, 2.0 / h), device=pts.device, dtype=pts.dtype)
     grid = ((grid + 0.5) * scale - 1.0).reshape(b, n * patch_size, patch_size, 2)
-    out = F.grid_sample(images.double(), grid, mode="bilinear", padding_mode=padding_mode,
+    out = F.grid_sample(images.to(work), grid, mode="bilinear", padding_mode=padding_mode,
                         align_corners=False).to(images.dtype)  # (B, C, N*P, P)
     out = out.reshape(b, c, n, patch_size, patch_size).permute(0, 2, 3, 4, 1)
     return out.reshape(b, n, patch_size * patch_size * c)

@@ -1,0 +1,256 @@
+"""Face embedders: aligned faces (or, for dlib, photos + boxes) in, L2-normalised embeddings out.
+
+Every model the project can evaluate sits behind one small protocol, so verification, few-shot identification,
+latency and the benchmarks never ask which runtime they hold:
+
+- a model file (:mod:`lafs.models.io`): the finetuned recogniser, or a pretrained backbone that can embed an
+  image alone (a grid ``dino_vit_*`` teacher; a landmark backbone needs its landmark net inside);
+- a ``.onnx`` file written by the ``export`` stage (ONNX Runtime, CPU);
+- ``dlib_resnet``: dlib's ResNet recognizer (PyPI ``face-recognition-models``; 99.38% on LFW as published),
+  the reference that checks the evaluation itself. It needs its own alignment (68-point shape predictor +
+  ``get_face_chip``) on the original photo, so it also exposes ``embed_photos(photos, boxes)``.
+
+Inputs follow the training convention (:class:`lafs.data.datasets.LandmarkFaces`): aligned RGB ``uint8``
+(N, 112, 112, 3) -> float ``/255``, then ``(x - 0.5) / 0.5``. ``flip=True`` is insightface's flip-sum TTA:
+embedding of the face plus embedding of its mirror image, then normalised. A landmark model places the
+mirror's patches with its own landmark net, as it would for any other photo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lafs.faces.align import ALIGNED_SIZE
+
+DLIB_RESNET: Final = "dlib_resnet"
+DLIB_CHIP_SIZE: Final = 150  # dlib's recognizer input (dnn_face_recognition_ex.cpp: get_face_chip 150, pad 0.25)
+DLIB_CHIP_PADDING: Final = 0.25
+
+
+class EmbedderError(ValueError):
+    """An embedder spec or its input is unusable; the message says what was wrong and what to pass instead."""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    name: str
+
+    def embed_aligned(self, faces: np.ndarray, flip: bool = False) -> np.ndarray:
+        """(N, 112, 112, 3) uint8 RGB aligned faces -> (N, D) float32, L2-normalised rows."""
+        ...
+
+
+@runtime_checkable
+class PhotoEmbedder(Embedder, Protocol):
+    """An embedder that does its own alignment on the original photo, inside the given face boxes."""
+
+    def embed_photos(self, photos: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False) -> np.ndarray:
+        """RGB uint8 photos and one (x1, y1, x2, y2) box each -> (N, D) float32, L2-normalised rows."""
+        ...
+
+
+def check_faces(faces: np.ndarray) -> np.ndarray:
+    """``faces`` as a contiguous (N, 112, 112, 3) uint8 array, or an error naming the shape / dtype received."""
+    faces = np.asarray(faces)
+    if faces.ndim != 4 or faces.shape[1:] != (ALIGNED_SIZE, ALIGNED_SIZE, 3) or faces.dtype != np.uint8:
+        raise EmbedderError(f"expected aligned faces of shape (N, {ALIGNED_SIZE}, {ALIGNED_SIZE}, 3) uint8 RGB, "
+                            f"got {faces.shape} {faces.dtype} (align photos with lafs.eval.photos.FaceFinder)")
+    return np.ascontiguousarray(faces)
+
+
+def to_model_input(faces: np.ndarray) -> np.ndarray:
+    """(N, 112, 112, 3) uint8 -> (N, 3, 112, 112) float32 in [-1, 1], computed as the training data is."""
+    x = check_faces(faces).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return (x - np.float32(0.5)) / np.float32(0.5)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not (norms > 0).all():
+        raise EmbedderError("the model returned an all-zero embedding; it cannot be normalised (check the model)")
+    return x / norms
+
+
+def _batches(n: int, batch_size: int) -> range:
+    if batch_size < 1:
+        raise EmbedderError(f"batch_size must be >= 1, got {batch_size}")
+    return range(0, n, batch_size)
+
+
+class TorchEmbedder:
+    """An ``nn.Module`` taking (B, 3, 112, 112) images in [-1, 1] and returning (B, D), on any device."""
+
+    def __init__(self, module: nn.Module, name: str = "torch", batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.name = name
+        self.batch_size = batch_size
+
+    def embed_aligned(self, faces: np.ndarray, flip: bool = False) -> np.ndarray:
+        x_all = to_model_input(faces)
+        out = []
+        with torch.inference_mode():
+            for start in _batches(len(x_all), self.batch_size):
+                x = torch.from_numpy(x_all[start:start + self.batch_size]).to(self.device)
+                emb = self.module(x).float()
+                if flip:
+                    emb = emb + self.module(x.flip(-1)).float()
+                out.append(emb.cpu().numpy())
+        return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
+
+
+class OnnxEmbedder:
+    """An exported model (input ``images`` (B, 3, 112, 112) float32, output ``embedding``) on ONNX Runtime CPU."""
+
+    def __init__(self, path: str | Path, batch_size: int = 64, threads: int = 0, name: str = "onnx") -> None:
+        import onnxruntime
+
+        from lafs.faces.detect import session_options
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EmbedderError(f"ONNX model {self.path} not found: run `lafs export` (dvc repro export) first")
+        self.session = onnxruntime.InferenceSession(str(self.path), session_options(threads),
+                                                    providers=["CPUExecutionProvider"])
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != ["images"]:
+            raise EmbedderError(f"{self.path} takes inputs {inputs}, expected one input 'images' (B, 3, 112, 112) "
+                                "as written by lafs.export")
+        self.name = name
+        self.batch_size = batch_size
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": x})[0]
+
+    def embed_aligned(self, faces: np.ndarray, flip: bool = False) -> np.ndarray:
+        x_all = to_model_input(faces)
+        out = []
+        for start in _batches(len(x_all), self.batch_size):
+            x = x_all[start:start + self.batch_size]
+            emb = self._run(x)
+            if flip:
+                emb = emb + self._run(np.ascontiguousarray(x[..., ::-1]))
+            out.append(emb)
+        return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
+
+
+def dlib_model_paths() -> tuple[Path, Path]:
+    """(68-point shape predictor, ResNet recognizer) shipped by PyPI ``face-recognition-models``."""
+    from lafs.faces.dense import dlib68_model_path
+
+    predictor = dlib68_model_path()
+    recognizer = predictor.parent / "dlib_face_recognition_resnet_model_v1.dat"
+    if not recognizer.is_file():
+        raise EmbedderError(f"{recognizer} is missing: reinstall face-recognition-models (pip install "
+                            "--force-reinstall face-recognition-models)")
+    return predictor, recognizer
+
+
+class DlibEmbedder:
+    """dlib's ResNet (128-d) on 150 px face chips cut by its own 68-point alignment.
+
+    ``embed_photos`` is the faithful use (shape predictor inside the SCRFD box on the original photo).
+    ``embed_aligned`` runs the predictor on the 112 px ArcFace crop instead (the whole crop as the box): it
+    keeps the :class:`Embedder` protocol for callers holding only aligned faces, at some cost in accuracy
+    (the tight crop cuts the chin and brow that dlib's chip includes).
+    """
+
+    def __init__(self, batch_size: int = 64, workers: int = 1, name: str = DLIB_RESNET) -> None:
+        import dlib
+
+        predictor, recognizer = dlib_model_paths()
+        self._dlib = dlib
+        self._predictor = dlib.shape_predictor(str(predictor))
+        self._net = dlib.face_recognition_model_v1(str(recognizer))
+        self._recognizer = str(recognizer)
+        self._pool = None
+        self.name = name
+        self.batch_size = batch_size
+        self.workers = max(1, workers)
+
+    def _describe(self, chips: list[np.ndarray]) -> np.ndarray:
+        """(N, 128) descriptors; with ``workers`` > 1 the network runs in that many processes (started once)."""
+        if self.workers > 1 and len(chips) > 1:
+            if self._pool is None:
+                import weakref
+
+                from lafs.eval.dlib_pool import DescriptorPool
+
+                self._pool = DescriptorPool(self._recognizer, self.workers)
+                weakref.finalize(self, self._pool.close)
+            return self._pool.describe(chips)
+        return np.asarray(self._net.compute_face_descriptor(chips), dtype=np.float32).reshape(len(chips), -1)
+
+    def chip(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """dlib's 150 x 150 aligned chip of the face in ``box`` (its shape predictor, then ``get_face_chip``)."""
+        x1, y1, x2, y2 = (round(float(v)) for v in np.asarray(box).reshape(-1)[:4])  # dlib boxes are integers
+        shape = self._predictor(rgb, self._dlib.rectangle(x1, y1, x2, y2))
+        return self._dlib.get_face_chip(rgb, shape, size=DLIB_CHIP_SIZE, padding=DLIB_CHIP_PADDING)
+
+    def embed_chips(self, chips: list[np.ndarray], flip: bool = False) -> np.ndarray:
+        out = []
+        for start in _batches(len(chips), self.batch_size):
+            batch = chips[start:start + self.batch_size]
+            if flip:  # mirrored chips in the same call, so workers get both halves at once
+                both = self._describe(batch + [np.ascontiguousarray(c[:, ::-1]) for c in batch])
+                out.append(both[:len(batch)] + both[len(batch):])
+            else:
+                out.append(self._describe(batch))
+        return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
+
+    def embed_photos(self, photos: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False) -> np.ndarray:
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if len(photos) != len(boxes):
+            raise EmbedderError(f"{len(photos)} photos but {len(boxes)} boxes: give one face box per photo")
+        return self.embed_chips([self.chip(np.ascontiguousarray(p), b) for p, b in zip(photos, boxes, strict=True)],
+                                flip)
+
+    def embed_aligned(self, faces: np.ndarray, flip: bool = False) -> np.ndarray:
+        faces = check_faces(faces)
+        box = np.array((0, 0, ALIGNED_SIZE - 1, ALIGNED_SIZE - 1), dtype=np.float32)
+        return self.embed_chips([self.chip(f, box) for f in faces], flip)
+
+
+def _module_from_file(path: Path) -> nn.Module:
+    from lafs.engine.checkpoint import CheckpointError
+    from lafs.models import FaceViT
+    from lafs.models.io import ModelFileError, load_model
+
+    try:
+        module = load_model(path)
+    except (ModelFileError, CheckpointError) as exc:
+        raise EmbedderError(str(exc)) from None
+    if isinstance(module, FaceViT) and module.tokenizer == "landmark" and module.landmark_net is None:
+        raise EmbedderError(
+            f"{path} holds a landmark backbone without a landmark net ({module.num_landmarks} landmarks expected "
+            "as input), so it cannot embed a face by itself: evaluate the finetuned model "
+            "(models/finetune/model.pt), which carries its landmark net, or a grid (dino_vit_*) backbone")
+    return module
+
+
+def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
+                  device: str | torch.device = "cpu") -> Embedder:
+    """``dlib_resnet``, a ``.onnx`` file or a model file of :mod:`lafs.models.io` (run on ``device``).
+
+    ``threads``: ONNX Runtime intra-op threads (0 = its default, all cores); for dlib, > 1 runs the network in
+    that many spawned worker processes (dlib holds the GIL), else in this process. Spawned workers re-import
+    the caller's ``__main__``: a script using them needs the ``if __name__ == "__main__":`` guard.
+    torch's thread count is the caller's (``torch.set_num_threads``).
+    """
+    if str(spec) == DLIB_RESNET:
+        return DlibEmbedder(batch_size=batch_size, workers=threads)
+    path = Path(spec)
+    if not path.is_file():
+        raise EmbedderError(f"model {spec!r} not found: give a model file (.pt from lafs.models.io), an exported "
+                            f"{path.stem}.onnx, or {DLIB_RESNET!r}")
+    if path.suffix.lower() == ".onnx":
+        return OnnxEmbedder(path, batch_size=batch_size, threads=threads)
+    return TorchEmbedder(_module_from_file(path), name="torch", batch_size=batch_size, device=device)

@@ -1,0 +1,272 @@
+"""``lafs compare``: does pretraining help, and does it help more with fewer labels? (issue #6, item 4)
+
+A table of cells {scratch, DINO-face pretraining, LAFS pretraining} x {full finetune set, few-shot k}, every
+cell at the same budget: one model size, the same pretraining epochs / batch for both SSL methods, the same
+finetuning epochs / batch / seed for every cell of a data column (so the same number of steps), no early
+stopping (the best epoch is still chosen on the held-out validation identities) and no tuned params. Each
+cell is pretrain (shared by the cells of an init, :func:`lafs.stages.pretrain.run`), finetune
+(:func:`lafs.stages.finetune.train`) and verification on the test pairs (``data/splits/pairs.csv``).
+
+Outputs: ``<out>/<cell>/result.json`` per cell (a cell whose result exists is skipped: rerun to resume),
+``<out>/pretrain-<method>/`` and the table ``<out>.md`` (``reports/comparison.md`` for the default out).
+MLflow: one parent run; every cell's finetune run (with its test metrics) and both pretraining runs are its
+children. Not a DVC stage: it must not lengthen the default ``dvc repro`` (``make compare`` runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lafs.config import CompareParams, FinetuneParams, SSLParams, resolved, update_section
+from lafs.data.pairs import read_pairs_csv
+from lafs.engine.checkpoint import load_checkpoint
+from lafs.stages import StageError, pretrain
+from lafs.stages.finetune import FinetunePaths, train
+from lafs.tracking import ensure_experiment, flatten, tracking_uri
+
+log = logging.getLogger(__name__)
+
+INIT_LABELS = {"scratch": "scratch (no pretraining)", "dino_face": "DINO-face pretraining",
+               "lafs": "LAFS pretraining"}
+
+
+@dataclass(frozen=True)
+class ComparePaths:
+    root: Path = Path(".")
+    out_dir: Path = Path("reports/comparison")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def landmark_net(self) -> Path:
+        return self.root / "models" / "landmark_net.pt"
+
+    @property
+    def report(self) -> Path:
+        return self.out_dir.with_name(f"{self.out_dir.name}.md")
+
+    @property
+    def parent_run(self) -> Path:
+        return self.out_dir / "mlflow_parent_run.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    init: str  # scratch | dino_face | lafs
+    fewshot_k: int | None  # None = the full finetune set
+
+    @property
+    def data(self) -> str:
+        return "full" if self.fewshot_k is None else f"k{self.fewshot_k}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.init}-{self.data}"
+
+
+@dataclass
+class CompareSummary:
+    results: dict[str, dict[str, Any]]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    report: Path | None = None
+    parent_run_id: str | None = None
+
+    def describe(self) -> str:
+        best = max(self.results.items(), key=lambda kv: kv[1]["verification"]["accuracy_mean"])
+        return (f"compare: {len(self.results)} cells ({len(self.ran)} run, {len(self.skipped)} already done); best "
+                f"{best[0]} at {best[1]['verification']['accuracy_mean']:.4f} test accuracy; table in {self.report}")
+
+
+def cells(cfg: CompareParams) -> list[Cell]:
+    return [Cell(init, k) for init in cfg.inits for k in (None, *cfg.fewshot_k)]
+
+
+def pretrain_config(cfg: CompareParams, base: SSLParams, method: str) -> SSLParams:
+    """The pretrain section at the comparison's budget for ``method`` (one process, the comparison's seed)."""
+    update = {"method": method, "model": f"{'dino' if method == 'dino_face' else 'lafs'}_vit_{cfg.size}",
+              "epochs": cfg.pretrain_epochs, "batch_size": cfg.pretrain_batch_size, "seed": cfg.seed,
+              "warmup_epochs": min(base.warmup_epochs, cfg.pretrain_epochs - 1), "nproc_per_node": 1, "nnodes": 1,
+              "checkpoint_uri": None, "experiment": cfg.experiment, "tracking_uri": cfg.tracking_uri}
+    return update_section(base, update, f"compare ({method} pretraining)")
+
+
+def finetune_config(cfg: CompareParams, base: FinetuneParams, cell: Cell) -> FinetuneParams:
+    """The finetune section at the comparison's budget for ``cell``: equal epochs, batch and seed, no early
+    stopping, no tuned params."""
+    update = {"init": "scratch" if cell.init == "scratch" else "pretrained",
+              "model": f"{'dino' if cell.init == 'dino_face' else 'lafs'}_vit_{cfg.size}",
+              "epochs": cfg.finetune_epochs, "batch_size": cfg.finetune_batch_size, "seed": cfg.seed,
+              "warmup_epochs": min(base.warmup_epochs, cfg.finetune_epochs - 1), "fewshot_k": cell.fewshot_k,
+              "patience": None, "tuned_params": None, "experiment": cfg.experiment, "tracking_uri": cfg.tracking_uri}
+    return update_section(base, update, f"compare (cell {cell.name})")
+
+
+def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int) -> dict[str, Any]:
+    """Verification report of ``model_file`` on the test pairs (the evaluate stage's embedders and metrics)."""
+    from lafs.eval.embedders import load_embedder
+    from lafs.eval.faceset import aligned_faceset, embed, pairs_from_rows
+    from lafs.eval.verification import pair_scores, verification_report
+
+    pairs_file = root / "data" / "splits" / "pairs.csv"
+    if not pairs_file.exists():
+        raise StageError(f"{pairs_file} not found: run the split stage first (`dvc repro split`)")
+    rows = read_pairs_csv(pairs_file)
+    faces = aligned_faceset(root, [str(r[k]) for r in rows for k in ("path1", "path2")])
+    pairs = pairs_from_rows(rows, faces)
+    emb = embed(load_embedder(model_file, batch_size=batch_size), faces, flip=False)
+    scores = pair_scores(emb[pairs.first], emb[pairs.second])
+    return verification_report(scores, pairs.same, folds=pairs.folds)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic: a result file exists only when its cell is complete (that is what resume looks at)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+class _Parent:
+    """The comparison's MLflow parent run, created once and reopened by a resumed comparison."""
+
+    def __init__(self, cfg: CompareParams, paths: ComparePaths) -> None:
+        import mlflow
+
+        uri = tracking_uri(cfg.tracking_uri)
+        self.client = mlflow.MlflowClient(uri)
+        run_id = json.loads(paths.parent_run.read_text())["run_id"] if paths.parent_run.exists() else None
+        if run_id is not None:
+            try:
+                run = self.client.get_run(run_id)
+            except mlflow.exceptions.MlflowException:
+                run = None
+            if run is None or run.info.lifecycle_stage != "active":
+                run_id = None
+        if run_id is None:
+            run = self.client.create_run(ensure_experiment(cfg.experiment, uri), run_name="compare",
+                                         tags={"stage": "compare"})
+            run_id = run.info.run_id
+            for key, value in flatten(resolved(cfg)).items():
+                self.client.log_param(run_id, key, value)
+            _write_json(paths.parent_run, {"run_id": run_id})
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def adopt(self, run_id: str | None, tags: dict[str, str]) -> None:
+        """Make ``run_id`` (a run opened elsewhere, e.g. by pretraining) a child of this run."""
+        if run_id:
+            self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+
+
+def _log_cell(parent: _Parent, cell: Cell, run_id: str | None, verification: dict[str, Any]) -> None:
+    numbers = {k: v for k, v in flatten(verification).items() if isinstance(v, int | float)}
+    for key, value in numbers.items():
+        if run_id:
+            parent.client.log_metric(run_id, f"test.{key}", float(value))
+    for key in ("accuracy_mean", "eer"):
+        parent.client.log_metric(parent.run_id, f"{cell.name}.{key}", float(verification[key]))
+    if run_id:
+        parent.client.set_tag(run_id, "compare.cell", cell.name)
+
+
+def _pretrained(cfg: CompareParams, base: SSLParams, paths: ComparePaths, method: str, parent: _Parent) -> Path:
+    """Pretrain (or resume / reuse) ``method`` at the comparison's budget; its teacher backbone file."""
+    ssl = pretrain_config(cfg, base, method)
+    out = paths.out_dir / f"pretrain-{method}"
+    pt_paths = pretrain.PretrainPaths(paths.root, paths.data_dir, out, paths.landmark_net, out / "metrics.json")
+    log.info("compare: %s pretraining (%d epochs, batch %d) -> %s", method, ssl.epochs, ssl.batch_size, out)
+    pretrain.run(ssl, pt_paths, restart_on_change=True)
+    parent.adopt(load_checkpoint(pt_paths.last).get("mlflow_run_id"), {"compare.role": f"pretrain-{method}"})
+    return pt_paths.teacher
+
+
+def run(cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParams,
+        paths: ComparePaths = ComparePaths()) -> CompareSummary:
+    """Run every cell not yet done, then (re)write the table from all result files."""
+    todo = [c for c in cells(cfg) if not (paths.out_dir / c.name / "result.json").exists()]
+    parent = _Parent(cfg, paths)
+    summary = CompareSummary({}, parent_run_id=parent.run_id, report=paths.report)
+    status = "FAILED"
+    try:
+        teachers: dict[str, Path] = {}
+        for cell in cells(cfg):
+            result_file = paths.out_dir / cell.name / "result.json"
+            if cell not in todo:
+                summary.results[cell.name] = json.loads(result_file.read_text())
+                summary.skipped.append(cell.name)
+                continue
+            if cell.init != "scratch" and cell.init not in teachers:
+                teachers[cell.init] = _pretrained(cfg, pretrain_cfg, paths, cell.init, parent)
+            ft = finetune_config(cfg, finetune_cfg, cell)
+            out = paths.out_dir / cell.name
+            ft_paths = replace(FinetunePaths.under(paths.root, out), metrics=out / "metrics.json")
+            if cell.init in teachers:
+                ft_paths = replace(ft_paths, teacher=teachers[cell.init])
+            log.info("compare: cell %s (finetune %d epochs, batch %d)", cell.name, ft.epochs, ft.batch_size)
+            ft_summary = train(ft, ft_paths, parent_run_id=parent.run_id, restart_on_change=True)
+            verification = evaluate_on_test_pairs(ft_paths.model, paths.root, ft.batch_size)
+            _log_cell(parent, cell, ft_summary.run_id, verification)
+            result = {"cell": cell.name, "init": cell.init, "data": cell.data, "model": ft.model,
+                      "verification": verification, "finetune": ft_summary.metrics(),
+                      "budget": {"pretrain_epochs": cfg.pretrain_epochs, "pretrain_batch_size": cfg.pretrain_batch_size,
+                                 "finetune_epochs": ft.epochs, "finetune_batch_size": ft.batch_size,
+                                 "finetune_iterations": ft_summary.iterations}}
+            _write_json(result_file, result)
+            summary.results[cell.name] = result
+            summary.ran.append(cell.name)
+        paths.report.parent.mkdir(parents=True, exist_ok=True)
+        paths.report.write_text(markdown_table(cfg, summary.results))
+        parent.client.log_artifact(parent.run_id, str(paths.report))
+        status = "FINISHED"
+    finally:
+        parent.client.set_terminated(parent.run_id, status)
+    return summary
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_table(cfg: CompareParams, results: dict[str, dict[str, Any]]) -> str:
+    """One row per cell: test verification accuracy (mean ± std over folds), TAR@FAR=1e-2, EER, and what it cost."""
+    any_result = next(iter(results.values()))
+    pairs = any_result["verification"]["pairs"]
+    lines = [
+        f"# Pretraining comparison ({cfg.size} models, equal budgets)",
+        "",
+        f"Test verification on {pairs} pairs of `data/splits/pairs.csv` (identity-disjoint folds; accuracy is the "
+        f"mean ± std over folds). Budget per cell: SSL {cfg.pretrain_epochs} epochs x batch "
+        f"{cfg.pretrain_batch_size} (dino_face and lafs alike), finetuning {cfg.finetune_epochs} epochs x batch "
+        f"{cfg.finetune_batch_size}, seed {cfg.seed}, best epoch chosen on held-out finetune identities. "
+        "TAR@FAR is n/a when there are fewer than 100 different-person pairs.",
+        "",
+        "| init | finetune data | model | test accuracy | TAR@FAR=1e-2 | EER | best val acc | train images | steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells(cfg):
+        r = results.get(cell.name)
+        if r is None:
+            continue
+        v, f = r["verification"], r["finetune"]
+        data = "full" if cell.fewshot_k is None else f"few-shot k={cell.fewshot_k}"
+        lines.append(
+            f"| {INIT_LABELS[cell.init]} | {data} | {r['model']} | {_number(v['accuracy_mean'])} ± "
+            f"{_number(v['accuracy_std'])} | {_number(v['tar_at_far'].get('1e-02'))} | {_number(v['eer'])} | "
+            f"{_number(f['best_val_accuracy'])} | {f['train_images']} | {f['iterations']} |")
+    return "\n".join(lines) + "\n"

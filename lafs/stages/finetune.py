@@ -1,0 +1,426 @@
+"""Stage ``finetune``: supervised recognition finetuning of the pretrained part fViT (or a scratch baseline).
+
+The recogniser is rebuilt from the pretrained teacher's registry name and kwargs (``finetune.model`` and K
+must agree with them), its landmark net starts from ``models/landmark_net.pt`` and trains with it, anchored
+to a frozen copy by the landmark regulariser. Training data: ``data/splits/finetune.csv`` or a few-shot view
+(``fewshot_k``), minus a seeded fraction of its identities held out for validation: verification pairs among
+those identities give a k-fold accuracy each epoch (the test identities are never looked at), which picks the
+best epoch and drives early stopping. ``params/best_finetune.yaml`` (written by ``tune``) overlays the section.
+
+Outputs in ``out_dir``: ``model.pt`` (the best epoch's recogniser, a :mod:`lafs.models.io` model file that
+rebuilds the whole model incl. its landmark net) and ``last.pt``, written atomically every
+``checkpoint_every`` iterations and at each epoch end. An existing ``last.pt`` with the same params and inputs
+is resumed exactly: data order (``ResumableSampler``), augmentation (per-sample generators seeded by (seed,
+epoch, index)) and dropout (a torch seed per iteration) never depend on state lost in a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lafs.config import FinetuneParams, read_yaml_mapping, resolved, update_section
+from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augment
+from lafs.data.pairs import PairRow
+from lafs.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lafs.engine.distributed import derived_seed, under_torchrun
+from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, embed, frozen_copy
+from lafs.eval.verification import kfold_accuracy, pair_scores
+from lafs.models import FaceViT, create_model
+from lafs.models.io import ModelFileError, read_model_file, save_model
+from lafs.stages import StageError, write_metrics
+from lafs.stages.split import Image, fraction_count, generate_pairs, seeded_order
+from lafs.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+MIN_VAL_IDENTITIES = 4  # two identity-disjoint folds of two identities: the least k-fold accuracy needs
+
+
+@dataclass(frozen=True)
+class FinetunePaths:
+    root: Path = Path(".")  # project root: split tables hold paths relative to it
+    data_dir: Path = Path("data")
+    out_dir: Path = Path("models/finetune")
+    teacher: Path = Path("models/pretrain/teacher_backbone.pt")
+    landmark_net: Path = Path("models/landmark_net.pt")
+    metrics: Path = Path("metrics/finetune.json")
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.out_dir / "model.pt"
+
+    @classmethod
+    def under(cls, root: Path, out_dir: Path | None = None) -> FinetunePaths:
+        """The pipeline layout below a project root (``out_dir`` defaults to ``root/models/finetune``)."""
+        return cls(root, root / "data", out_dir or root / "models" / "finetune",
+                   root / "models" / "pretrain" / "teacher_backbone.pt", root / "models" / "landmark_net.pt",
+                   root / "metrics" / "finetune.json")
+
+
+@dataclass
+class FinetuneSummary:
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    iterations: int = 0
+    resumed_from: int = 0
+    train_images: int = 0
+    train_identities: int = 0
+    val_identities: int = 0
+    val_pairs: int = 0
+    images_per_s: float = 0.0
+    val_history: list[float] = field(default_factory=list)
+    run_id: str | None = None
+    tuned: dict[str, Any] = field(default_factory=dict)  # the params/best_finetune.yaml overlay applied by run()
+
+    def describe(self) -> str:
+        resumed = f", resumed at iteration {self.resumed_from}" if self.resumed_from else ""
+        stopped = " (stopped early)" if self.stopped_early else ""
+        tuned = f"; tuned params {sorted(self.tuned)}" if self.tuned else ""
+        return (f"finetuned {self.epochs_run} epochs{stopped} on {self.train_images} images of "
+                f"{self.train_identities} identities{resumed}; best validation accuracy "
+                f"{self.best_val_accuracy:.4f} at epoch {self.best_epoch} ({self.val_pairs} pairs of "
+                f"{self.val_identities} held-out identities){tuned}")
+
+    def metrics(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("run_id")
+        return out
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """Training images with contiguous labels, and the held-out validation images and pairs."""
+
+    train_paths: list[Path]
+    train_labels: list[int]
+    num_classes: int
+    val_paths: list[str]  # aligned paths relative to the root, as in pairs
+    val_pairs: list[PairRow]
+    val_identities: int
+    sources: dict[str, Path]  # split files read (fingerprinted for resume)
+
+
+def _read_split(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise StageError(f"{path} not found: run the split stage first (`dvc repro split`)")
+    table = pd.read_csv(path)
+    if table.empty:
+        raise StageError(f"{path} holds no images: check the split params")
+    return table
+
+
+def select_data(cfg: FinetuneParams, paths: FinetunePaths) -> FinetuneData:
+    """Hold out validation identities (seeded sha256 ranking, like the split stage) and pair their images."""
+    splits = paths.data_dir / "splits"
+    sources = {"finetune": splits / "finetune.csv"}
+    if cfg.fewshot_k is not None:
+        sources["train"] = splits / f"fewshot_k{cfg.fewshot_k}.csv"
+        if not sources["train"].exists():
+            raise StageError(f"{sources['train']} not found: add {cfg.fewshot_k} to split.fewshot_k and rerun split, "
+                             "or set finetune.fewshot_k to one of the existing views")
+    finetune = _read_split(sources["finetune"])
+    train = _read_split(sources["train"]) if "train" in sources else finetune
+    counts = finetune.groupby("identity").size()
+    eligible = sorted(counts[counts >= 2].index)
+    n_val = max(fraction_count(len(eligible), cfg.val_fraction), MIN_VAL_IDENTITIES)
+    if len(eligible) < n_val or finetune["identity"].nunique() - n_val < 2:
+        raise StageError(
+            f"{sources['finetune']}: {finetune['identity'].nunique()} identities ({len(eligible)} with >= 2 images) "
+            f"cannot give {n_val} validation identities with >= 2 images and still leave 2 to train on; "
+            "ingest more identities or lower split.test_fraction")
+    val_ids = set(seeded_order(eligible, cfg.seed, "finetune-validation")[:n_val])
+    val_rows = finetune[finetune["identity"].isin(val_ids)]
+    by_identity: dict[str, list[Image]] = {}
+    for row in val_rows.itertuples():
+        by_identity.setdefault(row.identity, []).append(Image(row.identity, row.aligned_path, row.sha256,
+                                                              row.aligned_path))
+    folds = min(cfg.val_folds, n_val // 2)
+    pairs, _ = generate_pairs({k: sorted(v) for k, v in by_identity.items()}, folds, cfg.val_pairs_per_fold, cfg.seed)
+    train = train[~train["identity"].isin(val_ids)]
+    labels = {identity: n for n, identity in enumerate(sorted(train["identity"].unique()))}
+    return FinetuneData(
+        train_paths=[paths.root / p for p in train["aligned_path"]],
+        train_labels=[labels[i] for i in train["identity"]],
+        num_classes=len(labels),
+        val_paths=sorted({p for r in pairs for p in (r["path1"], r["path2"])}),
+        val_pairs=pairs,
+        val_identities=n_val,
+        sources=sources,
+    )
+
+
+# -- model -----------------------------------------------------------------------------------------------
+
+
+def uses_landmarks(cfg: FinetuneParams) -> bool:
+    """Grid models (``dino_vit_*``, the DINO-face baseline) tokenise a regular grid: no landmark net."""
+    return not cfg.model.startswith("dino_")
+
+
+def recogniser_kwargs(cfg: FinetuneParams) -> dict[str, Any]:
+    """What ``create_model(cfg.model, **kwargs)`` needs to rebuild the whole recogniser (saved in model.pt)."""
+    kwargs: dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate}
+    if uses_landmarks(cfg):
+        kwargs |= {"num_landmarks": cfg.num_landmarks, "padding_mode": cfg.patch_padding,
+                   "landmark_net": cfg.landmark_net}
+    return kwargs
+
+
+def _read(path: Path, what: str, stage: str) -> dict[str, Any]:
+    try:
+        return read_model_file(path)
+    except ModelFileError as exc:
+        raise StageError(f"{what}: {exc} (`dvc repro {stage}`)") from None
+
+
+def _check_teacher(cfg: FinetuneParams, teacher: dict[str, Any], path: Path) -> None:
+    if teacher["model"] != cfg.model:
+        raise StageError(f"{path} holds a pretrained {teacher['model']!r} but finetune.model is {cfg.model!r}: set "
+                         f"finetune.model: {teacher['model']} (the backbone must be the one pretrained), or init: "
+                         "scratch")
+    for key, param in (("num_landmarks", "num_landmarks"), ("padding_mode", "patch_padding")):
+        theirs, ours = teacher["kwargs"].get(key), getattr(cfg, param)
+        if theirs is not None and theirs != ours:
+            raise StageError(f"{path} was pretrained with {key}={theirs!r} but finetune.{param} is {ours!r}: set "
+                             f"finetune.{param}: {theirs}")
+
+
+def build_recogniser(cfg: FinetuneParams, paths: FinetunePaths) -> FaceViT:
+    """The recogniser with the teacher's ViT weights (``init: pretrained``, exactly; the landmark net is not in
+    the teacher) or a seeded random ViT (``scratch``), and the landmark_net stage's weights in its landmark net."""
+    teacher = _read(paths.teacher, "pretrained backbone", "pretrain") if cfg.init == "pretrained" else None
+    if teacher is not None:
+        _check_teacher(cfg, teacher, paths.teacher)
+    torch.manual_seed(cfg.seed)
+    model: FaceViT = create_model(cfg.model, **recogniser_kwargs(cfg))
+    if teacher is not None:
+        missing, unexpected = model.load_state_dict(teacher["state_dict"], strict=False)
+        missing = [k for k in missing if not k.startswith("landmark_net.")]
+        if missing or unexpected:
+            raise StageError(f"{paths.teacher} does not fit {cfg.model}: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}; rerun `dvc repro pretrain`")
+    if model.landmark_net is not None:
+        net = _read(paths.landmark_net, "landmark network", "landmark_net")
+        if net["model"] != cfg.landmark_net or net["kwargs"] != {"num_landmarks": cfg.num_landmarks}:
+            raise StageError(f"{paths.landmark_net} holds {net['model']!r} with {net['kwargs']} but finetune has "
+                             f"landmark_net={cfg.landmark_net!r}, num_landmarks={cfg.num_landmarks}: make them agree")
+        model.landmark_net.load_state_dict(net["state_dict"])
+    return model
+
+
+# -- validation and early stopping -------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Early-stopping state (saved in last.pt): best validation accuracy so far and epochs without a gain."""
+
+    best_accuracy: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[float] = field(default_factory=list)
+
+    def update(self, epoch: int, accuracy: float, cfg: FinetuneParams) -> bool:
+        """Record an epoch's accuracy; True if it is the new best."""
+        self.history.append(accuracy)
+        if accuracy > self.best_accuracy + cfg.min_delta or self.best_epoch < 0:
+            self.best_accuracy, self.best_epoch, self.bad_epochs = accuracy, epoch, 0
+            return True
+        self.bad_epochs += 1
+        self.stopped_early = cfg.patience is not None and self.bad_epochs >= cfg.patience
+        return False
+
+
+def validate(model: torch.nn.Module, loader: DataLoader, val_paths: list[str], pairs: list[PairRow],
+             device: torch.device) -> dict[str, float]:
+    """k-fold verification accuracy (identity-disjoint folds) of cosine scores between L2-normalised embeddings."""
+    emb = embed(model, loader, device).numpy()
+    index = {p: i for i, p in enumerate(val_paths)}
+    scores = pair_scores(emb[[index[r["path1"]] for r in pairs]], emb[[index[r["path2"]] for r in pairs]])
+    same = np.array([int(r["same"]) for r in pairs])
+    mean, std, threshold = kfold_accuracy(scores, same, folds=np.array([int(r["fold"]) for r in pairs]))
+    return {"val_accuracy": mean, "val_accuracy_std": std, "val_threshold": threshold}
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StageError("finetune.device is cuda but CUDA is not available; use device: auto or cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) -> dict[str, str]:
+    """sha256 of the files a run depends on besides its params: resuming across other inputs is wrong."""
+    files = {f"split_{k}": v for k, v in data.sources.items()}
+    if uses_landmarks(cfg):
+        files["landmark_net"] = paths.landmark_net
+    if cfg.init == "pretrained":
+        files["teacher"] = paths.teacher
+    return {name: hashlib.sha256(f.read_bytes()).hexdigest() for name, f in sorted(files.items())}
+
+
+def _resume_state(cfg: FinetuneParams, paths: FinetunePaths, inputs: dict[str, str],
+                  restart_on_change: bool) -> dict[str, Any] | None:
+    if not paths.last.exists():
+        paths.model.unlink(missing_ok=True)  # a fresh run: a model.pt left over is not this run's best
+        return None
+    state = load_checkpoint(paths.last)
+    if (state["config"], state["inputs"]) == (resolved(cfg), inputs):
+        return state
+    if not restart_on_change:
+        raise StageError(f"{paths.last} was written with different finetune params or inputs (splits, landmark net, "
+                         "teacher); restore them to resume, or pass --restart-on-change to set it aside and start over")
+    aside = paths.last.with_suffix(".previous.pt")
+    paths.last.replace(aside)
+    paths.model.unlink(missing_ok=True)
+    log.warning("finetune params or inputs changed: %s moved to %s; starting over", paths.last, aside)
+    return None
+
+
+def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback | None = None,
+          parent_run_id: str | None = None, restart_on_change: bool = False) -> FinetuneSummary:
+    """Finetune (or resume) to the last epoch or an early stop; ``model.pt`` holds the best epoch's weights.
+
+    ``on_epoch(epoch, metrics)`` runs after each epoch's validation and checkpoint (metrics hold at least
+    ``val_accuracy``); an exception it raises (e.g. ``optuna.TrialPruned``) ends the MLflow run as KILLED and
+    propagates, the checkpoint kept. ``parent_run_id`` nests the MLflow run (Optuna trials, comparison cells).
+    """
+    if under_torchrun():
+        raise StageError("finetune runs in one process; start it without torchrun")
+    device = _device(cfg.device)
+    data = select_data(cfg, paths)
+    model = build_recogniser(cfg, paths).to(device)
+    reference = frozen_copy(model.landmark_net) if model.landmark_net is not None and cfg.reg_weight > 0 else None
+    train_set = LabelledFaces(data.train_paths, data.train_labels, recognition_augment(cfg.crop_scale, cfg.flip),
+                              seed=cfg.seed)
+    sampler = ResumableSampler(train_set, seed=cfg.seed)
+    iters_per_epoch = len(sampler) // cfg.batch_size
+    if iters_per_epoch == 0:
+        raise StageError(f"{len(train_set)} training images is less than one batch of {cfg.batch_size}: lower "
+                         "finetune.batch_size")
+    trainer = FinetuneTrainer(model, data.num_classes, cfg, iters_per_epoch, reference)
+    val_set = LabelledFaces([paths.root / p for p in data.val_paths], [0] * len(data.val_paths))
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+
+    inputs = _fingerprint(cfg, paths, data)
+    state = _resume_state(cfg, paths, inputs, restart_on_change)
+    start_it, run_id, progress = 0, None, Progress()
+    if state is not None:
+        trainer.load_state_dict(state)
+        set_rng_state(state["rng"])
+        start_it, run_id, progress = int(state["iteration"]), state["mlflow_run_id"] or None, Progress(
+            **state["progress"])
+    total = cfg.epochs * iters_per_epoch
+    tags = {"stage": "finetune", "init": cfg.init, "model": cfg.model, "fewshot_k": str(cfg.fewshot_k)}
+    logger = RunLogger(True, cfg.experiment, f"finetune-{cfg.init}", resolved(cfg), run_id=run_id,
+                       uri=cfg.tracking_uri, tags=tags, parent_run_id=parent_run_id)
+
+    def checkpoint(it: int) -> None:
+        save_checkpoint({**trainer.state_dict(), "iteration": it, "progress": asdict(progress), "rng": rng_state(),
+                         "config": resolved(cfg), "inputs": inputs, "mlflow_run_id": logger.run_id or ""}, paths.last)
+
+    it, seen, t0 = start_it, 0, time.perf_counter()
+    bar = tqdm(total=total, initial=start_it, desc=f"finetune {cfg.init}", unit="it")
+    status = "FAILED"
+    try:
+        for epoch in range(start_it // iters_per_epoch, cfg.epochs):
+            if progress.stopped_early:
+                break
+            sampler.set_epoch(epoch)
+            sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
+            train_set.set_epoch(epoch)
+            loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+            for images, labels in loader:
+                torch.manual_seed(derived_seed(cfg.seed, "finetune", it))  # dropout / drop-path: by iteration
+                try:
+                    metrics = trainer.train_step(images, labels, it)
+                except NonFiniteLossError as exc:
+                    raise StageError(f"{exc}; the last good checkpoint {paths.last} is kept. Lower finetune.lr, "
+                                     "raise warmup_epochs or use dtype fp32") from None
+                it += 1
+                seen += cfg.batch_size
+                rate = seen / (time.perf_counter() - t0)
+                logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}", img_s=f"{rate:.1f}")
+                if it % cfg.checkpoint_every == 0 and it % iters_per_epoch:  # epoch ends checkpoint after validation
+                    checkpoint(it)
+            val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
+            if progress.update(epoch, val["val_accuracy"], cfg):
+                save_model(model, cfg.model, recogniser_kwargs(cfg), paths.model, config=resolved(cfg),
+                           embed_dim=model.embed_dim, epoch=epoch, val_accuracy=val["val_accuracy"])
+            logger.log_metrics({**val, "best_val_accuracy": progress.best_accuracy}, it)
+            checkpoint(it)
+            if on_epoch is not None:
+                try:
+                    on_epoch(epoch, {**val, "epoch": float(epoch), "best_val_accuracy": progress.best_accuracy})
+                except BaseException:
+                    status = "KILLED"  # pruned / interrupted by the caller: not a failure of the run
+                    raise
+        if not paths.model.exists():
+            raise StageError(f"{paths.last} says training finished but {paths.model} is missing: delete "
+                             f"{paths.last} to train again")
+        logger.log_metrics({"best_val_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch}, it)
+        logger.log_artifact(paths.model, "model")
+        status = "FINISHED"
+    finally:
+        bar.close()
+        logger.end(status)
+    return FinetuneSummary(
+        best_val_accuracy=progress.best_accuracy, best_epoch=progress.best_epoch, epochs_run=len(progress.history),
+        stopped_early=progress.stopped_early, iterations=it, resumed_from=start_it,
+        train_images=len(train_set), train_identities=data.num_classes, val_identities=data.val_identities,
+        val_pairs=len(data.val_pairs), images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
+        val_history=list(progress.history), run_id=logger.run_id)
+
+
+def tuned_overlay(cfg: FinetuneParams, root: Path) -> tuple[FinetuneParams, dict[str, Any]]:
+    """``cfg`` with the tune stage's flat mapping (``cfg.tuned_params``, relative to ``root``) overlaid when
+    the file exists; keys and values are validated like params.yaml (a bad key fails naming it and the file)."""
+    if cfg.tuned_params is None:
+        return cfg, {}
+    path = Path(cfg.tuned_params)
+    path = path if path.is_absolute() else root / path
+    overlay = read_yaml_mapping(path, missing_ok=True)
+    if "tuned_params" in overlay:
+        raise StageError(f"{path}: 'tuned_params' cannot be tuned (it names this file); remove the key")
+    return (update_section(cfg, overlay, str(path)) if overlay else cfg), overlay
+
+
+def run(cfg: FinetuneParams, paths: FinetunePaths = FinetunePaths(),
+        restart_on_change: bool = False) -> FinetuneSummary:
+    """The stage: overlay the tuned params, train (or resume), write ``metrics/finetune.json``."""
+    cfg, overlay = tuned_overlay(cfg, paths.root)
+    if overlay:
+        log.info("finetune: tuned params %s overlaid from %s", overlay, cfg.tuned_params)
+    summary = train(cfg, paths, restart_on_change=restart_on_change)
+    summary.tuned = overlay
+    write_metrics(paths.metrics, {**summary.metrics(), "init": cfg.init, "fewshot_k": cfg.fewshot_k})
+    return summary

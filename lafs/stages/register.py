@@ -1,0 +1,188 @@
+"""Stage ``register``: put the evaluated model in the MLflow Model Registry, then run the promotion gate.
+
+Registers ``models/finetune/model.pt`` (PyTorch flavour, exported with torch.export so loading it needs
+neither pickle nor this package) as a new version of ``register.model_name`` with the ONNX file, the source
+model file and ``metrics/eval.json`` attached to its run; tags the version with its lineage (git commit, the
+``dvc.lock`` hashes of the stages that produced it, the file hashes, the eval metrics); points ``challenger``
+at it; then :func:`lafs.registry.promote` decides whether ``champion`` moves. The same model and eval files
+registered again reuse their version instead of adding a copy. A rejected challenger is a normal outcome,
+not a failure: ``metrics/promotion.json`` says ``promoted: false`` and ``reports/promotion.md`` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from lafs import registry
+from lafs.config import RegisterParams, resolved
+from lafs.stages import StageError, write_metrics
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisterPaths:
+    root: Path = Path(".")
+    model: Path = Path("models/finetune/model.pt")
+    onnx: Path = Path("models/model.onnx")
+    eval_metrics: Path = Path("metrics/eval.json")
+    dvc_lock: Path = Path("dvc.lock")
+    promotion: Path = Path("metrics/promotion.json")
+    report: Path = Path("reports/promotion.md")
+
+    @classmethod
+    def under(cls, root: Path) -> RegisterPaths:
+        """Every default path relative to the project root ``root``."""
+        root = Path(root)
+        d = cls()
+        return cls(root, root / d.model, root / d.onnx, root / d.eval_metrics, root / d.dvc_lock,
+                   root / d.promotion, root / d.report)
+
+
+@dataclass(frozen=True)
+class RegisterSummary:
+    model_name: str
+    version: str
+    reused: bool
+    decision: registry.Decision
+
+    def describe(self) -> str:
+        how = "already registered as" if self.reused else "registered as"
+        return f"{how} {self.model_name} v{self.version} (alias {registry.CHALLENGER}); {self.decision.describe()}"
+
+
+def md5(path: Path) -> str:
+    """The file hash DVC records in dvc.lock (md5 of the bytes), so tags and lock can be matched."""
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """``git.commit`` (``unknown`` outside a git checkout) and ``git.dirty`` (tracked files changed)."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git.commit": "unknown"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def dvc_lineage(lock: Path, stages: tuple[str, ...]) -> dict[str, str]:
+    """Tags from ``dvc.lock``: for each of ``stages``, the md5 of every dep and out, and of its params.
+
+    DVC stores params by value, so their hash is the md5 of their canonical JSON. ``dvc.lock`` is read, never
+    declared as a dep (a stage cannot depend on the lock DVC rewrites for it). Stages absent from the lock
+    are tagged ``absent`` rather than failing: ``lafs register`` also runs outside DVC.
+    """
+    if not lock.exists():
+        return {"dvc.lock": "absent"}
+    try:
+        data = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StageError(f"{lock}: not valid YAML ({exc}); rerun `dvc repro` to rewrite it") from None
+    tags = {"dvc.lock.md5": md5(lock)}
+    locked = data.get("stages") or {}
+    for stage in stages:
+        entry = locked.get(stage)
+        if not isinstance(entry, dict):
+            tags[f"dvc.{stage}"] = "absent"
+            continue
+        for kind in ("deps", "outs"):
+            for item in entry.get(kind) or []:
+                digest = item.get("md5") or item.get("hash") or "unknown"
+                tags[f"dvc.{stage}.{kind}.{item.get('path')}"] = str(digest)
+        for file, values in (entry.get("params") or {}).items():
+            canonical = json.dumps(values, sort_keys=True, default=str).encode()
+            tags[f"dvc.{stage}.params.{file}"] = hashlib.md5(canonical).hexdigest()
+    return {k: v for k, v in tags.items() if len(k) <= 250}
+
+
+def _check_inputs(cfg: RegisterParams, paths: RegisterPaths) -> dict[str, float]:
+    needed = {paths.model: "finetune", paths.eval_metrics: "evaluate"}
+    if cfg.register_onnx:
+        needed[paths.onnx] = "export (or set register.register_onnx: false)"
+    for path, stage in needed.items():
+        if not path.exists():
+            raise StageError(f"{path} not found: run the {stage} stage first (`dvc repro register` runs them)")
+    try:
+        metrics = registry.flatten_metrics(json.loads(paths.eval_metrics.read_text()))
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{paths.eval_metrics} is not JSON ({exc}): rerun the evaluate stage") from None
+    wanted = [cfg.primary_metric, *cfg.secondary_metrics]
+    missing = [k for k in wanted if k not in metrics]
+    if missing:
+        raise StageError(f"{paths.eval_metrics} has no metric {missing} (it has {sorted(metrics)[:20]}...): "
+                         "fix register.primary_metric / register.secondary_metrics")
+    return metrics
+
+
+def _registration(cfg: RegisterParams, paths: RegisterPaths, metrics: dict[str, float],
+                  model_file: dict[str, Any]) -> registry.Registration:
+    onnx = paths.onnx if cfg.register_onnx else None
+    tags = {
+        **git_tags(paths.root),
+        **dvc_lineage(paths.dvc_lock, cfg.lineage_stages),
+        "model_file.md5": md5(paths.model),
+        "eval.md5": md5(paths.eval_metrics),
+        "model.name": str(model_file["model"]),
+        "model.embed_dim": str(model_file.get("embed_dim", "unknown")),
+    }
+    if onnx is not None:
+        tags["onnx.md5"] = md5(onnx)
+    params = {
+        **registry.safe_params(resolved(cfg), "register."),
+        **registry.safe_params({"name": model_file["model"], "kwargs": model_file["kwargs"]}, "model."),
+        **registry.safe_params(model_file.get("config") or {}, "finetune."),
+    }
+    return registry.Registration(paths.model, paths.eval_metrics, onnx, metrics, params, tags)
+
+
+def _write_outputs(paths: RegisterPaths, decision: registry.Decision) -> None:
+    write_metrics(paths.promotion, registry.promotion_metrics(decision))
+    paths.report.parent.mkdir(parents=True, exist_ok=True)
+    paths.report.write_text(registry.report_markdown(decision))
+
+
+def run(cfg: RegisterParams, root: Path | RegisterPaths = Path("."),
+        client: MlflowClient | None = None) -> RegisterSummary:
+    """Register the evaluated model, point ``challenger`` at it and run the promotion gate (module docstring).
+
+    ``client`` defaults to one on the configured tracking URI (tests pass one to inject faults).
+    """
+    from lafs.models.io import load_model, read_model_file
+
+    paths = root if isinstance(root, RegisterPaths) else RegisterPaths.under(Path(root))
+    metrics = _check_inputs(cfg, paths)
+    reg = _registration(cfg, paths, metrics, read_model_file(paths.model))
+    with registry.mlflow_errors(cfg):
+        client = client or registry.client_for(cfg)
+        same = {k: reg.tags[k] for k in ("model_file.md5", "eval.md5")}
+        existing = registry.find_version(client, cfg.model_name, same)
+        if existing is not None:
+            version, reused = existing.version, True
+            log.info("%s v%s already holds these model and eval files: reusing it", cfg.model_name, version)
+        else:
+            version, reused = registry.register_version(cfg, load_model(paths.model), reg).version, False
+        client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
+        decision = registry.promote(client, cfg, version, before_move=lambda d: _write_outputs(paths, d))
+    return RegisterSummary(cfg.model_name, str(version), reused, decision)

@@ -1,0 +1,579 @@
+"""Stage ``tune``: Optuna search over the finetune params, every trial a real finetune run.
+
+The study lives in an RDB storage (default: sqlite under ``models/tune/``, which is not a DVC out, so DVC
+never deletes it). That makes a study durable and shared:
+
+- **resume**: rerunning ``lafs tune`` loads the study; finished trials count toward ``n_trials`` and only the
+  rest run. A worker killed mid-trial stops sending heartbeats; once its trial is stale it is marked failed and
+  (``max_retry``) re-queued with the same params.
+- **parallel workers**: several ``lafs tune`` processes on one storage share the budget. Before a trial starts,
+  the trials already finished or running elsewhere are counted, so the study ends with exactly ``n_trials``.
+
+One MLflow parent run per study (its id is a study user attr, so resumes and workers reuse it); each trial's
+finetune run is its child (``mlflow.parentRunId``), tagged with the trial number and final state. Optuna's
+``MLflowCallback`` is not used: it logs a *second* run per trial after the fact and opens no parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lafs.config import FinetuneParams, SearchDim, TuneParams, resolved, search_kind
+from lafs.stages import StageError, write_metrics
+from lafs.stages.finetune import FinetunePaths, build_recogniser, select_data, train
+from lafs.tracking import ensure_experiment, flatten, tracking_uri
+
+log = logging.getLogger(__name__)
+
+# Study user attrs: what ties a study to its MLflow parent run and to the params it was created with.
+PARENT_ATTR = "mlflow_parent_run_id"
+FINGERPRINT_ATTR = "fingerprint"
+# Finetune params the stage sets itself on every trial (tracking goes to the tune run; no overlay of an old best).
+_OVERLAID = ("experiment", "tracking_uri", "tuned_params")
+PARENT_WAIT_S = 120.0  # how long a worker waits for the study's creator to record the MLflow parent run
+
+
+@dataclass(frozen=True)
+class TunePaths:
+    root: Path = Path(".")  # project root: relative sqlite storage paths are taken from it
+    finetune: FinetunePaths = field(default_factory=FinetunePaths)  # every trial's inputs; out_dir is per trial
+    study_dir: Path = Path("models/tune")  # storage (default) and one directory per trial
+    best_params: Path = Path("params/best_finetune.yaml")
+    metrics: Path = Path("metrics/tune.json")
+
+    @classmethod
+    def under(cls, root: Path, best_params: str = "params/best_finetune.yaml") -> TunePaths:
+        """The pipeline layout below a project root (``best_params`` relative to it: ``tune.out``)."""
+        return cls(root, FinetunePaths.under(root), root / "models" / "tune", root / best_params,
+                   root / "metrics" / "tune.json")
+
+
+@dataclass
+class TuneSummary:
+    study_name: str
+    n_trials: int
+    states: dict[str, int]  # counts over the whole study: complete, pruned, failed, killed, running, waiting
+    ran: int  # trials this process ran
+    resumed: int  # finished trials the study already held when this process started
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+    parent_run_id: str
+
+    def describe(self) -> str:
+        resumed = f", resumed with {self.resumed} finished" if self.resumed else ""
+        counts = ", ".join(f"{k} {v}" for k, v in self.states.items() if v)
+        return (f"study {self.study_name}: ran {self.ran} trial(s){resumed}; {counts}; best trial "
+                f"#{self.best_trial} val_accuracy {self.best_value:.4f} with {self.best_params}")
+
+
+class TrialFailed(Exception):
+    """A trial that ended in an expected failure (invalid param combination, diverged finetune): FAIL state,
+    counted toward ``n_trials`` (its message is the trial's ``error`` user attr)."""
+
+
+class _Surplus(Exception):
+    """Two workers started the last free slot at once; the later trial steps aside (FAIL, ``surplus`` attr)."""
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+
+def storage_url(cfg: TuneParams, paths: TunePaths) -> str:
+    """The Optuna RDB URL: the configured one with ``$VARS`` expanded (a password stays out of params.yaml and
+    dvc.lock), or sqlite in the study dir; sqlite paths made absolute."""
+    if cfg.storage is None:
+        return f"sqlite:///{(paths.study_dir / 'optuna.db').resolve()}"
+    url, prefix = os.path.expandvars(cfg.storage), "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        relative = url.removeprefix(prefix)
+        if relative and relative != ":memory:":
+            return f"{prefix}{(paths.root / relative).resolve()}"
+    return url
+
+
+def masked(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe for logs and MLflow params)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable storage URL>"
+
+
+@contextmanager
+def first_open_lock(url: str) -> Iterator[None]:
+    """Serialise opening a local sqlite store (Optuna's or MLflow's) across processes.
+
+    Workers started together on a new database would each create its tables and all but one fail ("table
+    already exists"). An flock on the database file itself (created empty if missing, which sqlite takes as a
+    new database) orders them; sqlite's own locks are fcntl locks, which flock does not touch.
+    """
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        yield
+        return
+    db = Path(url.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with db.open("ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _storage(cfg: TuneParams, url: str, on_stale: Callable[[Any, Any], None]):
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        # workers and heartbeat threads write concurrently: wait for sqlite's lock instead of failing at once
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings(), first_open_lock(url):
+        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are "experimental" since Optuna 2.9
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_s,
+                                              heartbeat_stale_trial_callback=on_stale, **kwargs)
+        except Exception as exc:  # sqlalchemy / driver errors: unreachable server, missing driver, bad URL
+            raise StageError(f"cannot open the Optuna storage {masked(url)} ({type(exc).__name__}: "
+                             f"{str(exc).replace(url, masked(url))}); check tune.storage") from None
+
+
+def trial_sampler(cfg: TuneParams, trial_number: int):
+    """TPE seeded per trial: parallel workers draw differently, a resumed study draws as an uninterrupted one."""
+    import optuna
+
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.sampler.seed}:{trial_number}".encode()).digest()[:4], "little")
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler.n_startup_trials,
+                                      constant_liar=cfg.sampler.constant_liar)
+
+
+def _pruner(cfg: TuneParams):
+    import optuna
+
+    p = cfg.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource,
+                                              reduction_factor=p.reduction_factor)
+    if p.name == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.lower, n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's (name, sha256) list."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else ():
+        h.update(f"{f.relative_to(path)}\0{_digest(f)}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths) -> str:
+    """What makes two trials comparable: the search (space, sampler, pruner), the finetune params the trials
+    start from and the finetune inputs (the splits hold every image's sha256). Budget and bookkeeping
+    (n_trials, timeout, storage, tracking) are left out, so raising n_trials extends the same study."""
+    ft = paths.finetune
+    inputs = {"splits": _digest(ft.data_dir / "splits"), "teacher": _digest(ft.teacher),
+              "landmark_net": _digest(ft.landmark_net)}
+    search = resolved(cfg)
+    base = {k: v for k, v in resolved(finetune_cfg).items() if k not in _OVERLAID}
+    data = {key: search[key] for key in ("direction", "sampler", "pruner", "search_space", "enqueue")}
+    data |= {"finetune": base, "inputs": inputs}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- trial states
+
+
+@dataclass
+class Tally:
+    """Trial counts by what they mean for the budget (``finished`` = counted toward ``n_trials``)."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0  # an expected failure with an ``error`` attr (counted)
+    killed: int = 0  # the worker died or was interrupted (not counted; re-queued when max_retry allows)
+    surplus: int = 0  # stepped aside for a parallel worker (not counted)
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    def states(self) -> dict[str, int]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "surplus"}
+
+
+def counts(trial) -> bool:
+    """Whether a trial uses up one of ``n_trials`` (finished, or running in some worker)."""
+    from optuna.trial import TrialState
+
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+        return True
+    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
+
+
+def tally(trials: Iterable[Any]) -> Tally:
+    from optuna.trial import TrialState
+
+    t = Tally()
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE:
+            t.complete += 1
+        elif trial.state == TrialState.PRUNED:
+            t.pruned += 1
+        elif trial.state == TrialState.RUNNING:
+            t.running += 1
+        elif trial.state == TrialState.WAITING:
+            t.waiting += 1
+        elif trial.user_attrs.get("surplus"):
+            t.surplus += 1
+        elif "error" in trial.user_attrs:
+            t.failed += 1
+        else:
+            t.killed += 1
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+
+
+class _Tracker:
+    """The study's MLflow parent run and its trials' child runs (client API: the fluent active-run stack
+    belongs to the finetune run each trial opens)."""
+
+    def __init__(self, cfg: TuneParams) -> None:
+        import mlflow
+
+        self.uri = tracking_uri(cfg.tracking_uri)
+        with first_open_lock(self.uri):  # the client creates a new store's tables; the experiment is made once
+            self.client = mlflow.MlflowClient(self.uri)
+            self.experiment_id = ensure_experiment(cfg.experiment, self.uri)
+
+    def create_parent(self, name: str, params: dict[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"stage": "tune", "optuna.study": name})
+        for key, value in flatten(params).items():
+            self.client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> bool:
+        """Mark a resumed study's parent RUNNING again; False if it no longer exists (deleted, other store)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        if run.info.lifecycle_stage != "active":
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def tag(self, run_id: str | None, tags: dict[str, Any], status: str | None = None) -> None:
+        if not run_id:
+            return
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+        if status is not None:
+            self.client.set_terminated(run_id, status)
+
+    def running_children(self, parent: str) -> list[str]:
+        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                       "attributes.status = 'RUNNING'", max_results=1000)
+        return [r.info.run_id for r in runs]
+
+    def killed(self, run_id: str | None) -> None:
+        """A dead worker's child run is left RUNNING forever: close it as KILLED."""
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.tag(run_id, {"optuna.state": "KILLED"}, "KILLED")
+        except MlflowException:
+            log.warning("MLflow run %s of a killed trial not found; left as is", run_id)
+
+
+# ------------------------------------------------------------------------------------------------- study
+
+
+def _open_study(cfg: TuneParams, name: str, storage: Any, tracker: _Tracker, fp: str, params: dict[str, Any]):
+    """Create the study or load it (``load_if_exists``), whoever created it recording the MLflow parent run.
+
+    ``create_study`` fails on an existing name atomically in the storage, so exactly one of several workers
+    starting together is the creator; the others wait for it to record the parent run id.
+    """
+    import optuna
+
+    kwargs = {"study_name": name, "storage": storage, "sampler": trial_sampler(cfg, 0), "pruner": _pruner(cfg)}
+    try:
+        study = optuna.create_study(direction=cfg.direction, load_if_exists=False, **kwargs)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kwargs)  # load_if_exists, knowing we are not the creator
+    else:
+        for trial in cfg.enqueue:
+            study.enqueue_trial(dict(trial), skip_if_exists=True)
+        study.set_user_attr(FINGERPRINT_ATTR, fp)
+        study.set_user_attr(PARENT_ATTR, tracker.create_parent(name, params))
+        return study, False
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(1.0)
+    attrs = study.user_attrs
+    if attrs.get(FINGERPRINT_ATTR, fp) != fp:
+        raise StageError(f"study {name!r} in {masked(storage.url)} was created with other search/finetune params "
+                         "or inputs; its trials are not comparable with these. Use another tune.study_name (or "
+                         "null for a name derived from the params), or delete the study")
+    if PARENT_ATTR not in attrs or not tracker.reopen(attrs[PARENT_ATTR]):
+        log.warning("study %s has no usable MLflow parent run; opening a new one", name)
+        study.set_user_attr(FINGERPRINT_ATTR, fp)
+        study.set_user_attr(PARENT_ATTR, tracker.create_parent(name, params))
+    return study, True
+
+
+def suggest(trial, search_space: dict[str, SearchDim]) -> dict[str, Any]:
+    """The trial's value for every searched param (ints for int finetune params, e.g. ``epochs``)."""
+    out: dict[str, Any] = {}
+    for name, dim in search_space.items():
+        if dim.choices is not None:
+            out[name] = trial.suggest_categorical(name, list(dim.choices))
+        elif search_kind(name) is int:
+            out[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+        else:
+            out[name] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
+    return out
+
+
+class _Objective:
+    """One trial: suggest params, overlay them on the finetune section, train, report every epoch."""
+
+    def __init__(self, cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths, tracker: _Tracker,
+                 parent_run_id: str, trial_dir: Callable[[int], Path]) -> None:
+        self.cfg, self.finetune_cfg, self.paths, self.tracker = cfg, finetune_cfg, paths, tracker
+        self.parent_run_id, self.trial_dir = parent_run_id, trial_dir
+        self.surplus = False
+
+    def trial_params(self, suggested: dict[str, Any]) -> FinetuneParams:
+        from pydantic import ValidationError
+
+        data = {**resolved(self.finetune_cfg), **suggested, "experiment": self.cfg.experiment,
+                "tracking_uri": self.cfg.tracking_uri, "tuned_params": None}
+        try:
+            return FinetuneParams.model_validate(data)
+        except ValidationError as exc:
+            reasons = "; ".join(e["msg"] for e in exc.errors())
+            raise TrialFailed(f"suggested params {suggested} are not valid finetune params ({reasons}); narrow "
+                              "tune.search_space") from None
+
+    def __call__(self, trial) -> float:
+        import mlflow
+        import optuna
+
+        study = trial.study
+        self.surplus = False
+        ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and counts(t)]
+        if len(ahead) >= self.cfg.n_trials:
+            self.surplus = True
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"trial {trial.number}: {len(ahead)} trials ahead of it already fill n_trials")
+        study.sampler = trial_sampler(self.cfg, trial.number)  # TPE reads the history from storage: only the RNG is new
+        trial.set_user_attr("mlflow_run_id", None)  # a re-queued trial inherits the dead one's attrs
+        run_id: str | None = None
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            nonlocal run_id
+            if run_id is None and mlflow.active_run() is not None:  # the finetune run of this trial
+                run_id = mlflow.active_run().info.run_id
+                trial.set_user_attr("mlflow_run_id", run_id)
+                mlflow.set_tags({"optuna.study": study.study_name, "optuna.trial": trial.number,
+                                 "mlflow.runName": f"trial-{trial.number:04d}"})
+            value = float(metrics["val_accuracy"])
+            trial.report(value, epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at_epoch", epoch)
+                raise optuna.TrialPruned(f"val_accuracy {value:.4f} after epoch {epoch}: pruned by the "
+                                         f"{self.cfg.pruner.name} pruner")
+
+        out_dir = self.trial_dir(trial.number)
+        try:
+            try:
+                trial_cfg = self.trial_params(suggest(trial, self.cfg.search_space))
+                trial_paths = dataclasses.replace(self.paths.finetune, out_dir=out_dir,
+                                                  metrics=out_dir / "metrics.json")
+                summary = train(trial_cfg, trial_paths, on_epoch=on_epoch, parent_run_id=self.parent_run_id)
+            except StageError as exc:  # the finetune refused (e.g. a diverged loss at this lr): a result too
+                raise TrialFailed(str(exc)) from None
+        except optuna.TrialPruned:
+            self.tracker.tag(run_id, {"optuna.state": "PRUNED", "pruned": "true"}, "KILLED")
+            raise
+        except TrialFailed as exc:
+            trial.set_user_attr("error", str(exc))
+            self.tracker.tag(run_id, {"optuna.state": "FAIL"}, "FAILED")
+            raise
+        finally:
+            _drop_checkpoints(out_dir)
+        trial.set_user_attr("best_epoch", summary.best_epoch)
+        trial.set_user_attr("epochs_run", summary.epochs_run)
+        self.tracker.tag(run_id, {"optuna.state": "COMPLETE"})
+        self.tracker.client.log_metric(self.parent_run_id, "trial_val_accuracy", summary.best_val_accuracy,
+                                       step=trial.number)
+        return float(summary.best_val_accuracy)
+
+
+def _drop_checkpoints(folder: Path) -> None:
+    """A finished trial needs no weights (finetune retrains the best params): keep only its small files."""
+    for f in folder.rglob("*.pt") if folder.exists() else ():
+        f.unlink(missing_ok=True)
+
+
+def _sweep(trials: Sequence[Any], trial_dir: Callable[[int], Path]) -> None:
+    from optuna.trial import TrialState
+
+    for t in trials:
+        if t.state not in (TrialState.RUNNING, TrialState.WAITING):
+            _drop_checkpoints(trial_dir(t.number))
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def preflight(finetune_cfg: FinetuneParams, paths: FinetunePaths) -> None:
+    """Fail before the study when the finetune section cannot train at all (missing splits or teacher, too few
+    identities, a teacher of another model): inside a trial such a StageError would read as that trial's
+    result and be repeated n_trials times."""
+    try:
+        select_data(finetune_cfg, paths)
+        build_recogniser(finetune_cfg, paths)
+    except StageError as exc:
+        raise StageError(f"the finetune section cannot train, so no trial can: {exc}") from None
+
+
+def default_study_name(fp: str) -> str:
+    return f"finetune-{fp[:12]}"
+
+
+def run(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths = TunePaths()) -> TuneSummary:
+    """Run trials until the study holds ``n_trials`` finished ones (or ``timeout_s``), then write the best."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    preflight(finetune_cfg, paths.finetune)
+    url = storage_url(cfg, paths)
+    fp = fingerprint(cfg, finetune_cfg, paths)
+    name = cfg.study_name or default_study_name(fp)
+    tracker = _Tracker(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry) if cfg.max_retry else None
+
+    def on_stale(study, trial) -> None:  # a dead worker's trial: close its MLflow run, re-queue its params
+        tracker.killed(trial.user_attrs.get("mlflow_run_id"))
+        if retry is not None:
+            retry(study, trial)
+
+    storage = _storage(cfg, url, on_stale)
+    params = {**resolved(cfg), "storage": masked(url), "study_name": name, "fingerprint": fp}
+    study, resumed = _open_study(cfg, name, storage, tracker, fp, params)
+    parent = study.user_attrs[PARENT_ATTR]
+    study_dir = paths.study_dir / name
+
+    def trial_dir(number: int) -> Path:
+        return study_dir / f"trial_{number:04d}"
+
+    objective = _Objective(cfg, finetune_cfg, paths, tracker, parent, trial_dir)
+    deadline = None if cfg.timeout_s is None else time.monotonic() + cfg.timeout_s
+    start = tally(study.get_trials(deepcopy=False))
+    log.info("study %s in %s: %d of %d trials finished", name, masked(url), start.finished, cfg.n_trials)
+    ran = 0
+    try:
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # frees the slots of dead workers
+            # Child runs listed before the trials are read: with no trial running anywhere, any still RUNNING
+            # belongs to a dead worker (killed before its first epoch tagged the run with its trial).
+            open_runs = tracker.running_children(parent)
+            now = tally(study.get_trials(deepcopy=False))
+            if now.running == 0:
+                for run_id in open_runs:
+                    tracker.killed(run_id)
+            if now.finished >= cfg.n_trials or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if now.finished + now.running >= cfg.n_trials:  # the last slots are taken by other workers:
+                time.sleep(min(5.0, cfg.heartbeat_s))  # wait for them to finish (or to go stale and free one)
+                continue
+            study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus), gc_after_trial=True)
+            ran += 0 if objective.surplus else 1
+    except BaseException as exc:
+        if tally(study.get_trials(deepcopy=False)).running == 0:  # else another worker carries the study on
+            tracker.client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    _sweep(study.get_trials(deepcopy=False), trial_dir)
+    return _finish(cfg, study, paths, tracker, parent, ran, start.finished if resumed else 0)
+
+
+def _finish(cfg: TuneParams, study, paths: TunePaths, tracker: _Tracker, parent: str, ran: int,
+            resumed: int) -> TuneSummary:
+    """Write the best trial's params and the study metrics; log the best to the parent run."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    final = tally(trials)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    metrics = {"study": study.study_name, "n_trials": cfg.n_trials, "trials": final.states()}
+    if not complete:
+        write_metrics(paths.metrics, metrics)
+        errors = sorted({t.user_attrs["error"] for t in trials if "error" in t.user_attrs})
+        raise StageError(f"study {study.study_name}: no trial completed ({final.states()}); "
+                         f"errors: {errors or 'none recorded'}. Widen tune.search_space or relax the pruner")
+    best = study.best_trial
+    header = (f"# Written by `lafs tune`: best of {final.finished} finished trials in Optuna study "
+              f"{study.study_name!r}:\n# trial #{best.number}, val_accuracy {best.value:.6f}. "
+              "Overlaid on params.yaml's finetune section by `lafs finetune` (finetune.tuned_params).\n")
+    _write_text(paths.best_params, header + yaml.safe_dump(dict(best.params), sort_keys=True))
+    write_metrics(paths.metrics, {**metrics, "best_value": best.value, "best_trial": best.number,
+                                  "best_params": dict(best.params)})
+    tracker.client.log_metric(parent, "best_val_accuracy", best.value, step=final.finished)
+    # tags, not params: MLflow params are immutable and a resumed study with a larger n_trials may find a new best
+    tracker.tag(parent, {"best_trial": best.number, "finished_trials": final.finished, "n_trials": cfg.n_trials,
+                         **{f"best.{k}": v for k, v in best.params.items()}})
+    tracker.client.log_artifact(parent, str(paths.best_params))
+    if final.running == 0:  # else a worker is still at it and closes the run when it ends; a resume reopens it
+        tracker.client.set_terminated(parent, "FINISHED")
+    return TuneSummary(study.study_name, cfg.n_trials, final.states(), ran, resumed, best.number, float(best.value),
+                       dict(best.params), parent)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic (parallel workers may write the same file at the same time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,123 @@
+"""Embedders on real aligned faces (SCRFD + ArcFace alignment of shared LFW photos): the PyTorch model file,
+flip TTA, the spec loader's choices and refusals, dlib's ResNet on photos, and the missed-face fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lafs.eval.embedders import (
+    DlibEmbedder,
+    EmbedderError,
+    PhotoEmbedder,
+    TorchEmbedder,
+    load_embedder,
+    to_model_input,
+)
+from lafs.models import create_model
+from lafs.models.io import save_model
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x, axis=1)
+
+
+def test_input_matches_the_training_transform(real_faces, tmp_path):
+    from PIL import Image
+
+    from lafs.data.datasets import read_face
+
+    Image.fromarray(real_faces.aligned[0]).save(tmp_path / "face.png")  # as the landmarks stage writes it
+    as_trained = read_face(tmp_path / "face.png").sub(0.5).div(0.5)  # LandmarkFaces' transform
+    x = to_model_input(real_faces.aligned[:2])
+    assert x.shape == (2, 3, 112, 112) and x.dtype == np.float32
+    assert np.array_equal(x[0], as_trained.numpy())
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def test_torch_embedder_normalised_and_independent_of_batching(real_faces, tiny_model_file):
+    embedder = load_embedder(tiny_model_file, batch_size=3)
+    assert isinstance(embedder, TorchEmbedder) and not isinstance(embedder, PhotoEmbedder)
+    emb = embedder.embed_aligned(real_faces.aligned)
+    assert emb.shape == (8, 192) and emb.dtype == np.float32
+    np.testing.assert_allclose(_norms(emb), 1.0, atol=1e-5)
+    one_batch = load_embedder(tiny_model_file, batch_size=64).embed_aligned(real_faces.aligned)
+    np.testing.assert_allclose(emb, one_batch, atol=1e-5)
+    # different faces, different embeddings: the model is not constant
+    assert np.abs(emb[0] - emb[2]).max() > 1e-3
+
+
+def test_flip_tta_differs_from_plain_and_is_mirror_invariant(real_faces, tiny_model_file):
+    embedder = load_embedder(tiny_model_file)
+    faces = real_faces.aligned
+    mirrored = np.ascontiguousarray(faces[:, :, ::-1])
+    plain, flipped = embedder.embed_aligned(faces), embedder.embed_aligned(faces, flip=True)
+    np.testing.assert_allclose(_norms(flipped), 1.0, atol=1e-5)
+    assert np.einsum("ij,ij->i", plain, flipped).min() < 0.9999  # TTA changes the embedding
+    # face + mirror and mirror + face are the same sum: the landmark net places each view's own patches
+    np.testing.assert_allclose(embedder.embed_aligned(mirrored, flip=True), flipped, atol=1e-5)
+    assert np.einsum("ij,ij->i", embedder.embed_aligned(mirrored), plain).min() < 0.9999
+
+
+def test_grid_backbone_embeds_but_landmark_backbone_without_net_is_refused(real_faces, tmp_path):
+    grid = create_model("dino_vit_tiny")
+    save_model(grid, "dino_vit_tiny", {}, tmp_path / "grid.pt")
+    emb = load_embedder(tmp_path / "grid.pt").embed_aligned(real_faces.aligned[:2])
+    assert emb.shape == (2, 192)
+
+    bare = create_model("lafs_vit_tiny", num_landmarks=68)
+    save_model(bare, "lafs_vit_tiny", {"num_landmarks": 68}, tmp_path / "teacher.pt")
+    with pytest.raises(EmbedderError, match="without a landmark net"):
+        load_embedder(tmp_path / "teacher.pt")
+
+
+def test_bad_specs_and_inputs_say_what_to_do(tmp_path, real_faces, tiny_model_file):
+    with pytest.raises(EmbedderError, match="not found"):
+        load_embedder(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(EmbedderError, match="refusing to load"):
+        load_embedder(tmp_path / "junk.pt")
+    embedder = load_embedder(tiny_model_file)
+    with pytest.raises(EmbedderError, match=r"\(N, 112, 112, 3\) uint8"):
+        embedder.embed_aligned(real_faces.aligned.astype(np.float32))
+    with pytest.raises(EmbedderError, match="FaceFinder"):
+        embedder.embed_aligned(real_faces.photos[0][None])
+
+
+def test_dlib_resnet_on_photos_ranks_the_same_person_first(real_faces):
+    dlib_net = load_embedder("dlib_resnet", batch_size=3, threads=1)
+    assert isinstance(dlib_net, DlibEmbedder) and isinstance(dlib_net, PhotoEmbedder)
+    emb = dlib_net.embed_photos(real_faces.photos, real_faces.boxes)
+    pooled = DlibEmbedder(batch_size=5, workers=2)  # the network in 2 spawned processes: same vectors, same order
+    np.testing.assert_allclose(pooled.embed_photos(real_faces.photos, real_faces.boxes), emb, atol=1e-6)
+    assert emb.shape == (8, 128)
+    np.testing.assert_allclose(_norms(emb), 1.0, atol=1e-5)
+    sims = emb @ emb.T
+    ids = np.array(real_faces.identities)
+    for i in range(len(ids)):
+        other = [j for j in range(len(ids)) if j != i]
+        nearest = other[int(np.argmax(sims[i, other]))]
+        assert ids[nearest] == ids[i], f"{real_faces.files[i]} matched {real_faces.files[nearest]}"
+    flipped = dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:2], flip=True)
+    assert np.einsum("ij,ij->i", flipped, emb[:2]).min() < 0.99999
+    # the aligned-crop fallback keeps the protocol: 128-d unit vectors from 112 px crops
+    assert dlib_net.embed_aligned(real_faces.aligned[:2]).shape == (2, 128)
+    with pytest.raises(EmbedderError, match="one face box per photo"):
+        dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:1])
+
+
+def test_face_finder_falls_back_to_the_mean_lfw_face_box(shared, real_faces):
+    from lafs.config import LandmarksParams
+    from lafs.eval.photos import FALLBACK_BOX, FaceFinder
+
+    finder = FaceFinder.from_params(LandmarksParams(models_root=str(shared / "models")), threads=1)
+    blank = np.full((150, 150, 3), 128, dtype=np.uint8)
+    face = finder.find(blank)
+    assert not face.detected and face.reason == "no_face" and face.aligned.shape == (112, 112, 3)
+    np.testing.assert_allclose(face.box, np.array(FALLBACK_BOX) * 150, atol=1e-3)
+    # the fallback box is where SCRFD puts real LFW faces: it overlaps the detected boxes of the shared photos
+    for box in real_faces.boxes:
+        ix = max(0.0, min(box[2], face.box[2]) - max(box[0], face.box[0]))
+        iy = max(0.0, min(box[3], face.box[3]) - max(box[1], face.box[1]))
+        union = np.prod(box[2:] - box[:2]) + np.prod(face.box[2:] - face.box[:2]) - ix * iy
+        assert ix * iy / union > 0.5

@@ -1,0 +1,227 @@
+"""Evaluation end to end on real photos: `lafs evaluate --model` on a small folder + pairs file (a photo without
+a face included), the pipeline stage on a tiny real project (ONNX + PyTorch + dlib candidates, MLflow run),
+latency with real timings and the budget report, and the dlib ResNet reference on the 1,200 LFW subset pairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from lafs.cli import main
+from lafs.config import EvaluateParams, ExportParams, LandmarksParams
+from lafs.eval.embedders import load_embedder
+from lafs.eval.latency import budget_report, end_to_end, measure_latency
+from lafs.eval.photos import FaceFinder
+from lafs.stages.evaluate import WRONG_SCORE, apply_missed_policy
+
+REPO = Path(__file__).resolve().parents[1]
+VERIFICATION_KEYS = {"accuracy_mean", "accuracy_std", "threshold", "tar_at_far", "eer", "auc", "pairs"}
+FAR_KEYS = {"1e-02", "1e-03", "1e-04"}
+
+
+def _check_plots(folder: Path) -> None:
+    for name in ("roc.png", "scores.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    header, *rows = (folder / "roc.csv").read_text().splitlines()
+    assert header.split(",")[:2] == ["fpr", "tpr"] and len(rows) >= 2
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory, lfw_subset) -> tuple[Path, Path, int]:
+    """6 real people x 2 photos + one photo without a face, and a fold-prefixed pairs file over them:
+    2 folds x (3 same + 3 different), one different pair holding the faceless photo."""
+    root = tmp_path_factory.mktemp("folder")
+    images = root / "images"
+    people = [d for d in sorted(lfw_subset.iterdir()) if len(list(d.glob("*.jpg"))) >= 2][10:16]
+    stems: dict[str, list[str]] = {}
+    for person in people:
+        (images / person.name).mkdir(parents=True)
+        for f in sorted(person.glob("*.jpg"))[:2]:
+            shutil.copy(f, images / person.name / f.name)
+        stems[person.name] = [f.stem.rsplit("_", 1)[1] for f in sorted(person.glob("*.jpg"))[:2]]
+    from PIL import Image
+
+    (images / "No_Face").mkdir()
+    Image.fromarray(np.full((150, 150, 3), 90, dtype=np.uint8)).save(images / "No_Face" / "No_Face_0001.jpg")
+    names = [p.name for p in people]
+    lines = []
+    for fold, group in ((1, names[:3]), (2, names[3:])):
+        lines += [f"{fold}\t{n}\t{int(stems[n][0])}\t{int(stems[n][1])}" for n in group]
+        a, b, c = group
+        last = ("No_Face", 1) if fold == 1 else (names[0], int(stems[names[0]][1]))
+        lines += [f"{fold}\t{a}\t{int(stems[a][0])}\t{b}\t{int(stems[b][0])}",
+                  f"{fold}\t{b}\t{int(stems[b][1])}\t{c}\t{int(stems[c][0])}",
+                  f"{fold}\t{c}\t{int(stems[c][1])}\t{last[0]}\t{last[1]}"]
+    pairs = root / "pairs.txt"
+    pairs.write_text("# fold-prefixed, as shared/data/lfw_subset_pairs.txt\n" + "\n".join(lines) + "\n")
+    return images, pairs, len(lines)
+
+
+def test_cli_evaluates_a_model_file_on_a_photo_folder(small_folder, tiny_model_file, shared, tmp_path):
+    images, pairs, n_pairs = small_folder
+    out = tmp_path / "out"
+    code = main(["evaluate", "--params", str(REPO / "params.yaml"), "--model", str(tiny_model_file),
+                 "--images", str(images), "--pairs", str(pairs), "--out", str(out),
+                 "--set", f"landmarks.models_root={shared / 'models'}", "--set", "latency_images=3",
+                 "--set", "latency_warmup=1"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    v = metrics["verification"]
+    assert set(v) >= VERIFICATION_KEYS and set(v["tar_at_far"]) == FAR_KEYS
+    assert v["pairs"] == n_pairs and v["same_pairs"] == n_pairs // 2  # nothing dropped, the faceless pair included
+    assert 0.0 <= v["accuracy_mean"] <= 1.0 and 0.0 <= v["eer"] <= 1.0
+    assert metrics["faces"] == {"images": 13, "detected": 12, "missed": 1, "missed_policy": "centre_crop",
+                                "pairs_with_missed_face": 1}
+    assert metrics["model"]["embed_dim"] == 192 and metrics["model"]["flip"] is True
+    lat = metrics["latency"]
+    assert lat["threads"] == 1 and lat["images"] == 3 and set(lat["candidates"]) == {"torch"}
+    assert 0 < lat["candidates"]["torch"]["p50_ms"] <= lat["candidates"]["torch"]["p95_ms"]
+    assert set(lat["budgets"]) == {"100ms", "500ms", "1000ms"}
+    _check_plots(out)
+
+
+def test_cli_refuses_missing_images_and_incomplete_flags(small_folder, tiny_model_file, shared, tmp_path, capsys):
+    images, pairs, _ = small_folder
+    bad = tmp_path / "pairs.txt"
+    bad.write_text(pairs.read_text() + "2\tNobody_Here\t1\t2\n")
+    base = ["evaluate", "--params", str(REPO / "params.yaml"), "--set", f"landmarks.models_root={shared / 'models'}"]
+    assert main([*base, "--model", str(tiny_model_file), "--images", str(images), "--pairs", str(bad),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "Nobody_Here/Nobody_Here_0001" in capsys.readouterr().err
+    assert main([*base, "--model", "dlib_resnet", "--images", str(images)]) == 1
+    assert "--model needs --pairs, --out" in capsys.readouterr().err
+
+
+def test_missed_faces_wrong_scores_their_pairs_as_errors():
+    scores = np.array([0.9, 0.1, 0.8, 0.2])
+    same = np.array([True, False, True, False])
+    missed = np.array([True, True, False, False])
+    out = apply_missed_policy(scores, missed, same, "wrong")
+    assert out.tolist() == [-WRONG_SCORE, WRONG_SCORE, 0.8, 0.2]
+    assert apply_missed_policy(scores, missed, same, "centre_crop") is scores
+
+
+def test_latency_with_real_timings_and_the_budget_report(real_faces, tiny_model_file, shared, tmp_path):
+    from lafs.eval.latency import pinned_threads
+    from lafs.export import export_onnx
+    from lafs.models.io import load_model
+
+    onnx = export_onnx(load_model(tiny_model_file), tmp_path / "m.onnx")
+    finder = FaceFinder.from_params(LandmarksParams(models_root=str(shared / "models")), threads=1)
+    stats = {}
+    with pinned_threads(1):
+        import torch
+
+        assert torch.get_num_threads() == 1
+        for name, spec in (("torch", tiny_model_file), ("onnx", onnx)):
+            fn = end_to_end(finder, load_embedder(spec, batch_size=1, threads=1), flip=True)
+            stats[name] = measure_latency(fn, real_faces.photos[:4], warmup=1)
+    for s in stats.values():
+        assert s.images == 4 and s.warmup == 1 and 0 < s.p50_ms <= s.p95_ms and s.mean_ms > 0
+    candidates = {"torch": {**stats["torch"].as_dict(), "accuracy": 0.6},
+                  "onnx": {**stats["onnx"].as_dict(), "accuracy": 0.7}}
+    fastest = min(s.p95_ms for s in stats.values())
+    slowest = max(s.p95_ms for s in stats.values())
+    report = budget_report(candidates, [fastest / 2, slowest * 2])
+    tight, loose = report.values()
+    assert tight["meets"] == [] and tight["best"] is None and tight["best_accuracy"] is None
+    assert sorted(loose["meets"]) == ["onnx", "torch"] and loose["best"] == "onnx" and loose["best_accuracy"] == 0.7
+    assert loose["meets"][0] == min(stats, key=lambda n: stats[n].p95_ms)  # fastest first
+    p50 = budget_report(candidates, [slowest * 2], criterion="p50")
+    assert next(iter(p50.values()))["best"] == "onnx"
+
+
+@pytest.fixture(scope="module")
+def evaluated_project(tiny_project, tmp_path_factory, shared):
+    """A copy of the tiny real project with a recogniser assembled from its pretrained teacher + landmark net
+    (the finetune stage's file format), exported, then the evaluate stage with all three candidates."""
+    from lafs.models import create_model
+    from lafs.models.io import read_model_file, save_model
+    from lafs.stages import evaluate
+    from lafs.stages import export as export_stage
+
+    root = tmp_path_factory.mktemp("evaluated") / "project"
+    shutil.copytree(tiny_project, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    teacher = read_model_file(root / "models" / "pretrain" / "teacher_backbone.pt")
+    net = read_model_file(root / "models" / "landmark_net.pt")
+    kwargs = {**teacher["kwargs"], "landmark_net": net["model"]}
+    model = create_model(teacher["model"], **kwargs)
+    model.load_state_dict({**teacher["state_dict"], **{f"landmark_net.{k}": v for k, v in net["state_dict"].items()}})
+    save_model(model, teacher["model"], kwargs, root / "models" / "finetune" / "model.pt", embed_dim=model.embed_dim)
+    export_stage.run(ExportParams(parity_images=8), root)
+
+    uri = f"sqlite:///{root.parent / 'mlflow.db'}"
+    cfg = EvaluateParams(fewshot_k=(1, 2), latency_images=3, latency_warmup=1, experiment="t-evaluate",
+                         candidates=("onnx", "torch", "dlib_resnet"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        summary = evaluate.run(cfg, LandmarksParams(models_root=str(shared / "models")), evaluate.EvaluatePaths(root))
+    return root, uri, summary
+
+
+def test_evaluate_stage_writes_nested_metrics_and_plots(evaluated_project):
+    root, _, summary = evaluated_project
+    report = json.loads((root / "metrics" / "eval.json").read_text())
+    assert report == summary.report
+    v = report["verification"]
+    assert set(v) >= VERIFICATION_KEYS and set(v["tar_at_far"]) == FAR_KEYS
+    pairs_csv = (root / "data" / "splits" / "pairs.csv").read_text().splitlines()
+    assert v["pairs"] == len(pairs_csv) - 1
+    assert set(report["fewshot"]) == {"k1", "k2"}
+    assert all(0.0 <= r["top1"] <= 1.0 for r in report["fewshot"].values() if r["top1"] is not None)
+    assert report["faces"]["missed"] == 0 and report["model"]["embed_dim"] == 192
+    lat = report["latency"]
+    assert set(lat["candidates"]) == {"onnx", "torch", "dlib_resnet"} and lat["criterion"] == "p95"
+    acc = {n: c["accuracy"] for n, c in lat["candidates"].items()}
+    assert acc["torch"] == v["accuracy_mean"]
+    assert abs(acc["onnx"] - acc["torch"]) <= 1.0 / v["pairs"] + 1e-9  # same model: at most one pair flips
+    assert all(c["p50_ms"] <= c["p95_ms"] for c in lat["candidates"].values())
+    for budget in lat["budgets"].values():
+        fits = sorted(n for n, c in lat["candidates"].items() if c["p95_ms"] <= budget["budget_ms"])
+        assert sorted(budget["meets"]) == fits
+        assert budget["best_accuracy"] == (max(acc[n] for n in fits) if fits else None)
+    _check_plots(root / "plots")
+    assert "verification" in summary.describe() and "few-shot" in summary.describe()
+
+
+def test_evaluate_stage_logs_one_mlflow_run(evaluated_project):
+    _, uri, summary = evaluated_project
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t-evaluate").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "evaluate"
+    metrics = run.data.metrics
+    assert metrics["verification.accuracy_mean"] == summary.report["verification"]["accuracy_mean"]
+    assert metrics["fewshot.k1.top1"] == summary.report["fewshot"]["k1"]["top1"]
+    assert metrics["latency.candidates.onnx.p95_ms"] == summary.report["latency"]["candidates"]["onnx"]["p95_ms"]
+    tars = summary.report["verification"]["tar_at_far"]  # None (not measurable with few pairs) is not logged
+    assert {k for k in metrics if k.startswith("verification.tar_at_far.")} == {
+        f"verification.tar_at_far.{far}" for far, tar in tars.items() if tar is not None}
+    assert run.data.params["flip"] == "True" and run.data.params["latency_threads"] == "1"
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert logged == {"eval.json", "roc.png", "scores.png", "roc.csv"}
+
+
+@pytest.mark.slow
+def test_dlib_reference_on_the_lfw_subset_pairs(shared, tmp_path):
+    """dlib's ResNet reports 99.38% on LFW's 6,000 pairs (its own detector and alignment). On the 1,200 pairs of
+    folds 1-2 at 150 px, with SCRFD boxes and no TTA, 0.97 is the floor: 36 errors, 3x the ~7 that 99.38%
+    predicts, so a broken protocol (wrong fold handling, swapped pairs, misaligned chips) cannot pass."""
+    out = tmp_path / "dlib"
+    start = time.perf_counter()
+    data = shared / "data"
+    code = main(["evaluate", "--params", str(REPO / "params.yaml"), "--model", "dlib_resnet",
+                 "--images", str(data / "lfw_subset"), "--pairs", str(data / "lfw_subset_pairs.txt"),
+                 "--out", str(out), "--set", f"landmarks.models_root={shared / 'models'}", "--set", "flip=false",
+                 "--set", "latency_images=10", "--set", "latency_warmup=2"])
+    assert code == 0
+    v = json.loads((out / "metrics.json").read_text())["verification"]
+    print(f"dlib_resnet on 1,200 LFW subset pairs: {v['accuracy_mean']:.4f} +- {v['accuracy_std']:.4f}, "
+          f"EER {v['eer']:.4f}, {time.perf_counter() - start:.0f} s")
+    assert v["pairs"] == 1200 and v["same_pairs"] == 600
+    assert v["accuracy_mean"] >= 0.97
