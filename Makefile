@@ -12,18 +12,18 @@
 # sqlite MLflow store, DVC's local cache): one task per dvc.yaml stage in DVC's dependency order, each
 # `dvc repro --single-item <stage>`, so DVC decides what reruns; then `dvc metrics show`. Export
 # PREFECT_API_URL / MLFLOW_TRACKING_URI to use real servers (infra/local/services.py, infra/compose.yaml).
-# Overrides (DATA, MODELS, SET='k=v k2=v2') never edit tracked files: the flow writes them (like `lafs
-# local-params`) into the untracked params.local.yaml, which lafs/config.py deep-merges over params.yaml, and every dvc.yaml stage tracks its
-# own section of BOTH files. Why the file is regenerated on every run with every section present: DVC 3.67 fails
-# `dvc repro` when a stage declares params from a file that is absent ("dependency 'params.local.yaml' does
-# not exist") or that lacks the declared key ("Parameters 'ingest' are missing from 'params.local.yaml'"),
-# even if the file is empty; with `ingest: {}` present it works, and DVC compares values, not mtimes, so
-# regenerating identical content leaves a second `dvc repro` a no-op, while a changed DATA reruns ingest
-# (the file is only written when its content changes).
+# Overrides (DATA, MODELS, SET='k=v k2=v2') never edit tracked files: the flow writes them (with the code of
+# `lafs local-params`) into the untracked params.local.yaml, which lafs/config.py deep-merges over params.yaml,
+# and every dvc.yaml stage tracks its own section of BOTH files. Why the file is regenerated on every run with
+# every section present: DVC 3.67 fails `dvc repro` when a stage declares params from a file that is absent
+# ("dependency 'params.local.yaml' does not exist") or that lacks the declared key ("Parameters 'ingest' are
+# missing from 'params.local.yaml'"), even if the file is empty; with `ingest: {}` present it works, and DVC
+# compares values, not mtimes, so regenerating identical content leaves a second run a no-op, while a changed
+# DATA reruns ingest (the file is only written when its content changes).
 # Tracking the whole file instead (`- params.local.yaml:` without keys) also needs the file to exist and
-# reruns every stage when any section changes, so it is not used. Keys set by these make variables are
-# rewritten on every run (an empty value removes the key: params.yaml's default applies); other keys you
-# add to params.local.yaml by hand are kept. Running `dvc repro` yourself on a fresh clone therefore needs
+# reruns every stage when any section changes, so it is not used. DATA and MODELS are rewritten on every run
+# (an empty value removes the key: params.yaml's default applies); SET keys and keys you add to
+# params.local.yaml by hand stay until changed. Running `dvc repro` yourself on a fresh clone therefore needs
 # `make local-params` (or `make pipeline`) once.
 
 SHELL := bash

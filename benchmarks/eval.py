@@ -14,6 +14,16 @@ distances of unit embeddings, a grid of 400 thresholds in [0, 4), every threshol
 folds by a full pass, VAL@FAR 1e-3 by interpolation), reimplemented here with numpy because insightface's file
 needs mxnet. Reported: best-of-``repeats`` wall time, pairs/s for both, the ratio, and the accuracy of both
 (grid search can miss the best split; ours is exact). Compare rows of one run only: the machine is shared.
+
+    .venv/bin/python benchmarks/eval.py --part embeddings [--model lafs_vit_tiny] [--batches 1,32] [--threads 1,2]
+
+``embeddings``: embeddings/s of one recogniser (registry ``--model`` with its ``landmark_net_mnv3_small``, the
+finetuned model's layout; random weights, speed does not depend on them) through
+:class:`lafs.eval.embedders.TorchEmbedder` and, side by side in the same process, its ONNX export (written by
+:func:`lafs.export.export_onnx`) through :class:`lafs.eval.embedders.OnnxEmbedder` on ONNX Runtime CPU: same
+``--images`` aligned-size uint8 faces (preprocessing and normalisation included, no TTA), for every batch size
+x thread count (torch ``set_num_threads`` / ORT intra-op threads). Per case the two runtimes alternate for
+``--repeats`` rounds after one untimed warm-up pass each; the best round of each is reported.
 """
 
 from __future__ import annotations
@@ -103,13 +113,65 @@ def _add_pairs_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", default="6000,60000,600000", help="comma-separated pair counts (pairs part)")
 
 
-PARTS: dict[str, Callable[[argparse.Namespace], Iterator[dict[str, Any]]]] = {"pairs": bench_pairs}
-ARG_ADDERS = (_add_pairs_args,)
+def bench_embeddings(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    import tempfile
+
+    import torch
+
+    from lafs.eval.embedders import OnnxEmbedder, TorchEmbedder
+    from lafs.export import export_onnx
+    from lafs.models import create_model
+
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, num_landmarks=68, landmark_net="landmark_net_mnv3_small").eval()
+    faces = np.random.default_rng(args.seed).integers(0, 256, (args.images, 112, 112, 3), dtype=np.uint8)
+    saved_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = export_onnx(model, Path(tmp) / "model.onnx")
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for batch in (int(b) for b in args.batches.split(",")):
+                runtimes = {"torch": TorchEmbedder(model, batch_size=batch),
+                            "onnx": OnnxEmbedder(onnx, batch_size=batch, threads=threads)}
+                best = {name: float("inf") for name in runtimes}
+                for embedder in runtimes.values():
+                    embedder.embed_aligned(faces[:batch])  # warm-up: allocations, ORT graph optimisation
+                for _ in range(args.repeats):  # alternate, so a load spike hits both runtimes alike
+                    for name, embedder in runtimes.items():
+                        start = time.perf_counter()
+                        embedder.embed_aligned(faces)
+                        best[name] = min(best[name], time.perf_counter() - start)
+                yield {
+                    "part": "embeddings",
+                    "model": args.model,
+                    "batch": batch,
+                    "threads": threads,
+                    "images": args.images,
+                    "torch_img_per_s": round(args.images / best["torch"], 1),
+                    "onnx_img_per_s": round(args.images / best["onnx"], 1),
+                    "onnx_speedup": round(best["torch"] / best["onnx"], 2),
+                    "repeats": args.repeats,
+                    "torch": torch.__version__,
+                    "load_avg_1min": round(os.getloadavg()[0], 2),
+                }
+    torch.set_num_threads(saved_threads)
+
+
+def _add_embeddings_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="lafs_vit_tiny", help="registry name of the recogniser (embeddings part)")
+    parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes (embeddings part)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (embeddings part)")
+    parser.add_argument("--images", type=int, default=64, help="faces embedded per timed round (embeddings part)")
+
+
+PARTS: dict[str, Callable[[argparse.Namespace], Iterator[dict[str, Any]]]] = {"pairs": bench_pairs,
+                                                                               "embeddings": bench_embeddings}
+ARG_ADDERS = (_add_pairs_args, _add_embeddings_args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=[*PARTS, "embeddings", "all"], default="all")
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--repeats", type=int, default=3, help="time each case this many times, keep the best")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")

@@ -46,9 +46,12 @@ TRANSIENT_PATTERNS: tuple[str, ...] = (
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.IGNORECASE)
 
-# Exit codes that mean "stopped from outside", not "the stage is wrong": 143 = SIGTERM (`lafs pretrain`
-# checkpoints and exits 143 when preempted; a retry resumes), negative = killed by a signal.
-_INTERRUPTED_EXIT_CODES = {143}
+# "Stopped from outside", not "the stage is wrong": SIGTERM (preemption, a drained node). `lafs pretrain` /
+# `lafs finetune` checkpoint and exit 143 on it, so a retry resumes; DVC itself exits 255 and reports the
+# command's status as "exited with 143" (or -15 when the signal killed it outright). SIGKILL is left out: it
+# is as likely the OOM killer, which a retry would only meet again.
+_INTERRUPTED = re.compile(r"\bexited with (?:143|-15)\b")
+_INTERRUPTED_EXIT_CODES = {143, -15}
 
 Result = Literal["ran", "skipped", "restored"]
 
@@ -57,6 +60,7 @@ class StageFailed(RuntimeError):
     """``dvc repro`` of one stage failed for a reason a retry cannot fix; ``tail`` is its last output lines."""
 
     transient = False
+    attempts = 1  # set by the flow task to the attempt that failed
 
     def __init__(self, stage: str, exit_code: int, tail: str, hint: str = "") -> None:
         self.stage, self.exit_code, self.tail, self.hint = stage, exit_code, tail, hint
@@ -77,7 +81,7 @@ class TransientStageError(StageFailed):
 
 def is_transient(exit_code: int, tail: str) -> bool:
     """Classify a failed stage: interrupted from outside or a service unreachable -> transient."""
-    return exit_code in _INTERRUPTED_EXIT_CODES or exit_code < 0 or bool(_TRANSIENT.search(tail))
+    return exit_code in _INTERRUPTED_EXIT_CODES or bool(_INTERRUPTED.search(tail) or _TRANSIENT.search(tail))
 
 
 @dataclass

@@ -46,7 +46,7 @@ from lafs.config import OVERRIDE_FILE, PARAMS_FILE, ConfigError, read_yaml_mappi
 from lafs.tracking import flatten
 
 # Defaults for the retry policy of stage tasks: 3 retries after 10, 20, 40 s cover an MLflow server restart
-# (~20 s) or an S3 endpoint coming back; a flow parameter can change them per run.
+# (20-40 s on this machine) or an S3 endpoint coming back; flow parameters change them per run.
 RETRIES = 3
 RETRY_DELAY_SECONDS = 10.0
 REPORT_KEY = "lafs-pipeline-report"
@@ -64,7 +64,8 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
 
 
 def _with_attempt(exc: StageFailed) -> StageFailed:
-    exc.attempts = current_task_run.run_count  # type: ignore[attr-defined]
+    """Record on the exception which attempt failed (the flow's report shows it; Prefect logs the message)."""
+    exc.attempts = current_task_run.run_count
     return exc
 
 
@@ -89,14 +90,12 @@ def discover_stages(root: Path, wanted: list[str] | None) -> list[str]:
       retry_delay_seconds=exponential_backoff(RETRY_DELAY_SECONDS), retry_condition_fn=retry_if_transient)
 def repro(root: Path, stage: str) -> dict[str, Any]:
     """One stage: ``dvc repro --single-item <stage>``; its output streams to stdout (and the worker's log)."""
-    logger = get_run_logger()
     try:
         run = repro_stage(root, stage)
     except StageFailed as exc:
-        logger.error("%s", exc)
         raise _with_attempt(exc) from None
     run.attempts = current_task_run.run_count
-    logger.info("stage %s: %s in %.1f s (dvc status before: %s)", stage, run.result, run.seconds,
+    get_run_logger().info("stage %s: %s in %.1f s (dvc status before: %s)", stage, run.result, run.seconds,
                 describe_reasons(run.reasons))
     return run.as_dict()
 
@@ -113,7 +112,6 @@ def push_outputs(root: Path) -> str:
     try:
         last = dvc_push(root)
     except StageFailed as exc:
-        logger.error("%s", exc)
         raise _with_attempt(exc) from None
     logger.info("dvc push to %r: %s", remote, last)
     return f"pushed to {remote}: {last}"

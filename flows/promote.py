@@ -84,7 +84,7 @@ def promote(
         report = Path(tmp) / "promotion.md"
         args = promote_args(model_name, version, alias, rollback, overrides, report)
         policy = {"retries": retries, "retry_delay_seconds": exponential_backoff(retry_delay_seconds)}
-        decision = run_promote.with_options(**policy)(project, args)
+        decision = run_promote.with_options(task_run_name="lafs-promote", **policy)(project, args)
         markdown = report.read_text() if report.exists() else f"# lafs promote\n\n{decision}\n"
     create_markdown_artifact(markdown, key=REPORT_KEY, description="promotion decision")
     shown = [args[0], *args[3:]]  # without "--report <tmp file>"

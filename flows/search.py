@@ -29,6 +29,7 @@ from flows.pipeline import (
     RETRY_DELAY_SECONDS,
     apply_overrides,
     describe,
+    discover_stages,
     new_report,
     publish,
     run_stages,
@@ -79,6 +80,8 @@ def search(
     if n_trials is not None:
         sets["tune.n_trials"] = n_trials
     applied = apply_overrides(project, sets)
+    after = ["finetune"] if then is None else list(then)
+    after = discover_stages(project, after) if after else []  # known stages, in pipeline order
     report = new_report("lafs-search", project, sets, applied)
     helpers = []
     try:
@@ -89,7 +92,7 @@ def search(
             report["notes"].append("tune is up to date: no helper workers started")
         run_stages(project, ["tune"], report, retries, retry_delay_seconds)
         report["notes"] += [h.result() for h in helpers]
-        run_stages(project, ["finetune"] if then is None else then, report, retries, retry_delay_seconds)
+        run_stages(project, after, report, retries, retry_delay_seconds)
         report["status"] = "completed"
         return report
     except BaseException:

@@ -353,8 +353,8 @@ def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_faces(lfw_subset: Path, shared: Path):
     """8 shared photos (4 people x 2) detected and aligned by the project's own SCRFD + ArcFace path
-    (:class:`lafs.eval.photos.FaceFinder`): ``.files``, ``.photos`` (RGB uint8), ``.boxes`` (N, 4), ``.aligned``
-    (N, 112, 112, 3) uint8 and ``.identities``."""
+    (:class:`lafs.eval.photos.FaceFinder`): ``.files``, ``.photos`` (RGB uint8), ``.boxes`` (N, 4), ``.kps``
+    (N, 5, 2), ``.aligned`` (N, 112, 112, 3) uint8 and ``.identities``."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -370,7 +370,8 @@ def real_faces(lfw_subset: Path, shared: Path):
     found = [finder.find(p) for p in photos]
     assert all(f.detected for f in found), "SCRFD should find every one of these LFW faces"
     return SimpleNamespace(files=files, photos=photos, boxes=np.stack([f.box for f in found]),
-                           aligned=np.stack([f.aligned for f in found]), identities=[f.parent.name for f in files])
+                           kps=np.stack([f.kps for f in found]), aligned=np.stack([f.aligned for f in found]),
+                           identities=[f.parent.name for f in files])
 
 
 # --- infra/local/services.py: the compose roles (S3, MLflow, Prefect) as local processes ---------------------

@@ -87,9 +87,13 @@ def test_bad_specs_and_inputs_say_what_to_do(tmp_path, real_faces, tiny_model_fi
 def test_dlib_resnet_on_photos_ranks_the_same_person_first(real_faces):
     dlib_net = load_embedder("dlib_resnet", batch_size=3, threads=1)
     assert isinstance(dlib_net, DlibEmbedder) and isinstance(dlib_net, PhotoEmbedder)
-    emb = dlib_net.embed_photos(real_faces.photos, real_faces.boxes)
+    emb = dlib_net.embed_photos(real_faces.photos, real_faces.boxes, keypoints=real_faces.kps)
     pooled = DlibEmbedder(batch_size=5, workers=2)  # the network in 2 spawned processes: same vectors, same order
-    np.testing.assert_allclose(pooled.embed_photos(real_faces.photos, real_faces.boxes), emb, atol=1e-6)
+    np.testing.assert_allclose(pooled.embed_photos(real_faces.photos, real_faces.boxes, keypoints=real_faces.kps),
+                               emb, atol=1e-6)
+    # keypoints re-place the box in dlib's convention: a different chip than the raw SCRFD box gives
+    raw_box = dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:2])
+    assert np.einsum("ij,ij->i", raw_box, emb[:2]).min() < 0.9999
     assert emb.shape == (8, 128)
     np.testing.assert_allclose(_norms(emb), 1.0, atol=1e-5)
     sims = emb @ emb.T
@@ -98,12 +102,30 @@ def test_dlib_resnet_on_photos_ranks_the_same_person_first(real_faces):
         other = [j for j in range(len(ids)) if j != i]
         nearest = other[int(np.argmax(sims[i, other]))]
         assert ids[nearest] == ids[i], f"{real_faces.files[i]} matched {real_faces.files[nearest]}"
-    flipped = dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:2], flip=True)
+    flipped = dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:2], flip=True,
+                                    keypoints=real_faces.kps[:2])
     assert np.einsum("ij,ij->i", flipped, emb[:2]).min() < 0.99999
     # the aligned-crop fallback keeps the protocol: 128-d unit vectors from 112 px crops
     assert dlib_net.embed_aligned(real_faces.aligned[:2]).shape == (2, 128)
     with pytest.raises(EmbedderError, match="one face box per photo"):
         dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:1])
+
+
+def test_dlib_box_from_keypoints_sits_like_dlibs_own_detector(real_faces):
+    import dlib
+
+    from lafs.eval.embedders import dlib_box_from_keypoints
+
+    hog = dlib.get_frontal_face_detector()
+    placed_err, scrfd_err = [], []
+    for photo, kps, box in zip(real_faces.photos, real_faces.kps, real_faces.boxes, strict=True):
+        dets = [np.array([d.left(), d.top(), d.right(), d.bottom()], dtype=np.float32) for d in hog(photo, 1)]
+        own = min(dets, key=lambda d: np.abs(d - box).sum())  # dlib's own box of the same face
+        placed = dlib_box_from_keypoints(kps)
+        assert np.abs(placed - own).max() < 0.3 * (own[2] - own[0])  # every corner near dlib's own box ...
+        placed_err.append(np.abs(placed - own).mean())
+        scrfd_err.append(np.abs(box - own).mean())
+    assert np.mean(placed_err) < 0.7 * np.mean(scrfd_err)  # ... and on average nearer than SCRFD's box (3 vs 6 px)
 
 
 def test_face_finder_falls_back_to_the_mean_lfw_face_box(shared, real_faces):

@@ -96,6 +96,10 @@ def test_cli_refuses_missing_images_and_incomplete_flags(small_folder, tiny_mode
     assert "Nobody_Here/Nobody_Here_0001" in capsys.readouterr().err
     assert main([*base, "--model", "dlib_resnet", "--images", str(images)]) == 1
     assert "--model needs --pairs, --out" in capsys.readouterr().err
+    assert main([*base, "--images", str(images)]) == 1  # the pipeline form reads its protocol from params
+    assert "--images/--pairs go with --model" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "empty")]) == 1  # a project without the finetuned model
+    assert "run the finetune stage first" in capsys.readouterr().err
 
 
 def test_missed_faces_wrong_scores_their_pairs_as_errors():

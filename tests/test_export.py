@@ -4,6 +4,9 @@ faces at batch sizes other than the traced one, the graph's interface, the parit
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +17,8 @@ from lafs.config import ExportParams
 from lafs.eval.embedders import OnnxEmbedder, load_embedder
 from lafs.export import ExportError, export_onnx, parity, require_parity
 from lafs.models.io import load_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +89,16 @@ def test_export_stage_writes_onnx_and_parity_metrics(tmp_path, tiny_model_file, 
     (root / "data" / "splits" / "test.csv").unlink()
     with pytest.raises(StageError, match="run the split stage"):
         export_stage.run(ExportParams(), root)
+
+
+def test_embeddings_benchmark_times_both_runtimes_side_by_side():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "eval.py"), "--part", "embeddings", "--batches", "1,4",
+           "--threads", "1", "--images", "8", "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["batch"], r["threads"]) for r in rows] == [(1, 1), (4, 1)]
+    for row in rows:
+        assert row["part"] == "embeddings" and row["model"] == "lafs_vit_tiny" and row["images"] == 8
+        assert row["torch_img_per_s"] > 0 and row["onnx_img_per_s"] > 0
+        assert row["onnx_speedup"] == pytest.approx(row["onnx_img_per_s"] / row["torch_img_per_s"], rel=0.05)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_RUN, copy_project, free_port, start_moto_server
 
-from flows.dvc_runner import StageFailed, pipeline_stages, select_stages, stage_status
+from flows.dvc_runner import StageFailed, is_transient, pipeline_stages, select_stages, stage_status
 from flows.pipeline import REPORT_KEY, pipeline
 
 # The data stages: real photos, detector and dlib, GX; the training stages run through the flow in test_e2e.
@@ -90,6 +90,31 @@ def test_stage_order_comes_from_dvc_and_respects_every_dependency():
     assert select_stages(order, ["pretrain", "ingest"]) == ["ingest", "pretrain"]
     with pytest.raises(ValueError, match="unknown stage"):
         select_stages(order, ["ingest", "no_such_stage"])
+
+
+# Tails of real failed `dvc repro` runs (MLflow killed under landmark_net; S3 endpoint down under ingest; a
+# preempted pretrain; split refusing a missing pairs file; a crash) and how they must be classified.
+FAILURES = [
+    ("mlflow.exceptions.MlflowException: API request to http://127.0.0.1:39701/api/2.0/mlflow/experiments/"
+     "get-by-name failed with exception HTTPConnectionPool(host='127.0.0.1', port=39701): Max retries exceeded "
+     "with url: ... [Errno 111] Connection refused\nERROR: failed to reproduce 'landmark_net': failed to run: "
+     "lafs landmark_net, exited with 1", True),
+    ("error: cannot list s3://faces/lfw at http://127.0.0.1:4566: Could not connect to the endpoint URL: "
+     "\"http://127.0.0.1:4566/faces?list-type=2\" (check the bucket name, ...)\nERROR: failed to reproduce "
+     "'ingest': failed to run: lafs ingest, exited with 1", True),
+    ("SIGTERM: checkpoint written at iteration 40\nERROR: failed to reproduce 'pretrain': failed to run: lafs "
+     "pretrain --out models/pretrain --restart-on-change, exited with 143", True),
+    ("ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated abruptly.", True),
+    ("error: split.pairs_file: [Errno 2] No such file or directory: '/x/pairs.txt'\nERROR: failed to reproduce "
+     "'split': failed to run: lafs split, exited with 1", False),
+    ("ValueError: operands could not be broadcast together\nERROR: failed to reproduce 'finetune': failed to run: "
+     "lafs finetune --out models/finetune --restart-on-change, exited with 1", False),
+]
+
+
+@pytest.mark.parametrize(("tail", "transient"), FAILURES)
+def test_failures_are_classified_from_the_stage_output(tail, transient):
+    assert is_transient(255, tail) is transient  # DVC exits 255 whatever the command's own status was
 
 
 def test_first_run_runs_every_stage_through_dvc(project):
@@ -221,3 +246,17 @@ def test_unreachable_s3_is_retried_with_backoff(prefect_api, lfw_subset, tmp_pat
         for proc in started:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_promote_flow_builds_the_lafs_promote_command_and_refuses_contradictions(tmp_path):
+    from flows.promote import promote_args
+
+    report = tmp_path / "promotion.md"
+    assert promote_args("lafs-face", "3", None, False, {"register.min_gain": 0.01}, report) == [
+        "promote", "--report", str(report), "--model-name", "lafs-face", "--version", "3",
+        "--set", "register.min_gain=0.01"]
+    assert promote_args(None, None, None, True, None, report)[3:] == ["--rollback"]
+    with pytest.raises(ValueError, match="rollback"):
+        promote_args(None, "3", None, True, None, report)
+    with pytest.raises(ValueError, match="not both"):
+        promote_args(None, "3", "challenger", False, None, report)

@@ -263,11 +263,13 @@ def start_roles(roles: Sequence[str], state_dir: Path, state: dict[str, Any]) ->
             raise
 
 
-def stop_role(role: str, state_dir: Path, state: dict[str, Any]) -> None:
+def stop_role(role: str, state_dir: Path, state: dict[str, Any]) -> bool:
+    """Stop ``role`` if the state file records it; False when there was nothing to stop."""
     info = state["services"].pop(role, None)
     if info is not None:
         stop_group(info)
     save_state(state_dir, state)
+    return info is not None
 
 
 def environment(state: dict[str, Any]) -> dict[str, str]:
@@ -334,8 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{role:<8} {info['url']}  pid {info['pid']}  log {info['log']}")
         elif args.command == "stop":
             for role in reversed(_roles(args.roles)):
-                stop_role(role, state_dir, state)
-                print(f"{role:<8} stopped")
+                print(f"{role:<8} {'stopped' if stop_role(role, state_dir, state) else 'not running'}")
         elif args.command == "status":
             for role in _roles(args.roles):
                 info = state["services"].get(role)

@@ -38,13 +38,15 @@ class FaceSetError(ValueError):
 @dataclass
 class FaceSet:
     """``keys[i]`` (an aligned path or a photo path) -> ``aligned[i]`` (112, 112, 3) uint8; for photo-aligning
-    embedders ``photos[i]`` (photo file) and ``boxes[i]`` (x1, y1, x2, y2); ``detected[i]`` False = fallback."""
+    embedders ``photos[i]`` (photo file), ``boxes[i]`` (x1, y1, x2, y2) and ``kps[i]`` (5, 2), in photo pixels;
+    ``detected[i]`` False = the fallback face."""
 
     keys: list[str]
     aligned: np.ndarray
     detected: np.ndarray
     photos: list[Path] | None = None
     boxes: np.ndarray | None = None
+    kps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -56,13 +58,14 @@ class FaceSet:
     def missed(self) -> int:
         return int((~self.detected).sum())
 
-    def iter_photos(self, batch: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-        """Decoded photos and their boxes, ``batch`` at a time (photos are re-read, not all held in memory)."""
-        if self.photos is None or self.boxes is None:
+    def iter_photos(self, batch: int) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
+        """Decoded photos, boxes and keypoints, ``batch`` at a time (photos are re-read, not held in memory)."""
+        if self.photos is None or self.boxes is None or self.kps is None:
             raise FaceSetError("this face set has no original photos / face boxes: an embedder that aligns by "
-                               "itself (dlib_resnet) needs them (data/landmarks.parquet path and bbox columns)")
+                               "itself (dlib_resnet) needs them (data/landmarks.parquet path, bbox, kps5 columns)")
         for start in range(0, len(self.photos), batch):
-            yield [load_rgb(p) for p in self.photos[start:start + batch]], self.boxes[start:start + batch]
+            end = start + batch
+            yield [load_rgb(p) for p in self.photos[start:end]], self.boxes[start:end], self.kps[start:end]
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ class PairIndex:
 def embed(embedder: Embedder, faces: FaceSet, flip: bool, batch: int = 64) -> np.ndarray:
     """Embeddings of every face of ``faces``: photos + boxes for a :class:`PhotoEmbedder`, else aligned crops."""
     if isinstance(embedder, PhotoEmbedder):
-        parts = [embedder.embed_photos(photos, boxes, flip=flip) for photos, boxes in faces.iter_photos(batch)]
+        parts = [embedder.embed_photos(photos, boxes, flip=flip, keypoints=kps)
+                 for photos, boxes, kps in faces.iter_photos(batch)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     return embedder.embed_aligned(faces.aligned, flip=flip)
 
@@ -102,11 +106,12 @@ def aligned_faceset(root: Path, keys: Sequence[str], landmarks_table: Path | Non
     raw photos and SCRFD boxes (every aligned face was detected: the landmarks stage rejects the rest)."""
     keys = list(dict.fromkeys(keys))
     aligned = read_aligned([root / k for k in keys])
-    photos = boxes = None
+    photos = boxes = kps = None
     if landmarks_table is not None:
         if not landmarks_table.is_file():
             raise FaceSetError(f"{landmarks_table} not found: rerun the landmarks stage (dvc repro landmarks)")
-        table = pd.read_parquet(landmarks_table, columns=["aligned_path", "path", "bbox"]).set_index("aligned_path")
+        table = pd.read_parquet(landmarks_table, columns=["aligned_path", "path", "bbox", "kps5"])
+        table = table.set_index("aligned_path")
         unknown = [k for k in keys if k not in table.index]
         if unknown:
             raise FaceSetError(f"{len(unknown)} aligned faces (e.g. {unknown[:3]}) are not in {landmarks_table}: "
@@ -114,7 +119,8 @@ def aligned_faceset(root: Path, keys: Sequence[str], landmarks_table: Path | Non
         rows = table.loc[keys]
         photos = [root / p for p in rows["path"]]
         boxes = np.array([list(b) for b in rows["bbox"]], dtype=np.float32).reshape(-1, 4)
-    return FaceSet(keys, aligned, np.ones(len(keys), dtype=bool), photos, boxes)
+        kps = np.array([list(k) for k in rows["kps5"]], dtype=np.float32).reshape(-1, 5, 2)
+    return FaceSet(keys, aligned, np.ones(len(keys), dtype=bool), photos, boxes, kps)
 
 
 def pairs_from_rows(rows: Sequence[PairRow], faces: FaceSet) -> PairIndex:
@@ -151,16 +157,17 @@ def photo_faceset(finder: FaceFinder, images_root: Path, pairs_file: Path) -> tu
                            f"{', '.join(missing[:5])}): point --images / evaluate.images_root at the folder holding "
                            f"them, or use a pairs file for this subset; pairs are never dropped silently")
     files = list(dict.fromkeys(index[key] for pair in ends for key in pair))
-    aligned, boxes, detected = [], [], []
+    aligned, boxes, kps, detected = [], [], [], []
     for n, path in enumerate(files, 1):
         face = finder.find(load_rgb(path))
         aligned.append(face.aligned)
         boxes.append(face.box)
+        kps.append(face.kps)
         detected.append(face.detected)
         if n % 200 == 0:
             log.info("faces: %d / %d photos", n, len(files))
     faces = FaceSet([str(p) for p in files], np.stack(aligned), np.array(detected, dtype=bool), files,
-                    np.stack(boxes).astype(np.float32))
+                    np.stack(boxes).astype(np.float32), np.stack(kps).astype(np.float32))
     where = faces.index()
     return faces, PairIndex(first=np.array([where[str(index[a])] for a, _ in ends], dtype=np.int64),
                             second=np.array([where[str(index[b])] for _, b in ends], dtype=np.int64),

@@ -1,9 +1,10 @@
 """End-to-end CPU latency per photo (detect + align + embed) and the FRUITS-style budget report.
 
 What a deployed recogniser pays for one raw photo: SCRFD detection, face selection, ArcFace alignment (or, for
-dlib, its own 68-point alignment inside the SCRFD box) and the embedding, flip TTA included when evaluated
-with it. Photos are decoded before timing (decoding is I/O, not the model). Each candidate runs the same photos
-one at a time after untimed warm-up photos; p50 / p95 / mean are over the per-photo wall times.
+dlib, its own 68-point alignment inside a box placed from the SCRFD keypoints) and the embedding, flip TTA
+included when evaluated with it. Photos are decoded before timing (decoding is I/O, not the model). Each
+candidate runs the same photos one at a time after untimed warm-up photos; p50 / p95 / mean are over the
+per-photo wall times.
 
 Threads are pinned while timing (``threads``: torch intra-op, OpenCV, and the ONNX Runtime sessions the caller
 builds with the same count; 1 by default, the one-core-per-request serving case), so candidates are compared
@@ -64,7 +65,7 @@ def end_to_end(finder: FaceFinder, embedder: Embedder, flip: bool = False) -> Ca
     def run(photo: np.ndarray) -> np.ndarray:
         face = finder.find(photo)
         if isinstance(embedder, PhotoEmbedder):
-            return embedder.embed_photos([photo], face.box[None], flip=flip)
+            return embedder.embed_photos([photo], face.box[None], flip=flip, keypoints=face.kps[None])
         return embedder.embed_aligned(face.aligned[None], flip=flip)
 
     return run

@@ -14,7 +14,8 @@ Two entry points share every step (faces -> embeddings -> scores -> metrics and 
   and the same plots. No MLflow run: it is a measurement, not a pipeline step.
 
 Photos are detected with the ``landmarks`` section's SCRFD detector and policy, for dlib too (its shape
-predictor gets the SCRFD box), so all models see the same faces. A photo without a usable face keeps the
+predictor gets a box placed from the SCRFD keypoints, :func:`lafs.eval.embedders.dlib_box_from_keypoints`), so all
+models see the same faces. A photo without a usable face keeps the
 fallback face (:mod:`lafs.eval.photos`; ``missed_faces: centre_crop``) or makes every pair holding it an
 error (``missed_faces: wrong``): scored outside the cosine range, below any threshold for a same pair and
 above it for a different one. Either way it is counted in ``faces``, and no pair is dropped.
@@ -235,6 +236,8 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
     if "onnx" in specs and not paths.onnx.is_file():
         raise StageError(f"{paths.onnx} not found: run the export stage first (dvc repro export), or drop 'onnx' "
                          "from evaluate.candidates")
+    if not paths.manifest.is_file():
+        raise StageError(f"{paths.manifest} not found: run the ingest stage first (latency is timed on raw photos)")
     model = _embedder(paths.model, cfg.batch_size, cfg.threads)
     test = pd.read_csv(_split_file(paths.splits / "test.csv"))  # few-shot identification on the test identities
     need_photos = DLIB_RESNET in specs
@@ -266,10 +269,7 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
             accuracy[name] = verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs,
                                     cfg)[0]["accuracy_mean"]
 
-    manifest = paths.manifest
-    if not manifest.is_file():
-        raise StageError(f"{manifest} not found: run the ingest stage first (latency is timed on raw photos)")
-    raw = pd.read_parquet(manifest, columns=["path"])["path"].head(cfg.latency_images)
+    raw = pd.read_parquet(paths.manifest, columns=["path"])["path"].head(cfg.latency_images)
     latency = latency_section(cfg, landmarks, specs, _load_photos([root / p for p in raw]), accuracy)
 
     out = {"verification": report, "fewshot": fewshot, "faces": faces_section(faces, pairs, cfg.missed_faces),
@@ -279,12 +279,14 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
     plots = write_plots(scores, pairs.same, report["threshold"], paths.plots)
     logger = RunLogger(True, cfg.experiment, "evaluate", resolved(cfg), uri=cfg.tracking_uri,
                        tags={"stage": "evaluate", "model": str(paths.model.relative_to(root))}, system_metrics=False)
+    status = "FAILED"
     try:
         logger.log_metrics(_numeric(out), step=0)
         for path in (paths.metrics, *plots):
             logger.log_artifact(path, "evaluate")
+        status = "FINISHED"
     finally:
-        logger.end("FINISHED")
+        logger.end(status)
     return EvaluateSummary(out, paths.metrics, plots, time.perf_counter() - start)
 
 
