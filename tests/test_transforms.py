@@ -94,7 +94,7 @@ def test_flip_permutation_lookup_and_errors():
         flip_permutation(68, mean_shape=mean)
     lopsided = symmetric_mean_shape_68()
     lopsided[:, 0] = lopsided[:, 0] * 0.5  # squashed to the left: the mirror matching is meaningless
-    with pytest.raises(ValueError, match="not an involution"):
+    with pytest.raises(ValueError, match="not left/right symmetric"):
         flip_permutation_from_mean_shape(lopsided, 112)
 
 

@@ -41,13 +41,14 @@ FLIP_PERM_5 = torch.tensor([1, 0, 2, 4, 3], dtype=torch.long)
 _KNOWN_FLIP_PERMS = {68: FLIP_PERM_68, 5: FLIP_PERM_5}
 
 
-def flip_permutation_from_mean_shape(mean: torch.Tensor, width: int) -> torch.Tensor:
+def flip_permutation_from_mean_shape(mean: torch.Tensor, width: int, max_mismatch: float = 0.05) -> torch.Tensor:
     """Derive a flip permutation from a (roughly symmetric) mean shape (K, 2) in an image of ``width``.
 
     For schemes without a published table (e.g. insightface 106 points or a learned 196-point set):
     each mirrored point is matched one-to-one to its nearest original point (Hungarian assignment, so no
-    two points claim the same partner). Raises if the result is not an involution, which means the mean
-    shape is too asymmetric for the matching to be trusted.
+    two points claim the same partner). Raises if the result is not an involution, or if mirrored points land
+    on average more than ``max_mismatch`` of the width from their partners: either means the mean shape is too
+    asymmetric for the matching to be trusted (an involution alone can happen by chance).
     """
     from scipy.optimize import linear_sum_assignment  # lazy: keeps DataLoader worker imports light
 
@@ -61,10 +62,12 @@ def flip_permutation_from_mean_shape(mean: torch.Tensor, width: int) -> torch.Te
     rows, cols = linear_sum_assignment(cost)
     perm = torch.empty(mean.shape[0], dtype=torch.long)
     perm[torch.as_tensor(cols)] = torch.as_tensor(rows)
-    if not torch.equal(perm[perm], torch.arange(mean.shape[0])):
+    mismatch = float(cost[rows, cols].mean())
+    if not torch.equal(perm[perm], torch.arange(mean.shape[0])) or mismatch > max_mismatch * width:
         raise ValueError(
-            "the flip permutation derived from the mean shape is not an involution; the mean shape is not "
-            f"left/right symmetric about x = {(width - 1) / 2} (check `width`, or pass an explicit table)"
+            "the flip permutation derived from the mean shape is not an involution or its mirrored points miss "
+            f"their partners by {mismatch:.1f} px on average: the mean shape is not left/right symmetric about "
+            f"x = {(width - 1) / 2} (check `width`, or pass an explicit table)"
         )
     return perm
 
