@@ -355,3 +355,25 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_project, tmp_path
     assert ref_best["epoch"] == resumed_best["epoch"]
     assert all(torch.equal(v, resumed_best["state_dict"][k]) for k, v in ref_best["state_dict"].items())
     assert np.isclose(ref_best["val_accuracy"], resumed_best["val_accuracy"])
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_project, tmp_path):
+    """Preemption: SIGTERM between steps -> last.pt at that iteration, Preempted (exit 143), no traceback."""
+    cfg = {**TINY, "epochs": 3, "checkpoint_every": 1000, "num_workers": 0}
+    script = _script(tiny_project, tmp_path / "term", cfg)
+    script[-1] = script[-1].replace(
+        "print(train(cfg, paths).describe())\n",
+        "from lafs.engine.preemption import Preempted\nimport sys\n"
+        "try:\n    print(train(cfg, paths).describe())\nexcept Preempted as e:\n    print(e); sys.exit(e.exit_code)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1"}
+    last = tmp_path / "term" / "last.pt"
+    proc = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not last.exists():  # the first checkpoint: the end of epoch 1
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM at iteration" in out and "Traceback" not in err
+    reported = int(out.split("SIGTERM at iteration ")[1].split(":")[0])
+    assert load_checkpoint(last)["iteration"] == reported

@@ -37,6 +37,7 @@ from lafs.data.pairs import PairRow
 from lafs.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import derived_seed, under_torchrun
 from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, embed, frozen_copy
+from lafs.engine.preemption import Preempted, SigtermFlag
 from lafs.eval.verification import kfold_accuracy, pair_scores
 from lafs.models import FaceViT, create_model
 from lafs.models.io import ModelFileError, read_model_file, save_model
@@ -349,47 +350,53 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
     bar = tqdm(total=total, initial=start_it, desc=f"finetune {cfg.init}", unit="it")
     status = "FAILED"
     try:
-        for epoch in range(start_it // iters_per_epoch, cfg.epochs):
-            if progress.stopped_early:
-                break
-            sampler.set_epoch(epoch)
-            sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
-            train_set.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-            for images, labels in loader:
-                torch.manual_seed(derived_seed(cfg.seed, "finetune", it))  # dropout / drop-path: by iteration
-                try:
-                    metrics = trainer.train_step(images, labels, it)
-                except NonFiniteLossError as exc:
-                    raise StageError(f"{exc}; the last good checkpoint {paths.last} is kept. Lower finetune.lr, "
-                                     "raise warmup_epochs or use dtype fp32") from None
-                it += 1
-                seen += cfg.batch_size
-                rate = seen / (time.perf_counter() - t0)
-                logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}", img_s=f"{rate:.1f}")
-                if it % cfg.checkpoint_every == 0 and it % iters_per_epoch:  # epoch ends checkpoint after validation
-                    checkpoint(it)
-            val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
-            if progress.update(epoch, val["val_accuracy"], cfg):
-                save_model(model, cfg.model, recogniser_kwargs(cfg), paths.model, config=resolved(cfg),
-                           embed_dim=model.embed_dim, epoch=epoch, val_accuracy=val["val_accuracy"])
-            logger.log_metrics({**val, "best_val_accuracy": progress.best_accuracy}, it)
-            checkpoint(it)
-            if on_epoch is not None:
-                try:
-                    on_epoch(epoch, {**val, "epoch": float(epoch), "best_val_accuracy": progress.best_accuracy})
-                except BaseException:
-                    status = "KILLED"  # pruned / interrupted by the caller: not a failure of the run
-                    raise
-        if not paths.model.exists():
-            raise StageError(f"{paths.last} says training finished but {paths.model} is missing: delete "
-                             f"{paths.last} to train again")
-        logger.log_metrics({"best_val_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch}, it)
-        logger.log_artifact(paths.model, "model")
-        status = "FINISHED"
+        with SigtermFlag() as sigterm:
+            for epoch in range(start_it // iters_per_epoch, cfg.epochs):
+                if progress.stopped_early:
+                    break
+                sampler.set_epoch(epoch)
+                sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
+                train_set.set_epoch(epoch)
+                loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                for images, labels in loader:
+                    torch.manual_seed(derived_seed(cfg.seed, "finetune", it))  # dropout / drop-path: by iteration
+                    try:
+                        metrics = trainer.train_step(images, labels, it)
+                    except NonFiniteLossError as exc:
+                        raise StageError(f"{exc}; the last good checkpoint {paths.last} is kept. Lower finetune.lr, "
+                                         "raise warmup_epochs or use dtype fp32") from None
+                    it += 1
+                    seen += cfg.batch_size
+                    rate = seen / (time.perf_counter() - t0)
+                    logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}",
+                                    img_s=f"{rate:.1f}")
+                    if sigterm.raised or (it % cfg.checkpoint_every == 0 and it % iters_per_epoch):
+                        checkpoint(it)  # (an epoch end checkpoints after validation)
+                    if sigterm.raised:
+                        status = "KILLED"
+                        raise Preempted(f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; rerun the same "
+                                        "command to resume")
+                val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
+                if progress.update(epoch, val["val_accuracy"], cfg):
+                    save_model(model, cfg.model, recogniser_kwargs(cfg), paths.model, config=resolved(cfg),
+                               embed_dim=model.embed_dim, epoch=epoch, val_accuracy=val["val_accuracy"])
+                logger.log_metrics({**val, "best_val_accuracy": progress.best_accuracy}, it)
+                checkpoint(it)
+                if on_epoch is not None:
+                    try:
+                        on_epoch(epoch, {**val, "epoch": float(epoch), "best_val_accuracy": progress.best_accuracy})
+                    except BaseException:
+                        status = "KILLED"  # pruned / interrupted by the caller: not a failure of the run
+                        raise
+            if not paths.model.exists():
+                raise StageError(f"{paths.last} says training finished but {paths.model} is missing: delete "
+                                 f"{paths.last} to train again")
+            logger.log_metrics({"best_val_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch}, it)
+            logger.log_artifact(paths.model, "model")
+            status = "FINISHED"
     finally:
         bar.close()
         logger.end(status)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -38,18 +36,13 @@ from lafs.engine.distributed import (
     ranks_in_sync,
     shutdown,
 )
+from lafs.engine.preemption import Preempted, SigtermFlag
 from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, backbone_kwargs, build_ssl_task
 from lafs.models.io import load_model, save_model
 from lafs.stages import StageError, write_metrics
 from lafs.tracking import RunLogger
 
 log = logging.getLogger(__name__)
-
-
-class Preempted(StageError):
-    """SIGTERM arrived: a checkpoint was written; rerun the same command to resume."""
-
-    exit_code = 143
 
 
 @dataclass(frozen=True)
@@ -82,24 +75,6 @@ class PretrainSummary:
         resumed = f", resumed at iteration {self.resumed_from}" if self.resumed_from else ""
         return (f"pretrained {self.iterations} iterations / {self.epochs} epochs{resumed}; "
                 f"final loss {self.final_loss:.4f}, {self.images_per_s:.1f} images/s")
-
-
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps (a checkpoint, then a clean exit)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _SigtermFlag:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def load_landmark_net(path: Path, device: torch.device) -> torch.nn.Module:
@@ -212,7 +187,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     bar = tqdm(total=total, initial=start_it, disable=not env.is_main, desc=f"pretrain {cfg.method}", unit="it")
     status = "FAILED"
     try:
-        with _SigtermFlag() as sigterm:
+        with SigtermFlag() as sigterm:
             for epoch in range(start_it // iters_per_epoch, cfg.epochs):
                 sampler.set_epoch(epoch)
                 sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
