@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from lafs.data.images import ImageRejected, load_rgb
+from lafs.data.images import ImageRejected, file_sha256, load_rgb
 from lafs.faces import FACE_TOO_SMALL, NO_FACE, FaceModelError
 from lafs.faces.align import ALIGNED_SIZE, align_face, inter_ocular, transform_points
 from lafs.faces.dense import DLIB68, INSIGHTFACE106, Dlib68, Insightface106, resolve_scheme
-from lafs.faces.detect import Face, FaceDetector, file_sha256, find_detector_file, find_pack, select_face
+from lafs.faces.detect import Face, FaceDetector, find_detector_file, find_pack, select_face
 
 DET_SIZE = 320
 

@@ -14,9 +14,7 @@ dynamic or static shapes), so throughput comes from worker processes instead (``
 from __future__ import annotations
 
 import glob
-import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -93,21 +91,6 @@ def find_detector_file(pack_dir: Path, pattern: str = "det_*.onnx") -> Path:
         f"{len(matches)} files match {pattern!r} in {pack_dir}: {', '.join(p.name for p in matches)}; set "
         "landmarks.detector_file to exactly one of them"
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a model file, recorded next to every landmark it produced (cached per path, size and mtime)."""
-    stat = Path(path).stat()
-    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def session_options(threads: int = 0) -> onnxruntime.SessionOptions:

@@ -16,7 +16,6 @@ epoch, index)) and dropout (a torch seed per iteration) never depend on state lo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from lafs.config import FinetuneParams, read_yaml_mapping, resolved, update_section
 from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augment
+from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
 from lafs.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import derived_seed, under_torchrun
@@ -283,7 +283,7 @@ def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) 
         files["landmark_net"] = paths.landmark_net
     if cfg.init == "pretrained":
         files["teacher"] = paths.teacher
-    return {name: hashlib.sha256(f.read_bytes()).hexdigest() for name, f in sorted(files.items())}
+    return {name: file_sha256(f) for name, f in sorted(files.items())}
 
 
 def _resume_state(cfg: FinetuneParams, paths: FinetunePaths, inputs: dict[str, str],

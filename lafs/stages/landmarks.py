@@ -54,12 +54,12 @@ import pyarrow.parquet as pq
 
 from lafs.config import LandmarksParams, resolved
 from lafs.data import images
-from lafs.data.images import ImageRejected
+from lafs.data.images import ImageRejected, file_sha256
 from lafs.faces import PROCESSING_ERROR, FaceModelError
 from lafs.faces import REASON_CODES as FACE_REASON_CODES
 from lafs.faces.align import ALIGNED_SIZE, align_face, inter_ocular, transform_points
 from lafs.faces.dense import DLIB68, NUM_POINTS, DenseLandmarker, load_landmarker, resolve_scheme
-from lafs.faces.detect import FaceDetector, file_sha256, find_detector_file, find_pack, select_face
+from lafs.faces.detect import FaceDetector, find_detector_file, find_pack, select_face
 from lafs.stages import StageError, write_metrics
 
 log = logging.getLogger(__name__)

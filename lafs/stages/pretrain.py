@@ -10,7 +10,6 @@ keeps the last good checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from lafs.config import SSLParams, resolved
 from lafs.data.datasets import ResumableSampler, SSLFaces
+from lafs.data.images import file_sha256
 from lafs.data.views import DINOFaceViews, LAFSViews
 from lafs.engine import remote
 from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -111,7 +111,7 @@ def _input_fingerprint(cfg: SSLParams, paths: PretrainPaths) -> dict[str, str]:
     files = {"ssl_split": paths.data_dir / "splits" / "ssl.csv"}
     if cfg.method != "dino_face" and cfg.landmark_source == "net":
         files["landmark_net"] = paths.landmark_net
-    return {name: hashlib.sha256(f.read_bytes()).hexdigest() for name, f in files.items() if f.exists()}
+    return {name: file_sha256(f) for name, f in files.items() if f.exists()}
 
 
 def _views(cfg: SSLParams):

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from lafs.config import FinetuneParams, SearchDim, TuneParams, resolved, search_kind
+from lafs.data.images import file_sha256
 from lafs.stages import StageError, write_metrics
 from lafs.stages.finetune import FinetunePaths, build_recogniser, select_data, train
 from lafs.tracking import ensure_experiment, flatten, tracking_uri
@@ -183,7 +184,7 @@ def _pruner(cfg: TuneParams):
 def _digest(path: Path) -> str:
     """sha256 of a file, or of a folder's (name, sha256) list."""
     if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else ():
         h.update(f"{f.relative_to(path)}\0{_digest(f)}\n".encode())
