@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from prefect.runtime import task_run as current_task_run
 from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
+from flows.cli import run_flow
 from flows.dvc_runner import (
     StageFailed,
     StageRun,
@@ -42,7 +42,7 @@ from flows.dvc_runner import (
 )
 from flows.dvc_runner import push as dvc_push
 from lafs.cli import parse_sets, write_local_params
-from lafs.config import OVERRIDE_FILE, PARAMS_FILE, ConfigError, read_yaml_mapping
+from lafs.config import OVERRIDE_FILE, PARAMS_FILE, read_yaml_mapping
 from lafs.tracking import flatten
 
 # Defaults for the retry policy of stage tasks: 3 retries after 10, 20, 40 s cover an MLflow server restart
@@ -233,15 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=RETRIES)
     parser.add_argument("--retry-delay", type=float, default=RETRY_DELAY_SECONDS, help="backoff base, seconds")
     args = parser.parse_args(argv)
-    try:
-        report = pipeline(overrides=parse_sets(args.set), data=args.data, models=args.models, stages=args.stages,
-                          push=args.push, root=args.root, retries=args.retries,
-                          retry_delay_seconds=args.retry_delay)
-    except (StageFailed, ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(describe(report))
-    return 0
+    return run_flow(lambda: pipeline(overrides=parse_sets(args.set), data=args.data, models=args.models,
+                                     stages=args.stages, push=args.push, root=args.root, retries=args.retries,
+                                     retry_delay_seconds=args.retry_delay), describe)
 
 
 if __name__ == "__main__":

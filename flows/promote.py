@@ -24,10 +24,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows.cli import run_flow
 from flows.dvc_runner import StageFailed, TransientStageError, is_transient, run_streaming, stage_env
 from flows.pipeline import RETRIES, RETRY_DELAY_SECONDS, retry_if_transient
 from lafs.cli import parse_sets
-from lafs.config import ConfigError
 
 REPORT_KEY = "lafs-promotion"
 
@@ -100,14 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. register.min_gain=0.01")
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
-    try:
-        result = promote(model_name=args.model_name, version=args.version, alias=args.alias,
-                         rollback=args.rollback, overrides=parse_sets(args.set), root=args.root)
-    except (StageFailed, ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(result["decision"])
-    return 0
+    return run_flow(lambda: promote(model_name=args.model_name, version=args.version, alias=args.alias,
+                                    rollback=args.rollback, overrides=parse_sets(args.set), root=args.root),
+                    lambda result: result["decision"])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.dvc_runner import StageFailed, run_streaming, stage_env, stage_status
+from flows.cli import run_flow
+from flows.dvc_runner import run_streaming, stage_env, stage_status
 from flows.pipeline import (
     RETRIES,
     RETRY_DELAY_SECONDS,
@@ -35,7 +36,6 @@ from flows.pipeline import (
     run_stages,
 )
 from lafs.cli import parse_sets
-from lafs.config import ConfigError
 
 REPORT_KEY = "lafs-search-report"
 
@@ -112,14 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--then", action="append", default=None, help="stage after tune (repeatable)")
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
-    try:
-        report = search(n_trials=args.n_trials, workers=args.workers, overrides=parse_sets(args.set),
-                        then=args.then, root=args.root)
-    except (StageFailed, ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(describe(report))
-    return 0
+    return run_flow(lambda: search(n_trials=args.n_trials, workers=args.workers, overrides=parse_sets(args.set),
+                                   then=args.then, root=args.root), describe)
 
 
 if __name__ == "__main__":

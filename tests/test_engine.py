@@ -8,13 +8,23 @@ import torch
 from torch import nn
 
 from lafs.config import SSLParams
-from lafs.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lafs.engine.checkpoint import (
+    ChangedCheckpointError,
+    CheckpointError,
+    load_checkpoint,
+    resume_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lafs.engine.clipping import cancel_last_layer_gradients, clip_gradients
+from lafs.engine.distributed import resolve_device
 from lafs.engine.ema import ema_update
 from lafs.engine.optim import param_groups, set_lr_wd
 from lafs.engine.schedules import cosine_schedule, teacher_temp_schedule
 from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, build_ssl_task
 from lafs.models import create_model
+from lafs.stages import StageError
 
 TINY = {"num_landmarks": 68, "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "num_prototypes": 32,
         "local_crops": 2, "local_landmarks": 12, "epochs": 2, "batch_size": 2, "warmup_epochs": 1,
@@ -133,7 +143,8 @@ def test_nan_loss_stops_the_step():
     task = build_ssl_task(_cfg("lafs"), _landmark_net())
     trainer = SSLTrainer(task, iters_per_epoch=2)
     batch = _batch("lafs")
-    batch["augmented"][0, 0, 0, 50, 50] = float("nan")
+    # the whole view: one pixel is only sampled if a (random, untrained) landmark's patch happens to cover it
+    batch["augmented"][0, 0] = float("nan")
     before = copy.deepcopy(task.student.state_dict())
     with pytest.raises(NonFiniteLossError, match="iteration 0"):
         trainer.train_step(batch, 0)
@@ -193,3 +204,33 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
         load_checkpoint(raw)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_state_resumes_refuses_or_sets_aside_a_changed_checkpoint(tmp_path):
+    last = tmp_path / "last.pt"
+    config, inputs = {"lr": 1e-3, "epochs": 2}, {"split": "ab12"}
+    kwargs = {"stage": "pretrain", "input_names": "SSL split", "restart_on_change": False}
+    assert resume_state(last, config, inputs, **kwargs) is None  # nothing to resume
+    save_checkpoint({"iteration": 7, "config": config, "inputs": inputs}, last)
+    assert resume_state(last, config, inputs, **kwargs)["iteration"] == 7
+    for other_config, other_inputs in (({**config, "lr": 2e-3}, inputs), (config, {"split": "cd34"})):
+        with pytest.raises(ChangedCheckpointError, match=r"different pretrain params or inputs \(SSL split\)"):
+            resume_state(last, other_config, other_inputs, **kwargs)
+    assert last.exists()
+    # a DDP rank other than 0: waits at the barrier, decides "start over", leaves the file to rank 0
+    waited = []
+    assert resume_state(last, {**config, "lr": 2e-3}, inputs, **{**kwargs, "restart_on_change": True},
+                        set_aside=False, before_set_aside=lambda: waited.append(1)) is None
+    assert waited == [1] and last.exists()
+    assert resume_state(last, {**config, "lr": 2e-3}, inputs, **{**kwargs, "restart_on_change": True}) is None
+    assert not last.exists() and load_checkpoint(tmp_path / "last.previous.pt")["iteration"] == 7
+
+
+def test_resolve_device_names_the_param_when_cuda_is_missing():
+    assert resolve_device("cpu", local_rank=1) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 0)
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(StageError, match=r"finetune\.device is cuda"):
+            resolve_device("cuda", param="finetune.device")

@@ -128,6 +128,24 @@ def _split(generator: torch.Generator) -> tuple[torch.Generator, torch.Generator
     return torch.Generator().manual_seed(seeds[0]), torch.Generator().manual_seed(seeds[1])
 
 
+def _source(
+    image: torch.Tensor | Image.Image, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Generator, torch.Generator]:
+    """What every view maker starts from: the float image, and its geometry and colour streams."""
+    return to_float_image(image), *_split(_resolve_generator(generator))
+
+
+def _check_crop_counts(global_crops: int, local_crops: int) -> None:
+    # the teacher sees only global views: without one there is nothing to distil from
+    if global_crops < 1 or local_crops < 0:
+        raise ValueError(f"need global_crops >= 1 and local_crops >= 0, got {global_crops}, {local_crops}")
+
+
+def _augmented(view: torch.Tensor, recipe: PhotometricRecipe, generator: torch.Generator, colour: bool) -> torch.Tensor:
+    """The normalised training view: ``recipe`` applied when ``colour`` is on; off, no draws from ``generator``."""
+    return normalize(photometric(view, recipe, generator) if colour else view)
+
+
 def _global_recipe(index: int) -> PhotometricRecipe:
     # DINO defines two global recipes; extra global views (not used by default) alternate between them.
     return GLOBAL1 if index % 2 == 0 else GLOBAL2
@@ -153,8 +171,7 @@ class LAFSViews:
         flip_perm: torch.Tensor | None = None,
         photometric: bool = True,
     ) -> None:
-        if global_crops < 1 or local_crops < 0:
-            raise ValueError(f"need global_crops >= 1 and local_crops >= 0, got {global_crops}, {local_crops}")
+        _check_crop_counts(global_crops, local_crops)
         self.global_crops = global_crops
         self.local_crops = local_crops
         self.size = size
@@ -169,8 +186,7 @@ class LAFSViews:
         landmarks: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        img = to_float_image(image)
-        geo_gen, colour_gen = _split(_resolve_generator(generator))
+        img, geo_gen, colour_gen = _source(image, generator)
         flip_perm = self.flip_perm
         if landmarks is not None:
             landmarks = torch.as_tensor(landmarks, dtype=torch.float32)
@@ -184,7 +200,7 @@ class LAFSViews:
             geometry: CropFlip = aug.sample(img.shape[-2], img.shape[-1], geo_gen)
             view, lm = aug.apply(img, landmarks, geometry)
             clean.append(normalize(view))
-            augmented.append(normalize(photometric(view, recipe, colour_gen) if self.photometric else view))
+            augmented.append(_augmented(view, recipe, colour_gen, self.photometric))
             if lm is not None:
                 carried.append(lm)
         out = {"clean": torch.stack(clean), "augmented": torch.stack(augmented)}
@@ -209,8 +225,7 @@ class DINOFaceViews:
         local_scale: tuple[float, float] = (0.05, 0.4),
         photometric: bool = True,
     ) -> None:
-        if global_crops < 1 or local_crops < 0:
-            raise ValueError(f"need global_crops >= 1 and local_crops >= 0, got {global_crops}, {local_crops}")
+        _check_crop_counts(global_crops, local_crops)
         self.global_crops = global_crops
         self.local_crops = local_crops
         self.local_size = local_size
@@ -227,7 +242,7 @@ class DINOFaceViews:
         colour_gen: torch.Generator,
     ) -> torch.Tensor:
         view, _ = aug.apply(img, None, aug.sample(img.shape[-2], img.shape[-1], geo_gen))
-        return normalize(photometric(view, recipe, colour_gen) if self.photometric else view)
+        return _augmented(view, recipe, colour_gen, self.photometric)
 
     def __call__(
         self,
@@ -237,8 +252,7 @@ class DINOFaceViews:
     ) -> dict[str, torch.Tensor]:
         """``landmarks`` is accepted and ignored, so a dataset can call either view maker the same way."""
         del landmarks
-        img = to_float_image(image)
-        geo_gen, colour_gen = _split(_resolve_generator(generator))
+        img, geo_gen, colour_gen = _source(image, generator)
         globals_ = [self._view(img, self.global_aug, _global_recipe(i), geo_gen, colour_gen)
                     for i in range(self.global_crops)]
         locals_ = [self._view(img, self.local_aug, LOCAL, geo_gen, colour_gen) for _ in range(self.local_crops)]

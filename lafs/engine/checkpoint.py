@@ -6,18 +6,28 @@ checkpoint carrying a pickled arbitrary object is refused instead of executing c
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lafs.stages import StageError
+
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class ChangedCheckpointError(StageError):
+    """``last.pt`` belongs to a run with other params or inputs; the CLI prints the message, no traceback."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -48,6 +58,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"refusing to load {path}: not a plain-tensor checkpoint ({type(exc).__name__}: {exc}). "
             "Only load checkpoints written by this project."
         ) from exc
+
+
+def resume_state(
+    last: Path,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    *,
+    stage: str,
+    input_names: str,
+    restart_on_change: bool,
+    map_location: str | torch.device = "cpu",
+    set_aside: bool = True,
+    before_set_aside: Callable[[], None] | None = None,
+) -> dict[str, Any] | None:
+    """The ``last`` checkpoint to resume from, or None to start over (no checkpoint, or one set aside).
+
+    Resuming a checkpoint written with other params (``config``, the resolved section) or other input files
+    (``inputs``, their sha256) would silently splice two different runs into one model, so a changed
+    fingerprint is refused, naming the ``stage`` params and the ``input_names`` it covers. With
+    ``restart_on_change`` the old checkpoint is moved to ``<name>.previous.pt`` rather than deleted: the
+    change may have been a mistake, and that run can be resumed again by moving it back.
+
+    Under DDP every rank calls this and reaches the same decision (same file, same fingerprint); only the
+    rank with ``set_aside`` moves the file, after ``before_set_aside`` (a barrier, so no rank is still
+    reading it).
+    """
+    if not last.exists():
+        return None
+    state = load_checkpoint(last, map_location=map_location)
+    if (state.get("config"), state.get("inputs")) == (config, inputs):
+        return state
+    if not restart_on_change:
+        raise ChangedCheckpointError(
+            f"{last} was written with different {stage} params or inputs ({input_names}); restore them to resume, "
+            "or pass --restart-on-change to set it aside and start over")
+    if before_set_aside is not None:
+        before_set_aside()
+    if set_aside:
+        aside = last.with_suffix(".previous.pt")
+        last.replace(aside)
+        log.warning("%s params or inputs changed: %s moved to %s; starting over", stage, last, aside)
+    return None
 
 
 def rng_state() -> dict[str, Any]:

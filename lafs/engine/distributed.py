@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lafs.stages import StageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -37,15 +39,23 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def resolve_device(device: str = "auto", local_rank: int = 0, param: str = "device") -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` (a params ``device`` value) -> this process's device: ``auto`` takes the
+    GPU when there is one; an explicit ``cuda`` without one fails, naming ``param``, rather than silently
+    training on the CPU for hours."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise StageError(f"{param} is cuda but CUDA is not available; use device: auto or cpu")
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", param: str = "device") -> DistEnv:
     """Join the process group torchrun set up (if any); one process per GPU, or CPU processes on gloo."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but CUDA is not available; use device: auto or cpu")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, local_rank, param)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

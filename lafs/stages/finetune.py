@@ -34,8 +34,8 @@ from lafs.config import FinetuneParams, read_yaml_mapping, resolved, update_sect
 from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augment
 from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
-from lafs.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from lafs.engine.distributed import derived_seed, under_torchrun
+from lafs.engine.checkpoint import resume_state, rng_state, save_checkpoint, set_rng_state
+from lafs.engine.distributed import derived_seed, resolve_device, under_torchrun
 from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, embed, frozen_copy
 from lafs.engine.preemption import Preempted, SigtermFlag
 from lafs.eval.verification import kfold_accuracy, pair_scores
@@ -270,12 +270,6 @@ def validate(model: torch.nn.Module, loader: DataLoader, val_paths: list[str], p
 # -- training --------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StageError("finetune.device is cuda but CUDA is not available; use device: auto or cpu")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) -> dict[str, str]:
     """sha256 of the files a run depends on besides its params: resuming across other inputs is wrong."""
     files = {f"split_{k}": v for k, v in data.sources.items()}
@@ -284,24 +278,6 @@ def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) 
     if cfg.init == "pretrained":
         files["teacher"] = paths.teacher
     return {name: file_sha256(f) for name, f in sorted(files.items())}
-
-
-def _resume_state(cfg: FinetuneParams, paths: FinetunePaths, inputs: dict[str, str],
-                  restart_on_change: bool) -> dict[str, Any] | None:
-    if not paths.last.exists():
-        paths.model.unlink(missing_ok=True)  # a fresh run: a model.pt left over is not this run's best
-        return None
-    state = load_checkpoint(paths.last)
-    if (state["config"], state["inputs"]) == (resolved(cfg), inputs):
-        return state
-    if not restart_on_change:
-        raise StageError(f"{paths.last} was written with different finetune params or inputs (splits, landmark net, "
-                         "teacher); restore them to resume, or pass --restart-on-change to set it aside and start over")
-    aside = paths.last.with_suffix(".previous.pt")
-    paths.last.replace(aside)
-    paths.model.unlink(missing_ok=True)
-    log.warning("finetune params or inputs changed: %s moved to %s; starting over", paths.last, aside)
-    return None
 
 
 def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback | None = None,
@@ -314,7 +290,7 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
     """
     if under_torchrun():
         raise StageError("finetune runs in one process; start it without torchrun")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device, param="finetune.device")
     data = select_data(cfg, paths)
     model = build_recogniser(cfg, paths).to(device)
     reference = frozen_copy(model.landmark_net) if model.landmark_net is not None and cfg.reg_weight > 0 else None
@@ -330,9 +306,12 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
     inputs = _fingerprint(cfg, paths, data)
-    state = _resume_state(cfg, paths, inputs, restart_on_change)
+    state = resume_state(paths.last, resolved(cfg), inputs, stage="finetune",
+                         input_names="splits, landmark net, teacher", restart_on_change=restart_on_change)
     start_it, run_id, progress = 0, None, Progress()
-    if state is not None:
+    if state is None:
+        paths.model.unlink(missing_ok=True)  # starting over: a model.pt left over is not this run's best
+    else:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
         start_it, run_id, progress = int(state["iteration"]), state["mlflow_run_id"] or None, Progress(

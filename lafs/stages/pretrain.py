@@ -26,7 +26,7 @@ from lafs.data.datasets import ResumableSampler, SSLFaces
 from lafs.data.images import file_sha256
 from lafs.data.views import DINOFaceViews, LAFSViews
 from lafs.engine import remote
-from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
+from lafs.engine.checkpoint import resume_state, save_checkpoint
 from lafs.engine.distributed import (
     DistEnv,
     all_true,
@@ -122,7 +122,7 @@ def _views(cfg: SSLParams):
 
 def run(cfg: SSLParams, paths: PretrainPaths = PretrainPaths(), restart_on_change: bool = False) -> PretrainSummary:
     """Train (or resume) to the end; ``restart_on_change`` sets aside a checkpoint of other params."""
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, param="pretrain.device")
     try:
         return _train(cfg, paths, env, restart_on_change)
     finally:
@@ -155,18 +155,10 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
         log.info("resuming from %s/%s", cfg.checkpoint_uri, paths.last.name)
     barrier()
     inputs = _input_fingerprint(cfg, paths)
-    state = load_checkpoint(paths.last, map_location=env.device) if paths.last.exists() else None
-    if state is not None and (state["config"], state.get("inputs")) != (resolved(cfg), inputs):
-        if not restart_on_change:
-            raise StageError(f"{paths.last} was written with different pretrain params or inputs (SSL split, "
-                             "landmark net); restore them to resume, or pass --restart-on-change to set it "
-                             "aside and start over")
-        barrier()
-        if env.is_main:
-            paths.last.replace(paths.last.with_suffix(".previous.pt"))
-            log.warning("params changed: %s moved to %s; starting over", paths.last, paths.last.with_suffix(
-                ".previous.pt"))
-        state = None
+    # every rank reads last.pt and decides alike; rank 0 alone sets a changed one aside, once all have read it
+    state = resume_state(paths.last, resolved(cfg), inputs, stage="pretrain", input_names="SSL split, landmark net",
+                         restart_on_change=restart_on_change, map_location=env.device, set_aside=env.is_main,
+                         before_set_aside=barrier)
     if state is not None:
         trainer.load_state_dict(state)
         start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id") or None
