@@ -286,6 +286,68 @@ class FacePipeline:
         return outcomes, self.detector.calls - before
 
 
+class _RowStore:
+    """The table's per-face numbers in numpy columns preallocated for every job, filled as chunks arrive.
+
+    ~650 bytes per image where a Python dict per row took ~2 KB and many small Arrow tables more still, so the
+    parent's memory stays nearly flat as the manifest grows (benchmarks/landmarks.py measures 1x vs 10x). Path
+    columns come from the jobs; the model/param columns are the same for every row of a run (the fingerprint
+    guarantees it for reused rows), so neither is stored per row.
+    """
+
+    NUMBERS = (("num_faces", np.int32), ("face_index", np.int32), ("det_score", np.float32))
+    POINTS = (("bbox", 4), ("kps5", 10), ("kps5_aligned", 10))
+
+    def __init__(self, jobs: list[Job], models: Models, det_size: int) -> None:
+        n, dense = len(jobs), 2 * NUM_POINTS[models.dense_scheme]
+        self.jobs = jobs
+        self.accepted = np.zeros(n, dtype=bool)
+        self.numbers = {name: np.zeros(n, dtype) for name, dtype in self.NUMBERS}
+        self.points = {name: np.zeros((n, size), np.float32) for name, size in (*self.POINTS, ("dense", dense))}
+        self.constants = {
+            "dense_scheme": models.dense_scheme,
+            "detector": models.detector_name,
+            "detector_sha256": models.detector_sha256,
+            "landmarker_sha256": models.landmarker_sha256,
+            "det_size": det_size,
+        }
+
+    def put(self, index: int, row: dict[str, Any]) -> None:
+        self.accepted[index] = True
+        for name, column in self.numbers.items():
+            column[index] = row[name]
+        for name, column in self.points.items():
+            column[index] = np.asarray(row[name], dtype=np.float32).ravel()
+
+    def put_previous(self, indices: list[int], previous: pa.Table, positions: list[int]) -> None:
+        """Rows ``positions`` of the previous run's table, as the jobs ``indices``."""
+        rows = previous.take(pa.array(positions, pa.int64()))
+        self.accepted[indices] = True
+        for name, column in self.numbers.items():
+            column[indices] = rows.column(name).to_numpy()
+        for name, column in self.points.items():
+            column[indices] = _points(rows, name).reshape(len(indices), -1)
+
+    def table(self) -> pa.Table:
+        keep = np.flatnonzero(self.accepted)
+        jobs = [self.jobs[i] for i in keep]
+        columns: dict[str, pa.Array] = {
+            name: pa.array([getattr(job, name) for job in jobs], pa.string())
+            for name in ("path", "identity", "sha256", "aligned_path")
+        }
+        columns |= {name: pa.array(column[keep]) for name, column in self.numbers.items()}
+        for name, column in self.points.items():
+            values, width = pa.array(column[keep].ravel()), column.shape[1]
+            if pa.types.is_fixed_size_list(SCHEMA.field(name).type):
+                columns[name] = pa.FixedSizeListArray.from_arrays(values, width)
+            else:
+                columns[name] = pa.ListArray.from_arrays(pa.array(np.arange(len(keep) + 1) * width, pa.int32()), values)
+        columns |= {
+            name: pa.array([value] * len(keep), SCHEMA.field(name).type) for name, value in self.constants.items()
+        }
+        return pa.table([columns[name] for name in SCHEMA.names], schema=SCHEMA)
+
+
 _WORKER: FacePipeline | None = None
 # dlib's predictor, loaded by the parent before forking: workers share its ~100 MB copy-on-write and skip
 # the ~1 s load. (ONNX Runtime sessions are never shared across fork: each worker makes its own.)
@@ -318,31 +380,43 @@ def run(cfg: LandmarksParams, out_dir: Path) -> LandmarksSummary:
         Job(i, r["path"], r["identity"], r["sha256"], aligned)
         for i, (r, aligned) in enumerate(zip(manifest, _aligned_paths(manifest), strict=True))
     ]
-    prev_rows, prev_rejects = _previous(out_dir, fp)
-    outcomes: dict[int, dict | Reject] = {}
+    prev_table, prev_position, prev_rejects = _previous(out_dir, fp)
+    prev_aligned = prev_table.column("aligned_path").to_pylist() if prev_table is not None else []
+    store = _RowStore(jobs, models, cfg.det_size)
+    rejected: dict[int, Reject] = {}
     todo: list[Job] = []
+    reuse_jobs: list[int] = []
+    reuse_rows: list[int] = []
     for job in jobs:
         key = (job.path, job.sha256)
-        row = prev_rows.get(key)
-        if row is not None and row["aligned_path"] == job.aligned_path and (out_dir / job.aligned_path).is_file():
-            outcomes[job.index] = {**row, "identity": job.identity, "detector": models.detector_name}
+        pos = prev_position.get(key)
+        if pos is not None and prev_aligned[pos] == job.aligned_path and (out_dir / job.aligned_path).is_file():
+            reuse_jobs.append(job.index)
+            reuse_rows.append(pos)
         elif key in prev_rejects:
-            outcomes[job.index] = prev_rejects[key]
+            rejected[job.index] = prev_rejects[key]
         else:
             todo.append(job)
-    reused = len(outcomes)
+    if reuse_jobs:
+        store.put_previous(reuse_jobs, prev_table, reuse_rows)
+    del prev_table, prev_aligned, prev_position
+    reused = len(reuse_jobs) + len(rejected)
     log.info("landmarks: %d images, %d reused, %d to process", len(jobs), reused, len(todo))
     detector_calls = 0
-    if todo:
-        new, detector_calls = _process(todo, cfg, models, out_dir)
-        outcomes.update(new)
+    for done, calls in _process(todo, cfg, models, out_dir):
+        detector_calls += calls
+        for index, outcome in done:
+            if isinstance(outcome, Reject):
+                rejected[index] = outcome
+            else:
+                store.put(index, outcome)
 
-    rows = [o for i in sorted(outcomes) if isinstance(o := outcomes[i], dict)]
-    rejects = [o for i in sorted(outcomes) if isinstance(o := outcomes[i], Reject)]
-    _prune_aligned(out_dir, {r["aligned_path"] for r in rows})
-    _write_table(out_dir / TABLE, rows, cfg, fp)
+    table = store.table()
+    rejects = [rejected[i] for i in sorted(rejected)]
+    _prune_aligned(out_dir, set(table.column("aligned_path").to_pylist()))
+    _write_table(out_dir / TABLE, table, cfg, fp)
     _write_rejects(out_dir / REJECTS, rejects)
-    summary = _summarise(rows, rejects, models, len(todo), reused, detector_calls, time.perf_counter() - start)
+    summary = _summarise(table, rejects, models, len(todo), reused, detector_calls, time.perf_counter() - start)
     write_metrics(out_dir / METRICS, summary.metrics())
     log.info(summary.describe())
 
@@ -358,21 +432,20 @@ def run(cfg: LandmarksParams, out_dir: Path) -> LandmarksSummary:
 
 def _process(
     todo: list[Job], cfg: LandmarksParams, models: Models, out_dir: Path
-) -> tuple[dict[int, dict | Reject], int]:
-    """Run the pipeline over ``todo`` in-process (one worker or one chunk) or in a pool of forked workers."""
+) -> Iterator[tuple[list[tuple[int, dict | Reject]], int]]:
+    """Run the pipeline over ``todo`` in-process (one worker or one chunk) or in a pool of forked workers,
+    yielding each chunk's outcomes (by job index) and detector calls as it completes, in order."""
+    if not todo:
+        return
     workers = max(1, min(cfg.workers, math.ceil(len(todo) / 2)))
     # Chunks small enough that every worker gets work, large enough to keep task overhead negligible.
     size = max(1, min(cfg.chunk_size, math.ceil(len(todo) / workers)))
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-    outcomes: dict[int, dict | Reject] = {}
-    calls = 0
     if workers == 1 or len(chunks) == 1:
         pipeline = FacePipeline(cfg, models, threads=1)  # more ORT threads only spin when cores are busy
         for chunk in chunks:
-            done, n = pipeline.process_chunk(chunk, out_dir)
-            outcomes.update(done)
-            calls += n
-        return outcomes, calls
+            yield pipeline.process_chunk(chunk, out_dir)
+        return
     global _INHERITED_LANDMARKER
     threads = max(1, (os.cpu_count() or 1) // workers)
     # fork is unsafe on macOS, absent on Windows, and deadlocks children when this process already runs an
@@ -398,9 +471,7 @@ def _process(
                 initargs=(cfg, models, threads),
             ) as pool,
         ):
-            for done, n in pool.map(_work, chunks, [out_dir] * len(chunks)):
-                outcomes.update(done)
-                calls += n
+            yield from pool.map(_work, chunks, [out_dir] * len(chunks))
     except BrokenProcessPool as exc:
         raise LandmarksError(
             f"a landmarks worker process died ({exc}); the log above shows why (a model that fails to load, "
@@ -408,7 +479,6 @@ def _process(
         ) from None
     finally:
         _INHERITED_LANDMARKER = None
-    return outcomes, calls
 
 
 @contextmanager
@@ -467,25 +537,27 @@ def _aligned_paths(manifest: list[dict[str, str]]) -> list[str]:
     return out
 
 
-def _previous(out_dir: Path, fp: dict[str, Any]) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, str], Reject]]:
-    """Rows and rejects of the previous run, keyed by (path, sha256), if it used the same fingerprint."""
+def _previous(
+    out_dir: Path, fp: dict[str, Any]
+) -> tuple[pa.Table | None, dict[tuple[str, str], int], dict[tuple[str, str], Reject]]:
+    """The previous run's table, its row position per (path, sha256), and its rejects, if it used the same
+    fingerprint."""
     table_path = out_dir / TABLE
     if not table_path.is_file():
-        return {}, {}
+        return None, {}, {}
     try:
         table = pq.ParquetFile(table_path).read()
         meta = table.schema.metadata or {}
         previous_fp = json.loads(meta.get(FINGERPRINT_KEY, b"null"))
     except (OSError, pa.ArrowInvalid, json.JSONDecodeError) as exc:
         log.warning("landmarks: ignoring unreadable previous %s (%s)", table_path, exc)
-        return {}, {}
+        return None, {}, {}
     if previous_fp != fp or table.schema.remove_metadata() != SCHEMA:
         log.info("landmarks: models or params changed since the previous run; processing every image")
-        return {}, {}
-    rows = {}
-    for row in table.to_pylist():
-        row.update({k: np.asarray(row[k], dtype=np.float32) for k in POINT_COLUMNS})
-        rows[(row["path"], row["sha256"])] = row
+        return None, {}, {}
+    table = table.replace_schema_metadata(None)
+    keys = zip(table.column("path").to_pylist(), table.column("sha256").to_pylist(), strict=True)
+    position = {key: i for i, key in enumerate(keys)}
     rejects: dict[tuple[str, str], Reject] = {}
     rejects_path = out_dir / REJECTS
     if rejects_path.is_file():
@@ -495,7 +567,7 @@ def _previous(out_dir: Path, fp: dict[str, Any]) -> tuple[dict[tuple[str, str], 
                 if rec.get("sha256") and rec.get("reason") != images.UNREADABLE:
                     key = (rec["path"], rec["sha256"])
                     rejects[key] = Reject(rec["path"], rec["reason"], rec["message"], rec["sha256"])
-    return rows, rejects
+    return table, position, rejects
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -518,16 +590,15 @@ def _prune_aligned(out_dir: Path, keep: set[str]) -> None:
             path.rmdir()
 
 
-def _write_table(path: Path, rows: list[dict], cfg: LandmarksParams, fp: dict[str, Any]) -> None:
+def _write_table(path: Path, table: pa.Table, cfg: LandmarksParams, fp: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         FINGERPRINT_KEY: json.dumps(fp, sort_keys=True).encode(),
         PARAMS_KEY: json.dumps(resolved(cfg), sort_keys=True).encode(),
     }
-    columns = {name: [r[name] for r in rows] for name in SCHEMA.names}
-    table = pa.table(columns, schema=SCHEMA.with_metadata(meta))
     tmp = path.with_name(f".{path.name}.partial")
-    pq.write_table(table, tmp)
+    # Row groups of 4096 faces: the writer buffers one group, not the whole table, so memory stays flat.
+    pq.write_table(table.replace_schema_metadata(meta), tmp, row_group_size=4096)
     os.replace(tmp, path)
 
 
@@ -542,7 +613,7 @@ def _write_rejects(path: Path, rejects: list[Reject]) -> None:
 
 
 def _summarise(
-    rows: list[dict],
+    table: pa.Table,
     rejects: list[Reject],
     models: Models,
     processed: int,
@@ -553,22 +624,36 @@ def _summarise(
     by_reason = Counter(r.reason for r in rejects)
     codes = list(FACE_REASON_CODES) + [c for c in images.REASON_CODES if c not in FACE_REASON_CODES]
     codes += sorted(set(by_reason) - set(codes))
-    dense = [np.asarray(r["dense"], dtype=np.float64).reshape(-1, 2) for r in rows]
-    in_crop = [((d >= 0) & (d < ALIGNED_SIZE)).all(axis=1).mean() for d in dense]
+    n = table.num_rows
+    if n:
+        dense = _points(table, "dense").reshape(n, -1, 2)
+        kps5 = _points(table, "kps5").reshape(n, 5, 2)
+        in_crop = float(((dense >= 0) & (dense < ALIGNED_SIZE)).all(axis=2).mean())
+        eye_px = float(np.mean([inter_ocular(k) for k in kps5]))
+        multi = int((table.column("num_faces").to_numpy() > 1).sum())
+        score = float(table.column("det_score").to_numpy().astype(np.float64).mean())
+    else:
+        in_crop = eye_px = score = 0.0
+        multi = 0
     return LandmarksSummary(
-        images=len(rows) + len(rejects),
-        accepted=len(rows),
+        images=n + len(rejects),
+        accepted=n,
         rejected=len(rejects),
         rejected_by_reason={c: by_reason.get(c, 0) for c in codes if by_reason.get(c) or c in FACE_REASON_CODES},
         processed=processed,
         reused=reused,
         detector_calls=detector_calls,
-        multi_face_images=sum(1 for r in rows if r["num_faces"] > 1),
-        mean_det_score=float(np.mean([r["det_score"] for r in rows])) if rows else 0.0,
-        mean_inter_ocular_px=float(np.mean([inter_ocular(np.asarray(r["kps5"])) for r in rows])) if rows else 0.0,
-        dense_in_crop_fraction=float(np.mean(in_crop)) if in_crop else 0.0,
+        multi_face_images=multi,
+        mean_det_score=score,
+        mean_inter_ocular_px=eye_px,
+        dense_in_crop_fraction=in_crop,
         dense_scheme=models.dense_scheme,
         dense_points=NUM_POINTS[models.dense_scheme],
         detector=models.detector_name,
         seconds=seconds,
     )
+
+
+def _points(table: pa.Table, column: str) -> np.ndarray:
+    """A list<float32> column as one flat float64 array (every row of a run has the same length)."""
+    return pa.concat_arrays(table.column(column).chunks).flatten().to_numpy().astype(np.float64)
