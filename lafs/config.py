@@ -158,14 +158,16 @@ class LandmarkNetParams(Section):
 
     model: str = "landmark_net_mnv3_small"
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     min_lr: float = Field(1e-5, ge=0.0)
     warmup_epochs: int = Field(1, ge=0)
     weight_decay: float = Field(1e-4, ge=0.0)
     crop_scale: Range = (0.4, 1.0)  # the RandomResizedCrop range of the SSL views it will see
+    full_view_fraction: float = Field(0.25, ge=0.0, le=1.0)  # views that are the whole face, not a crop
     flip: bool = True
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0)  # torch intra-op threads while training; 0 = torch's default (all cores)
     seed: int = 0
     max_nme: float = Field(0.2, gt=0.0)  # sanity gate on held-out NME (fraction of eye distance); goal: 0.05
 

@@ -337,7 +337,7 @@ def tiny_recogniser(seed: int = 0):
     grid = torch.stack(torch.meshgrid(torch.linspace(24, 88, 8), torch.linspace(20, 92, 9), indexing="ij"), -1)
     with torch.no_grad():
         model.landmark_net.init_mean_shape(grid.reshape(-1, 2)[:68].flip(-1))
-        model.landmark_net.head[1].weight.normal_(0.0, 0.02)
+        model.landmark_net.offset.weight.normal_(0.0, 0.02)
     return model
 
 

@@ -1,8 +1,14 @@
-"""Landmark network: a small timm CNN that regresses K (x, y) landmarks from an aligned face.
+"""Landmark network: a small timm CNN that places K (x, y) landmarks on an aligned face (or a crop of one).
 
 Replaces the official stage-1 landmark CNN (MobileNetV3-Large, never released): we train it on the
 dense landmarks of the extraction stage, freeze it for LAFS pretraining and fine-tune it with the
 recogniser (regularised towards its frozen copy).
+
+Why integral regression and not global-pool + Linear (the first version): pooling throws away *where* a feature
+fired, so the head had to re-derive each point's position from a 1280-d summary; trained from scratch on ~1.5k
+faces it barely beat the mean shape (10.7% vs 12.9% NME). A per-landmark heatmap read out by soft-argmax keeps the
+spatial layout (a feature at cell (i, j) votes for position (i, j)), is differentiable, and is translation-
+equivariant, which is exactly what random resized crops need.
 """
 
 from __future__ import annotations
@@ -10,14 +16,22 @@ from __future__ import annotations
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class LandmarkNet(nn.Module):
-    """CNN -> global pool -> dropout -> Linear(2K); outputs pixel coordinates (B, K, 2).
+    """timm CNN -> FPN-lite heatmaps -> soft-argmax + global offset; outputs pixel coordinates (B, K, 2).
 
-    The head predicts coordinates normalised to [-1, 1] (the ``grid_sample`` frame), so points just
-    outside the crop (jaw points in the tight ArcFace template) remain representable; unlike the
-    official per-sample min-max rescaling, the output keeps the face's real scale.
+    - ``heatmap_stride`` 16 (7x7 at 112 px) or 8 (14x14): the stride-32 features are upsampled and added to the
+      finer levels (1x1 laterals), then a 3x3 conv and a 1x1 conv give one heatmap per landmark.
+    - The soft-argmax of a heatmap is bounded by the crop, but LAFS global views are 0.4-1 area crops that cut
+      off the jaw or the brows, and those points must still be placed (off-crop patches are zero-padded). So
+      each landmark also gets an offset regressed from the pooled stride-32 features, initialised to the mean
+      shape (``init_mean_shape``): the offset carries points outside the crop, the heatmap the precise
+      in-crop position.
+
+    Coordinates are predicted in the [-1, 1] ``grid_sample`` frame (``to_normalised`` / ``to_pixels``); unlike
+    the official per-sample min-max rescaling, the output keeps the face's real scale.
     """
 
     def __init__(
@@ -25,16 +39,27 @@ class LandmarkNet(nn.Module):
         num_landmarks: int = 68,
         backbone: str = "mobilenetv3_large_100",
         img_size: int = 112,
-        dropout: float = 0.5,
+        heatmap_stride: int = 16,
+        width: int = 128,
         pretrained: bool = False,
     ) -> None:
         super().__init__()
+        levels = {16: (3, 4), 8: (2, 3, 4)}
+        if heatmap_stride not in levels:
+            raise ValueError(f"heatmap_stride must be 8 or 16, got {heatmap_stride}")
         self.num_landmarks = num_landmarks
         self.img_size = img_size
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(_pooled_dim(self.backbone), 2 * num_landmarks))
-        nn.init.zeros_(self.head[1].weight)
-        nn.init.zeros_(self.head[1].bias)
+        # Stages 2-4 of a 5-stage timm CNN are its stride-8, -16 and -32 outputs (MobileNetV3, EfficientNet, ...).
+        self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
+                                          out_indices=levels[heatmap_stride])
+        channels = self.backbone.feature_info.channels()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.Hardswish())
+        self.heatmaps = nn.Conv2d(width, num_landmarks, 1)
+        self.offset = nn.Linear(channels[-1], 2 * num_landmarks)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
 
     def to_pixels(self, normalised: torch.Tensor) -> torch.Tensor:
         return (normalised + 1.0) * (self.img_size / 2.0) - 0.5
@@ -44,14 +69,26 @@ class LandmarkNet(nn.Module):
 
     @torch.no_grad()
     def init_mean_shape(self, mean_landmarks: torch.Tensor) -> None:
-        """Start from the mean face shape (K, 2 pixels) so early predictions are already plausible."""
-        self.head[1].bias.copy_(self.to_normalised(mean_landmarks.float()).reshape(-1))
+        """Start from the mean face shape (K, 2 pixels) so early predictions are already plausible (the
+        heatmaps start near-uniform, whose soft-argmax is the crop centre, i.e. offset 0)."""
+        self.offset.bias.copy_(self.to_normalised(mean_landmarks.float()).reshape(-1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.backbone(images))
-        return self.to_pixels(out.float().reshape(-1, self.num_landmarks, 2))
+        features = self.backbone(images)
+        x = self.laterals[-1](features[-1])
+        for lateral, feature in zip(self.laterals[-2::-1], features[-2::-1], strict=True):
+            x = F.interpolate(x, size=feature.shape[-2:], mode="bilinear", align_corners=False) + lateral(feature)
+        logits = self.heatmaps(self.fuse(x))
+        soft = soft_argmax(logits)
+        offset = self.offset(features[-1].mean(dim=(2, 3))).reshape(-1, self.num_landmarks, 2)
+        return self.to_pixels((soft + offset).float())
 
 
-def _pooled_dim(backbone: nn.Module) -> int:
-    # timm MobileNetV3 with num_classes=0 returns its 1280-d conv-head output, not num_features (960).
-    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+def soft_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) heatmap logits -> (B, K, 2) expected (x, y) of each softmax map, in the [-1, 1] frame where
+    cell centres sit at (2 * i + 1) / n - 1 (the ``align_corners=False`` convention of ``to_normalised``)."""
+    b, k, h, w = logits.shape
+    prob = logits.flatten(2).softmax(dim=-1).reshape(b, k, h, w)
+    xs = (torch.arange(w, dtype=prob.dtype, device=prob.device) * 2.0 + 1.0) / w - 1.0
+    ys = (torch.arange(h, dtype=prob.dtype, device=prob.device) * 2.0 + 1.0) / h - 1.0
+    return torch.stack(((prob.sum(dim=2) * xs).sum(dim=-1), (prob.sum(dim=3) * ys).sum(dim=-1)), dim=-1)
