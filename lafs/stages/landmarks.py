@@ -234,10 +234,10 @@ class FacePipeline:
         except FaceModelError as exc:
             raise LandmarksError(str(exc)) from None
         self.cfg = cfg
-        self.models = models
 
     def process(self, job: Job, out_dir: Path) -> dict[str, Any]:
-        """Row for ``job`` (the aligned PNG is written), or :class:`ImageRejected`."""
+        """The face's numbers for ``job`` (the aligned PNG is written), or :class:`ImageRejected`. Only what
+        varies per face: :class:`_RowStore` takes the paths from the job and the model/param columns from the run."""
         import cv2
 
         rgb = images.load_rgb(out_dir / job.path)
@@ -251,23 +251,14 @@ class FacePipeline:
             raise RuntimeError(f"PNG encoding of the aligned face of {job.path} failed")
         _write_atomic(out_dir / job.aligned_path, png.tobytes())
         return {
-            "path": job.path,
-            "identity": job.identity,
-            "sha256": job.sha256,
-            "aligned_path": job.aligned_path,
             "num_faces": len(faces),
             "face_index": index,
             "det_score": face.score,
-            # float32 arrays, not lists: a fifth of the memory per row in the parent, and cheaper to pickle.
+            # float32 arrays, not lists: cheaper to pickle back to the parent
             "bbox": face.bbox.astype(np.float32),
             "kps5": face.kps.astype(np.float32).ravel(),
             "kps5_aligned": transform_points(face.kps, matrix).astype(np.float32).ravel(),
             "dense": dense.astype(np.float32).ravel(),
-            "dense_scheme": self.models.dense_scheme,
-            "detector": self.models.detector_name,
-            "detector_sha256": self.models.detector_sha256,
-            "landmarker_sha256": self.models.landmarker_sha256,
-            "det_size": self.cfg.det_size,
         }
 
     def process_chunk(self, jobs: list[Job], out_dir: Path) -> tuple[list[tuple[int, dict | Reject]], int]:
