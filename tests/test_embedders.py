@@ -111,17 +111,17 @@ def test_dlib_resnet_on_photos_ranks_the_same_person_first(real_faces):
         dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:1])
 
 
-def test_dlib_box_from_keypoints_sits_like_dlibs_own_detector(real_faces):
+def test_dlib_box_sits_like_dlibs_own_detector(real_faces):
     import dlib
 
-    from lafs.eval.embedders import dlib_box_from_keypoints
+    from lafs.faces.dense import dlib_box
 
     hog = dlib.get_frontal_face_detector()
     placed_err, scrfd_err = [], []
     for photo, kps, box in zip(real_faces.photos, real_faces.kps, real_faces.boxes, strict=True):
         dets = [np.array([d.left(), d.top(), d.right(), d.bottom()], dtype=np.float32) for d in hog(photo, 1)]
         own = min(dets, key=lambda d: np.abs(d - box).sum())  # dlib's own box of the same face
-        placed = dlib_box_from_keypoints(kps)
+        placed = dlib_box(kps)
         assert np.abs(placed - own).max() < 0.3 * (own[2] - own[0])  # every corner near dlib's own box ...
         placed_err.append(np.abs(placed - own).mean())
         scrfd_err.append(np.abs(box - own).mean())

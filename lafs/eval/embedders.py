@@ -27,17 +27,11 @@ import torch
 from torch import nn
 
 from lafs.faces.align import ALIGNED_SIZE
+from lafs.faces.dense import dlib_box
 
 DLIB_RESNET: Final = "dlib_resnet"
 DLIB_CHIP_SIZE: Final = 150  # dlib's recognizer input (dnn_face_recognition_ex.cpp: get_face_chip 150, pad 0.25)
 DLIB_CHIP_PADDING: Final = 0.25
-# dlib's shape predictor was trained on boxes of dlib's own HOG face detector, which sit on a face differently
-# from SCRFD's (squarer, lower). From SCRFD's 5 keypoints the box dlib expects is placed in the keypoint frame
-# (origin: midpoint of the eye centre and the mouth centre; unit: their distance): x1, y1, x2, y2 measured as
-# the mean over the 180 shared LFW photos that no pair uses (SCRFD 500m at 320 px; per-face std 0.15-0.19).
-# On 240 pairs of the subset, dlib reaches 98.75% with these boxes, as with its own HOG boxes, and 96.7% with
-# the raw SCRFD box.
-DLIB_BOX_IN_KPS_FRAME: Final = (-1.1709, -1.1833, 1.1422, 1.1281)
 
 
 class EmbedderError(ValueError):
@@ -151,15 +145,6 @@ class OnnxEmbedder:
         return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
 
 
-def dlib_box_from_keypoints(kps: np.ndarray) -> np.ndarray:
-    """The face box in dlib's detector convention from SCRFD's 5 keypoints (see :data:`DLIB_BOX_IN_KPS_FRAME`)."""
-    kps = np.asarray(kps, dtype=np.float64).reshape(5, 2)
-    eyes, mouth = kps[:2].mean(axis=0), kps[3:].mean(axis=0)
-    origin, unit = (eyes + mouth) / 2, float(np.linalg.norm(mouth - eyes))
-    rel = np.asarray(DLIB_BOX_IN_KPS_FRAME).reshape(2, 2)
-    return (origin + rel * unit).reshape(4).astype(np.float32)
-
-
 def dlib_model_paths() -> tuple[Path, Path]:
     """(68-point shape predictor, ResNet recognizer) shipped by PyPI ``face-recognition-models``."""
     from lafs.faces.dense import dlib68_model_path
@@ -176,7 +161,7 @@ class DlibEmbedder:
     """dlib's ResNet (128-d) on 150 px face chips cut by its own 68-point alignment.
 
     ``embed_photos`` is the faithful use: the shape predictor on the original photo inside the detector's box,
-    re-placed in dlib's own box convention from the keypoints when they are given (:func:`dlib_box_from_keypoints`).
+    re-placed in dlib's own box convention from the keypoints when they are given (:func:`lafs.faces.dense.dlib_box`).
     ``embed_aligned`` runs the predictor on the 112 px ArcFace crop instead (the whole crop as the box): it
     keeps the :class:`Embedder` protocol for callers holding only aligned faces, at some cost in accuracy
     (the tight crop cuts the chin and brow that dlib's chip includes).
@@ -234,7 +219,7 @@ class DlibEmbedder:
             keypoints = np.asarray(keypoints, dtype=np.float32).reshape(-1, 5, 2)
             if len(keypoints) != len(boxes):
                 raise EmbedderError(f"{len(keypoints)} keypoint sets for {len(boxes)} boxes: give one per photo")
-            boxes = np.stack([dlib_box_from_keypoints(k) for k in keypoints]) if len(keypoints) else boxes
+            boxes = np.stack([dlib_box(k) for k in keypoints]) if len(keypoints) else boxes
         return self.embed_chips([self.chip(np.ascontiguousarray(p), b) for p, b in zip(photos, boxes, strict=True)],
                                 flip)
 

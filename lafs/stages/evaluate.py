@@ -14,7 +14,7 @@ Two entry points share every step (faces -> embeddings -> scores -> metrics and 
   and the same plots. No MLflow run: it is a measurement, not a pipeline step.
 
 Photos are detected with the ``landmarks`` section's SCRFD detector and policy, for dlib too (its shape
-predictor gets a box placed from the SCRFD keypoints, :func:`lafs.eval.embedders.dlib_box_from_keypoints`), so all
+predictor gets a box placed from the SCRFD keypoints, :func:`lafs.faces.dense.dlib_box`), so all
 models see the same faces. A photo without a usable face keeps the
 fallback face (:mod:`lafs.eval.photos`; ``missed_faces: centre_crop``) or makes every pair holding it an
 error (``missed_faces: wrong``): scored outside the cosine range, below any threshold for a same pair and

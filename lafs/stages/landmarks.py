@@ -72,7 +72,7 @@ REJECTS = Path("data/rejects.csv")
 METRICS = Path("metrics/landmarks.json")
 REJECT_COLUMNS = ("path", "reason", "message", "sha256")
 # Bump when the meaning of an output changes, so existing tables are recomputed instead of reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dlib68 runs on a dlib-style box built from the 5 points (lafs.faces.dense.dlib_box)
 FINGERPRINT_KEY = b"lafs.landmarks.fingerprint"
 PARAMS_KEY = b"lafs.landmarks.params"
 
@@ -245,7 +245,7 @@ class FacePipeline:
         index = select_face(faces, (rgb.shape[1], rgb.shape[0]), self.cfg.policy, self.cfg.min_face_px)
         face = faces[index]
         crop, matrix = align_face(rgb, face.kps)
-        dense = transform_points(self.landmarker(rgb, face.bbox), matrix)
+        dense = transform_points(self.landmarker(rgb, face), matrix)
         ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"PNG encoding of the aligned face of {job.path} failed")
