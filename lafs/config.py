@@ -166,6 +166,7 @@ class LandmarkNetParams(Section):
     crop_scale: Range = (0.4, 1.0)  # the RandomResizedCrop range of the SSL views it will see
     full_view_fraction: float = Field(0.25, ge=0.0, le=1.0)  # views that are the whole face, not a crop
     flip: bool = True
+    coarse_loss_weight: float = Field(0.5, ge=0.0)  # loss on the heatmap step's points, before refinement
     num_workers: int = Field(0, ge=0)
     threads: int = Field(0, ge=0)  # torch intra-op threads while training; 0 = torch's default (all cores)
     seed: int = 0

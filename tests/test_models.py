@@ -62,6 +62,17 @@ def test_landmark_net_inside_vit_places_patches():
     assert emb.shape == (2, 192) and landmarks.shape == (2, 68, 2)
 
 
+def test_landmark_net_refinement_starts_at_the_heatmap_points_and_learns():
+    """Zero-initialised, the refinement step leaves the heatmap step's points as they are; one optimiser step on
+    a loss of the refined points alone moves its weights (gradients reach it through the sampled features)."""
+    net = lafs.create_model("landmark_net_mnv3_small", num_landmarks=68).eval()
+    x = torch.rand(2, 3, 112, 112)
+    coarse, refined = net.stages(x)
+    assert torch.equal(coarse, refined) and torch.equal(net(x), refined)
+    refined.square().mean().backward()
+    assert net.refine_weight[0].grad.abs().sum() > 0 and net.refine_bias[0].grad.abs().sum() > 0
+
+
 def test_model_without_landmarks_refuses_clearly():
     vit = lafs.create_model("lafs_vit_tiny", num_landmarks=68)
     with pytest.raises(ValueError, match="needs landmarks"):

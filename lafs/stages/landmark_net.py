@@ -128,6 +128,14 @@ def evaluate_crop_nme(net: torch.nn.Module, loader: DataLoader) -> float:
     return float(torch.cat(errors).mean())
 
 
+def _loss(net: torch.nn.Module, stages: list[torch.Tensor], target: torch.Tensor, coarse_weight: float) -> torch.Tensor:
+    """L1 in the normalised frame (robust to the few badly placed jaw points) on the refined points, plus
+    ``coarse_weight`` times it on each earlier step's: every step must land near the target by itself."""
+    target = net.to_normalised(target)
+    errors = [torch.nn.functional.l1_loss(net.to_normalised(points), target) for points in stages]
+    return errors[-1] + coarse_weight * sum(errors[:-1], torch.zeros(()))
+
+
 def run(cfg: LandmarkNetParams, paths: LandmarkNetPaths = LandmarkNetPaths()) -> LandmarkNetSummary:
     saved_threads = torch.get_num_threads()
     if cfg.threads:
@@ -175,9 +183,7 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths) -> LandmarkNetSummar
                             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         for images, target in loader:
             set_lr_wd(optimizer, float(lr[it]), cfg.weight_decay)
-            pred = net(images)
-            # L1 in the normalised frame: robust to the few badly detected jaw points
-            loss = torch.nn.functional.l1_loss(net.to_normalised(pred), net.to_normalised(target))
+            loss = _loss(net, net.stages(images), target, cfg.coarse_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
