@@ -142,9 +142,9 @@ def _mirror_error(landmarker: Dlib68, rgb: np.ndarray, box: np.ndarray, kps: np.
     """dlib's points on the photo vs its points on the mirrored photo (mirrored back, re-indexed), over the eye
     distance: a model's disagreement with itself, which a box unlike its training boxes inflates."""
     w = rgb.shape[1]
-    mirror = lambda b: np.array([w - 1 - b[2], b[1], w - 1 - b[0], b[3]])  # noqa: E731
+    mirrored_box = np.array([w - 1 - box[2], box[1], w - 1 - box[0], box[3]])
     points = landmarker.predict(rgb, box)
-    flipped = landmarker.predict(np.ascontiguousarray(rgb[:, ::-1]), mirror(box))
+    flipped = landmarker.predict(np.ascontiguousarray(rgb[:, ::-1]), mirrored_box)
     flipped[:, 0] = w - 1 - flipped[:, 0]
     return float(np.linalg.norm(points - flipped[FLIP_PERM_68.numpy()], axis=1).mean() / inter_ocular(kps))
 

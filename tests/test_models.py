@@ -63,8 +63,8 @@ def test_landmark_net_inside_vit_places_patches():
 
 
 def test_landmark_net_refinement_starts_at_the_heatmap_points_and_learns():
-    """Zero-initialised, the refinement step leaves the heatmap step's points as they are; one optimiser step on
-    a loss of the refined points alone moves its weights (gradients reach it through the sampled features)."""
+    """Zero-initialised, the refinement step leaves the heatmap step's points as they are, and a loss on the refined
+    points reaches its weights and biases (through the sampled features), so training can move them."""
     net = lafs.create_model("landmark_net_mnv3_small", num_landmarks=68).eval()
     x = torch.rand(2, 3, 112, 112)
     coarse, refined = net.stages(x)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lafs.faces.align import ALIGNED_SIZE
-from lafs.faces.dense import dlib_box
+from lafs.faces.dense import dlib68_model_path, dlib_box
 
 DLIB_RESNET: Final = "dlib_resnet"
 DLIB_CHIP_SIZE: Final = 150  # dlib's recognizer input (dnn_face_recognition_ex.cpp: get_face_chip 150, pad 0.25)
@@ -147,8 +147,6 @@ class OnnxEmbedder:
 
 def dlib_model_paths() -> tuple[Path, Path]:
     """(68-point shape predictor, ResNet recognizer) shipped by PyPI ``face-recognition-models``."""
-    from lafs.faces.dense import dlib68_model_path
-
     predictor = dlib68_model_path()
     recognizer = predictor.parent / "dlib_face_recognition_resnet_model_v1.dat"
     if not recognizer.is_file():
