@@ -89,7 +89,8 @@ class LandmarksParams(Section):
     policy: Literal["central", "largest"] = "central"  # which face of a multi-face photo is kept
     dense: Literal["auto", "dlib68", "insightface106"] = "auto"  # auto: 2d106det.onnx if the pack has it
     workers: int = Field(2, ge=1)
-    chunk_size: int = Field(32, ge=1)  # images per task sent to a worker
+    # Images per task sent to a worker; a task detects all of them, then runs every dense-landmark call.
+    chunk_size: int = Field(128, ge=1)
     max_reject_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
 

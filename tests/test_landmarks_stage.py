@@ -153,6 +153,58 @@ def test_worker_processes_match_in_process_results(first_run, shared: Path) -> N
             np.testing.assert_allclose(ours[key], by_path[row["path"]][key], atol=1e-4)
 
 
+def test_chunk_runs_in_two_passes_within_the_pixel_budget(
+    first_run, shared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk detects every photo before its first dense-landmark call, unless the decoded photos held between
+    the passes would exceed HELD_PIXELS; either way its rows are the one-photo-at-a-time ones, and a dense
+    failure rejects only its own photo."""
+    project, rows, _ = first_run
+    by_path = {r["path"]: r for r in _table(project)}
+    jobs = [
+        landmarks.Job(i, r["path"], r["identity"], r["sha256"], by_path[r["path"]]["aligned_path"])
+        for i, r in enumerate(rows[:4])
+    ]
+    pipeline = landmarks.FacePipeline(_cfg(shared), landmarks.resolve_models(_cfg(shared)))
+    expected = {job.index: pipeline.process(job, project) for job in jobs}
+    calls: list[str] = []
+    detect, dense = pipeline.detector.detect, pipeline.landmarker
+
+    def traced_detect(rgb: np.ndarray):
+        calls.append("detect")
+        return detect(rgb)
+
+    def traced_dense(rgb: np.ndarray, face):
+        calls.append("dense")
+        if len(calls) == 6:  # two passes: the second photo's dense call
+            raise RuntimeError("simulated dlib failure")
+        return dense(rgb, face)
+
+    monkeypatch.setattr(pipeline.detector, "detect", traced_detect)
+    pipeline.landmarker = traced_dense
+    outcomes, detector_calls = pipeline.process_chunk(jobs, project)
+    assert calls == ["detect"] * 4 + ["dense"] * 4 and detector_calls == 4
+    _check(outcomes, expected, failed=jobs[1].index)
+
+    calls.clear()
+    monkeypatch.setattr(landmarks, "HELD_PIXELS", 1)  # every photo is over the budget: one photo at a time
+    outcomes, _ = pipeline.process_chunk(jobs, project)
+    assert calls == ["detect", "dense"] * 4
+    _check(outcomes, expected, failed=jobs[2].index)  # the sixth call is now the third photo's dense call
+
+
+def _check(outcomes: list, expected: dict[int, dict], failed: int) -> None:
+    """Every outcome is its photo's one-at-a-time row, except ``failed``: the simulated dlib failure."""
+    assert sorted(index for index, _ in outcomes) == sorted(expected)
+    for index, row in outcomes:
+        if index == failed:
+            assert isinstance(row, landmarks.Reject) and row.reason == "processing_error"
+            assert "simulated dlib failure" in row.message
+            continue
+        for key in ("num_faces", "face_index", "det_score", "bbox", "kps5", "kps5_aligned", "dense"):
+            np.testing.assert_array_equal(row[key], expected[index][key])
+
+
 def test_rerun_reuses_work_and_enforces_the_reject_threshold(
     first_run, sources: dict[str, list[Path]], shared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
