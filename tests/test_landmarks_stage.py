@@ -266,3 +266,17 @@ def test_params_section_validates() -> None:
     for bad in ({"det_size": 300}, {"policy": "biggest"}, {"dense": "sift"}, {"workers": 0}, {"detector": "a/b"}):
         with pytest.raises(Exception, match="landmarks"):
             parse_params({"landmarks": bad})
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "workers", "count"),
+    [(1764, 128, 2, 14), (17640, 128, 2, 138), (257, 128, 2, 4), (256, 128, 2, 2), (10, 128, 2, 2), (5, 1, 2, 5)],
+)
+def test_chunks_are_even_and_a_multiple_of_the_workers(n: int, size: int, workers: int, count: int) -> None:
+    """Every job once, in order; no chunk over ``size``; sizes within one of each other and (where the job count
+    allows) a multiple of ``workers`` chunks, so no worker is left idle while another runs a last full chunk."""
+    todo = [landmarks.Job(i, f"p{i}", "id", "sha", f"a{i}") for i in range(n)]
+    chunks = landmarks._chunks(todo, size, workers)
+    assert [job for chunk in chunks for job in chunk] == todo
+    sizes = [len(chunk) for chunk in chunks]
+    assert len(chunks) == count and max(sizes) <= size and max(sizes) - min(sizes) <= 1

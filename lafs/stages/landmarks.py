@@ -46,6 +46,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -474,9 +475,7 @@ def _process(
     if not todo:
         return
     workers = max(1, min(cfg.workers, math.ceil(len(todo) / 2)))
-    # Chunks small enough that every worker gets work, large enough to keep task overhead negligible.
-    size = max(1, min(cfg.chunk_size, math.ceil(len(todo) / workers)))
-    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    chunks = _chunks(todo, cfg.chunk_size, workers)
     if workers == 1 or len(chunks) == 1:
         pipeline = FacePipeline(cfg, models, threads=1)  # more ORT threads only spin when cores are busy
         for chunk in chunks:
@@ -515,6 +514,15 @@ def _process(
         ) from None
     finally:
         _INHERITED_LANDMARKER = None
+
+
+def _chunks(todo: list[Job], size: int, workers: int) -> list[list[Job]]:
+    """``todo`` in order, cut into a multiple of ``workers`` chunks of at most ``size`` jobs whose sizes differ by
+    at most one, so the workers run out of work together. Cut at ``size`` with a short last chunk, one worker
+    could idle for most of a chunk at the end (~1 s at 128 photos: a tenth of a 1,764-photo run)."""
+    count = workers * math.ceil(len(todo) / (workers * size))
+    bounds = [i * len(todo) // count for i in range(count + 1)]
+    return [todo[a:b] for a, b in pairwise(bounds) if b > a]
 
 
 @contextmanager
