@@ -4,8 +4,10 @@ with reasons, the multi-face record, incremental reuse without repeated work, an
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
+import multiprocessing
 from pathlib import Path
 
 import cv2
@@ -280,3 +282,18 @@ def test_chunks_are_even_and_a_multiple_of_the_workers(n: int, size: int, worker
     assert [job for chunk in chunks for job in chunk] == todo
     sizes = [len(chunk) for chunk in chunks]
     assert len(chunks) == count and max(sizes) <= size and max(sizes) - min(sizes) <= 1
+
+
+def test_workers_forked_in_the_frozen_heap_do_not_collect_what_they_inherit() -> None:
+    """Objects of the parent are frozen in a child forked inside ``_frozen_heap`` (so the child's collector does
+    not write to their pages), and collected normally again in the parent afterwards."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with landmarks._frozen_heap():
+        assert gc.get_freeze_count() > 0
+        child = ctx.Process(target=lambda: queue.put(gc.get_freeze_count()))
+        child.start()
+        inherited_frozen = queue.get(timeout=60)
+        child.join(timeout=60)
+    assert child.exitcode == 0 and inherited_frozen > 0
+    assert gc.get_freeze_count() == 0
