@@ -4,10 +4,10 @@ with reasons, the multi-face record, incremental reuse without repeated work, an
 from __future__ import annotations
 
 import csv
-import gc
 import hashlib
 import json
-import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -286,14 +286,24 @@ def test_chunks_are_even_and_a_multiple_of_the_workers(n: int, size: int, worker
 
 def test_workers_forked_in_the_frozen_heap_do_not_collect_what_they_inherit() -> None:
     """Objects of the parent are frozen in a child forked inside ``_frozen_heap`` (so the child's collector does
-    not write to their pages), and collected normally again in the parent afterwards."""
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    with landmarks._frozen_heap():
-        assert gc.get_freeze_count() > 0
-        child = ctx.Process(target=lambda: queue.put(gc.get_freeze_count()))
-        child.start()
-        inherited_frozen = queue.get(timeout=60)
-        child.join(timeout=60)
-    assert child.exitcode == 0 and inherited_frozen > 0
-    assert gc.get_freeze_count() == 0
+    not write to their pages), and collected normally again in the parent afterwards. In a fresh interpreter
+    without torch, like the ``lafs landmarks`` CLI: the stage never forks from a process that has imported it."""
+    code = """
+import gc, multiprocessing, sys
+from lafs.stages import landmarks
+assert "torch" not in sys.modules
+ctx = multiprocessing.get_context("fork")
+queue = ctx.Queue()
+with landmarks._frozen_heap():
+    inside = gc.get_freeze_count()
+    child = ctx.Process(target=lambda: queue.put(gc.get_freeze_count()))
+    child.start()
+    inherited = queue.get(timeout=60)
+    child.join(timeout=60)
+print(inside, inherited, child.exitcode, gc.get_freeze_count())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    inside, inherited, exitcode, after = map(int, done.stdout.split())
+    # The child frees a few inherited objects before its target runs, so its count is close to, not equal to, ours.
+    assert inside > 0 and inherited > inside // 2 and exitcode == 0 and after == 0
