@@ -472,13 +472,13 @@ def run(cfg: LandmarksParams, out_dir: Path) -> LandmarksSummary:
 def _process(
     todo: list[Job], cfg: LandmarksParams, models: Models, out_dir: Path
 ) -> Iterator[tuple[list[tuple[int, dict | Reject]], int]]:
-    """Run the pipeline over ``todo`` in-process (one worker or one chunk) or in a pool of forked workers,
+    """Run the pipeline over ``todo`` in-process (one worker) or in a pool of forked workers,
     yielding each chunk's outcomes (by job index) and detector calls as it completes, in order."""
     if not todo:
         return
     workers = max(1, min(cfg.workers, math.ceil(len(todo) / 2)))
     chunks = _chunks(todo, cfg.chunk_size, workers)
-    if workers == 1 or len(chunks) == 1:
+    if workers == 1:  # otherwise len(todo) >= 2 * workers - 1, and _chunks gives every worker a chunk
         pipeline = FacePipeline(cfg, models, threads=1)  # more ORT threads only spin when cores are busy
         for chunk in chunks:
             yield pipeline.process_chunk(chunk, out_dir)
