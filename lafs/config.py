@@ -129,16 +129,21 @@ class SplitParams(Section):
     """Identity-disjoint ssl / finetune / test sets, few-shot views and verification pairs (stage ``split``)."""
 
     seed: int = 0
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # of identities with >= 2 images (ignored with pairs_file)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # of identities with >= 2 images (generated pairs only)
     finetune_fraction: float = Field(1.0, gt=0.0, le=1.0)  # of the other identities with >= min_finetune_images
     min_finetune_images: int = Field(2, ge=1)
     # SSL on the finetune identities' images too (labels dropped), as LAFS pretrains on the set it finetunes on.
     ssl_include_finetune: bool = True
     fewshot_k: tuple[int, ...] = (1, 2, 5)  # labelled images per finetune identity, one fewshot_k<k>.csv each
-    folds: int = Field(10, ge=2)  # identity-disjoint verification folds (LFW: 10)
+    folds: int = Field(10, ge=2)  # verification folds (generated: identity-disjoint; lfw_view*: seeded, stratified)
     pairs_per_fold: int = Field(100, ge=2)  # half same, half different (LFW: 600)
-    pairs_file: str | None = None  # LFW pairs.txt (or the fold-prefixed subset file): use it as the test protocol
-    max_dropped_pair_fraction: float = Field(0.2, ge=0.0, le=1.0)  # official pairs whose images are missing
+    # generated: test identities and pairs drawn here (or pairs_file's, when set); lfw_view1: pairsDevTest.txt,
+    # training on peopleDevTrain only; lfw_view2: fold view2_fold of pairs.txt, training on the other 9 folds' people.
+    protocol: Literal["generated", "lfw_view1", "lfw_view2"] = "generated"
+    protocol_dir: str | None = None  # folder of the LFW view files; null = where the lfw ingest source put them
+    view2_fold: int = Field(1, ge=1, le=10)  # lfw_view2: the official fold (of pairs.txt / people.txt) to test on
+    pairs_file: str | None = None  # protocol generated: an LFW pairs.txt (or the fold-prefixed subset file) instead
+    max_dropped_pair_fraction: float = Field(0.2, ge=0.0, le=1.0)  # protocol pairs whose images are missing
 
     @model_validator(mode="after")
     def _check_split(self) -> SplitParams:
@@ -151,6 +156,13 @@ class SplitParams(Section):
             )
         if self.pairs_file is not None and not self.pairs_file.strip():
             raise ValueError("split.pairs_file is blank: give a pairs.txt path or null to generate pairs")
+        if self.pairs_file is not None and self.protocol != "generated":
+            raise ValueError(
+                f"split.pairs_file and split.protocol={self.protocol} both name the test pairs: the LFW views read "
+                "their own files from split.protocol_dir; set pairs_file: null (or protocol: generated)"
+            )
+        if self.protocol_dir is not None and not self.protocol_dir.strip():
+            raise ValueError("split.protocol_dir is blank: give the folder of the LFW view files, or null")
         return self
 
 

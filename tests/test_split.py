@@ -3,7 +3,9 @@ identity-disjoint folds, and the official LFW protocol mapped onto our images wi
 
 The official-pairs tests read the real ``lfw_subset_pairs.txt`` from ../shared and a landmark table listing
 the real subset's files (what the landmarks stage would write if it accepted every photo); generated-pair
-tests use a synthetic table.
+tests use a synthetic table. The LFW View 1 / View 2 tests read the official protocol files of
+``shared/data/lfw_views`` (also through a fake scikit-learn data home, as the ``lfw`` source leaves it) over a
+table listing every photo of the full shared LFW, and derive every expected count from those files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -20,8 +23,9 @@ import pytest
 from conftest import shared_dir
 
 from lafs.config import ConfigError, SplitParams, parse_params
-from lafs.data.pairs import PAIRS_COLUMNS, PairsFormatError, lfw_stem, parse_pairs, read_pairs_csv
-from lafs.stages.split import LANDMARKS, MANIFEST, METRICS, SPLITS_DIR, SplitError, run
+from lafs.data.pairs import PAIRS_COLUMNS, PairsFormatError, lfw_stem, parse_pairs, parse_people, read_pairs_csv
+from lafs.stages import split
+from lafs.stages.split import LANDMARKS, MANIFEST, METRICS, SPLITS_DIR, SplitError, check_disjoint, run
 
 
 def rows_for(files: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -79,7 +83,8 @@ def test_same_seed_same_files_other_seed_other_split(generated, tmp_path: Path) 
     root, _ = generated
     run(CFG, write_tables(tmp_path / "again", synthetic()))
     names = sorted(p.name for p in (root / SPLITS_DIR).iterdir())
-    assert names == [*(f"fewshot_k{k}.csv" for k in (1, 2, 5)), "finetune.csv", "pairs.csv", "ssl.csv", "test.csv"]
+    assert names == [*(f"fewshot_k{k}.csv" for k in (1, 2, 5)), "finetune.csv", "pairs.csv", "protocol.json", "ssl.csv",
+                     "test.csv"]  # fmt: skip
     for name in names:
         assert (root / SPLITS_DIR / name).read_bytes() == (tmp_path / "again" / SPLITS_DIR / name).read_bytes(), name
     assert (root / METRICS).read_text() == (tmp_path / "again" / METRICS).read_text()
@@ -192,6 +197,10 @@ def test_params_errors_name_the_key() -> None:
         ({"split": {"fewshot_k": [1, 1]}}, "distinct"),
         ({"split": {"test_fraction": 1.0}}, r"split\.test_fraction"),
         ({"split": {"pairs_file": " "}}, "blank"),
+        ({"split": {"protocol": "lfw_view1", "pairs_file": "pairs.txt"}}, r"pairs_file and split\.protocol=lfw_view1"),
+        ({"split": {"protocol": "lfw_view3"}}, r"split\.protocol"),
+        ({"split": {"view2_fold": 11}}, r"split\.view2_fold"),
+        ({"split": {"protocol_dir": ""}}, r"split\.protocol_dir is blank"),
     ]:
         with pytest.raises(ConfigError, match=key):
             parse_params(data)
@@ -320,3 +329,250 @@ def test_bad_pairs_file_is_named(tmp_path: Path) -> None:
     root = write_tables(tmp_path, synthetic())
     with pytest.raises(SplitError, match=r"split\.pairs_file: cannot read pairs file .*nowhere\.txt"):
         run(SplitParams(pairs_file="nowhere.txt"), root)
+
+
+# ---------------------------------------------------------------------------------------- LFW views
+
+
+def _naive_official(path: Path) -> list[tuple[int, bool, str, str]]:
+    """An independent reading of an official pairs file: (fold, same, stem1, stem2), the fold from position."""
+    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    per_fold = 2 * int(lines[0][-1])  # header: "<n>" (View 1) or "<folds> <n>" (View 2)
+    out = []
+    for position, f in enumerate(lines[1:]):
+        second = (f[0], f[2]) if len(f) == 3 else (f[2], f[3])
+        out.append(
+            (position // per_fold + 1, len(f) == 3, f"{f[0]}_{int(f[1]):04d}", f"{second[0]}_{int(second[1]):04d}")
+        )
+    return out
+
+
+def _naive_people(path: Path) -> list[set[str]]:
+    """An independent reading of a people list: the names of each set."""
+    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    if len(lines[1]) == 2:  # peopleDev*.txt: one set
+        return [{f[0] for f in lines[1:]}]
+    sets, i = [], 1
+    while i < len(lines):
+        n = int(lines[i][0])
+        sets.append({f[0] for f in lines[i + 1 : i + 1 + n]})
+        i += 1 + n
+    return sets
+
+
+def _person(stem: str) -> str:
+    return stem.rsplit("_", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def views() -> Path:
+    return shared_dir("data", "lfw_views")
+
+
+@pytest.fixture(scope="module")
+def lfw_rows() -> list[dict[str, str]]:
+    """A landmark row for every photo of the full shared LFW, as if each had a face."""
+    files = sorted((p.parent.name, p.name) for p in shared_dir("data", "lfw").glob("*/*.jpg"))
+    return rows_for(files)
+
+
+def _per_class_fold_counts(pairs: list[dict]) -> dict[int, list[int]]:
+    counts = Counter((int(p["fold"]), int(p["same"])) for p in pairs)
+    return {same: sorted(counts[(f, same)] for f in range(1, 11)) for same in (1, 0)}
+
+
+def _expected_fold_counts(n: int, dropped: int) -> list[int]:
+    """Sorted per-fold counts of one class dealt evenly to 10 folds, then ``dropped`` pairs removed."""
+    assert n % 10 == 0 and dropped <= 1  # what the shared files give; more drops could share a fold
+    return sorted([n // 10 - 1] * dropped + [n // 10] * (10 - dropped))
+
+
+def _learned_ids(splits: Path) -> set[str]:
+    names = ["ssl.csv", "finetune.csv", *(p.name for p in splits.glob("fewshot_k*.csv"))]
+    return set().union(*(ids(splits / name) for name in names))
+
+
+def _check_view(root: Path, protocol_pairs: list[tuple[int, bool, str, str]], have: set[str],
+                test_ids: set[str], train_people: set[str] | None) -> dict:  # fmt: skip
+    """What every LFW view must give: counts, balanced folds, the scored pairs, and disjoint sets."""
+    splits = root / SPLITS_DIR
+    missing = [p for p in protocol_pairs if p[2] not in have or p[3] not in have]
+    protocol = json.loads((splits / "protocol.json").read_text())
+    assert protocol == json.loads((root / METRICS).read_text())["protocol"]
+    assert protocol["pairs_in_file"] == len(protocol_pairs)
+    assert protocol["pairs_scored"] == len(protocol_pairs) - len(missing)
+    assert protocol["pairs_missing"] == len(missing) and protocol["test_identities"] == len(test_ids)
+
+    pairs = read_pairs_csv(splits / "pairs.csv")
+    stem = {r["aligned_path"]: Path(r["aligned_path"]).stem for r in read(splits / "test.csv")}  # every pair image
+    scored = Counter((bool(p["same"]), *sorted((stem[p["path1"]], stem[p["path2"]]))) for p in pairs)
+    kept = [p for p in protocol_pairs if p not in missing]
+    assert scored == Counter((same, *sorted((a, b))) for _, same, a, b in kept)
+    assert _per_class_fold_counts(pairs) == {
+        int(same): _expected_fold_counts(
+            sum(1 for p in protocol_pairs if p[1] == same), sum(1 for p in missing if p[1] == same)
+        )
+        for same in (True, False)
+    }
+
+    with_images = {_person(stem) for stem in have}
+    assert ids(splits / "test.csv") == test_ids & with_images
+    trainable = (train_people if train_people is not None else with_images - test_ids) & with_images
+    assert ids(splits / "ssl.csv") == trainable  # ssl_include_finetune: every trainable identity
+    assert not _learned_ids(splits) & test_ids
+    return protocol
+
+
+def test_lfw_view1_on_real_files(tmp_path: Path, views: Path, lfw_rows: list[dict[str, str]]) -> None:
+    root = write_tables(tmp_path, lfw_rows, lfw_rows)  # everything ingested: a missing photo is not_ingested
+    summary = run(SplitParams(protocol="lfw_view1", protocol_dir=str(views)), root)
+    protocol_pairs = _naive_official(views / "pairsDevTest.txt")
+    [dev_train] = _naive_people(views / "peopleDevTrain.txt")
+    [dev_test] = _naive_people(views / "peopleDevTest.txt")
+    test_ids = dev_test | {_person(s) for p in protocol_pairs for s in p[2:]}
+    have = {Path(r["path"]).stem for r in lfw_rows}
+    protocol = _check_view(root, protocol_pairs, have, test_ids, dev_train)
+
+    # The shared LFW lacks one photo (MANIFEST.md: Betsy_Coffin, one DevTest pair): 1,000 pairs, 999 scored.
+    assert (len(protocol_pairs), protocol["pairs_scored"]) == (1000, 999)
+    assert protocol["missing_by_reason"] == {"not_ingested": 1} and "Betsy_Coffin" in protocol["missing_examples"][0]
+    assert protocol["train_people"] == "peopleDevTrain.txt" and protocol["identities_excluded"] == 0
+    by_person = Counter(_person(s) for s in have)
+    assert ids(root / SPLITS_DIR / "finetune.csv") == {p for p in dev_train if by_person[p] >= 2}
+    assert summary.mode == "lfw_view1" and summary.dropped_pairs == 1
+    assert protocol["files"]["pairs"]["sha256"] == hashlib.sha256((views / "pairsDevTest.txt").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fold", [1, 7])  # 7: holds Betsy_Coffin in people.txt, who has no photo
+def test_lfw_view2_fold_on_real_files(tmp_path: Path, views: Path, lfw_rows: list[dict[str, str]], fold: int) -> None:
+    root = write_tables(tmp_path, lfw_rows, lfw_rows)
+    run(SplitParams(protocol="lfw_view2", protocol_dir=str(views), view2_fold=fold), root)
+    protocol_pairs = [p for p in _naive_official(views / "pairs.txt") if p[0] == fold]
+    people = _naive_people(views / "people.txt")
+    test_ids = people[fold - 1] | {_person(s) for p in protocol_pairs for s in p[2:]}
+    train = set().union(*(s for n, s in enumerate(people, 1) if n != fold))
+    have = {Path(r["path"]).stem for r in lfw_rows}
+    protocol = _check_view(root, protocol_pairs, have, test_ids, train)
+    assert len(protocol_pairs) == 600 and protocol["view2_fold"] == fold
+    assert protocol["train_people"].startswith("people.txt")
+
+
+def test_lfw_view1_from_the_lfw_sources_data_home(
+    tmp_path: Path, views: Path, lfw_rows: list[dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``protocol_dir: null`` reads the pairs files scikit-learn fetched for the lfw source; no people lists."""
+    import sklearn.datasets._lfw as sk_lfw
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(sk_lfw, "_fetch_remote", no_network)
+    monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path / "sk"))
+    cfg = SplitParams(protocol="lfw_view1")
+    root = tmp_path / "project"
+    protocol_pairs = _naive_official(views / "pairsDevTest.txt")
+    # One photo of one same-person DevTest pair (in no other pair) is ingested but has no landmark row.
+    uses = Counter(s for p in protocol_pairs for s in p[2:])
+    rejected = next(p[2] for p in protocol_pairs if p[1] and uses[p[2]] == 1)
+    landmarks = [r for r in lfw_rows if Path(r["path"]).stem != rejected]
+    write_tables(root, landmarks, lfw_rows)
+    with pytest.raises(SplitError, match=r"split\.protocol_dir is null: .*'pairsDevTest\.txt'.* are not in .*lfw_home"):
+        run(cfg, root)
+
+    lfw_home = tmp_path / "sk" / "lfw_home"  # what scikit-learn's fetcher leaves: the pairs files, checksummed
+    lfw_home.mkdir(parents=True)
+    for target in sk_lfw.TARGETS:
+        shutil.copyfile(views / target.filename, lfw_home / target.filename)
+        assert hashlib.sha256((lfw_home / target.filename).read_bytes()).hexdigest() == target.checksum
+    run(cfg, root)
+    have = {Path(r["path"]).stem for r in landmarks}
+    pair_names = {_person(s) for p in protocol_pairs for s in p[2:]}
+    protocol = _check_view(root, protocol_pairs, have, pair_names, None)
+    ingested = {Path(r["path"]).stem for r in lfw_rows}
+    first_missing = [next(s for s in p[2:] if s not in have) for p in protocol_pairs if not {p[2], p[3]} <= have]
+    assert protocol["missing_by_reason"] == {
+        "not_ingested": sum(1 for s in first_missing if s not in ingested),
+        "rejected_by_landmarks": sum(1 for s in first_missing if s in ingested),
+    }
+    assert protocol["missing_by_reason"]["rejected_by_landmarks"] >= 1
+    assert protocol["train_people"].startswith("derived") and protocol["protocol_dir"].startswith("the lfw ingest")
+    assert set(protocol["files"]) == {"pairs"}
+
+
+def _write_splits(folder: Path, files: dict[str, list[str]]) -> Path:
+    """A data/splits folder by hand: each CSV holds one image per listed identity."""
+    folder.mkdir(parents=True)
+    for name, people in files.items():
+        with (folder / name).open("w", newline="") as fh:
+            if name == "pairs.csv":
+                fh.write(",".join(PAIRS_COLUMNS) + "\n")
+                fh.writelines(
+                    f"1,0,{a}/1.png,{b}/1.png,{a},{b}\n" for a, b in zip(people[::2], people[1::2], strict=True)
+                )
+            else:
+                fh.write("aligned_path,identity,label,sha256\n")
+                fh.writelines(f"{p}/1.png,{p},-1,x\n" for p in people)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("leak_in", "who"),
+    [("ssl.csv", "Tess"), ("finetune.csv", "Pam"), ("fewshot_k2.csv", "Pete"), ("ssl.csv", "Betsy_Coffin")],
+)
+def test_check_disjoint_finds_a_test_identity_in_training(tmp_path: Path, leak_in: str, who: str) -> None:
+    """Test people come from test.csv, pairs.csv, or the protocol (a test person without photos, like
+    Betsy_Coffin, appears in neither file); a file a model learns from holding any of them fails."""
+    files = {"test.csv": ["Tess"], "pairs.csv": ["Pam", "Pete"], "ssl.csv": ["Sam"], "finetune.csv": ["Sam"],
+             "fewshot_k2.csv": ["Sam"]}  # fmt: skip
+    check_disjoint(_write_splits(tmp_path / "ok", files), {"Betsy_Coffin"})
+    files[leak_in] = [*files[leak_in], who]
+    with pytest.raises(SplitError, match=rf"test identities \['{who}'\] .* appear in .*{leak_in}"):
+        check_disjoint(_write_splits(tmp_path / "leak", files), {"Betsy_Coffin"})
+
+
+def test_run_checks_its_outputs_for_leaks(tmp_path: Path, views: Path, lfw_rows: list[dict[str, str]],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """However a leak got into a training file, the stage fails and keeps the previous splits."""
+    root = write_tables(tmp_path, lfw_rows, lfw_rows)
+    cfg = SplitParams(protocol="lfw_view1", protocol_dir=str(views), fewshot_k=(1,))
+    run(cfg, root)
+    before = (root / SPLITS_DIR / "fewshot_k1.csv").read_bytes()
+    test_image = split.Image("Abdullah_Gul", "data/aligned/Abdullah_Gul/Abdullah_Gul_0013.png", "x", "raw")
+    real_view = split.fewshot_view
+    monkeypatch.setattr(split, "fewshot_view", lambda *a: [*real_view(*a), test_image])
+    with pytest.raises(SplitError, match=r"\['Abdullah_Gul'\] .* fewshot_k1\.csv"):
+        run(cfg, root)
+    assert (root / SPLITS_DIR / "fewshot_k1.csv").read_bytes() == before
+
+
+def test_inconsistent_view_files_are_refused(tmp_path: Path) -> None:
+    views = tmp_path / "views"
+    views.mkdir()
+    (views / "pairsDevTest.txt").write_text("1\nAnn\t1\t2\nAnn\t1\tBob\t1\n")
+    (views / "peopleDevTest.txt").write_text("1\nAnn\t2\n")
+    (views / "peopleDevTrain.txt").write_text("2\nBob\t1\nCid\t3\n")  # Bob is named in a test pair
+    root = write_tables(tmp_path / "p", rows_for([("Ann", "Ann_0001.jpg"), ("Ann", "Ann_0002.jpg")]))
+    with pytest.raises(SplitError, match=r"1 people of the training list \(peopleDevTrain.txt\) are test identities"):
+        run(SplitParams(protocol="lfw_view1", protocol_dir=str(views)), root)
+    with pytest.raises(SplitError, match=r"pairs.txt has 1 fold\(s\), none is split.view2_fold=2"):
+        (views / "pairs.txt").write_text("1\t1\nAnn\t1\t2\nAnn\t1\tBob\t1\n")
+        run(SplitParams(protocol="lfw_view2", protocol_dir=str(views), view2_fold=2), root)
+    with pytest.raises(SplitError, match=r"split.protocol_dir .*nowhere is not a folder"):
+        run(SplitParams(protocol="lfw_view1", protocol_dir="nowhere"), root)
+
+
+def test_parse_people_formats_and_errors(tmp_path: Path, views: Path) -> None:
+    sets = parse_people(views / "people.txt")
+    assert [set(s) for s in sets] == _naive_people(views / "people.txt") and len(sets) == 10
+    assert [set(s) for s in parse_people(views / "peopleDevTrain.txt")] == _naive_people(views / "peopleDevTrain.txt")
+    bad = tmp_path / "people.txt"
+    for text, error in [
+        ("3\nAnn\t1\nBob\t2\n", r"set 1 promises 3 people, the file ends early"),
+        ("2\n1\nAnn\t1\n", r"promises 2 sets, the file ends after 1"),
+        ("1\nAnn\t1\nBob\t1\n", r"people.txt:3: more lines than the 1 set\(s\) promise"),
+        ("1\nAnn\tx\n", r"people.txt:2: image count 'x' is not an integer"),
+        ("2\n1\nAnn\t1\nBob\t1\n", r"people.txt:4: expected the size of set 2"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(PairsFormatError, match=error):
+            parse_people(bad)

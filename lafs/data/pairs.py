@@ -11,6 +11,10 @@ Two text formats are read (tab- or space-separated; ``#`` lines and blank lines 
 Images are named ``<Name>/<Name>_%04d.jpg`` in LFW; :func:`map_pairs` matches a pair's images to our table by
 identity and file stem, so any extension and any storage prefix work. The evaluation stage reads
 ``pairs.csv`` back with :func:`read_pairs_csv`.
+
+The LFW people lists (:func:`parse_people`) say who belongs to a protocol's sets: ``peopleDevTrain.txt`` /
+``peopleDevTest.txt`` (View 1: a count ``N``, then ``N`` lines ``Name\\tcount``) and ``people.txt`` (View 2:
+the number of sets, then per set a count ``N`` and ``N`` such lines).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ PairRow = dict[str, str | int]  # one pairs.csv row: fold and same are ints, the
 
 
 class PairsFormatError(ValueError):
-    """A pairs file does not follow either supported format; the message names the file and line."""
+    """A pairs or people file does not follow its format; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,56 @@ def _parse_fold_prefixed(path: Path, lines: list[tuple[int, list[str]]]) -> list
             )
         pairs.append(_pair(fields[1:], _int(fields[0], where, "fold"), where))
     return pairs
+
+
+def parse_people(path: str | Path) -> list[list[str]]:
+    """The people of each set of an LFW people list (one set for ``peopleDev*.txt``, ten for ``people.txt``).
+
+    The two formats differ only in the second line: a bare count (``people.txt``: the first set's size) or a
+    ``Name count`` line (``peopleDev*.txt``: the first person). Every count is checked, so a truncated or
+    concatenated file fails here rather than silently moving people between training and test.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PairsFormatError(f"cannot read people file {path}: {exc.strerror or exc}") from None
+    lines = [
+        (number, line.split())
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if len(lines) < 2 or len(lines[0][1]) != 1:
+        raise PairsFormatError(f"{path}: expected a first line with one count, then the people; got {len(lines)} lines")
+    header = _int(lines[0][1][0], f"{path}:{lines[0][0]}", "count")
+    if len(lines[1][1]) == 1:  # people.txt: <sets>, then per set <N> and N people
+        sets, rest = header, lines[1:]
+    else:
+        sets, rest = 1, [(lines[0][0], lines[0][1]), *lines[1:]]
+    people: list[list[str]] = []
+    position = 0
+    for _ in range(sets):
+        if position >= len(rest):
+            raise PairsFormatError(f"{path}: promises {sets} sets, the file ends after {len(people)}")
+        number, fields = rest[position]
+        if len(fields) != 1:
+            raise PairsFormatError(f"{path}:{number}: expected the size of set {len(people) + 1}, got {fields!r}")
+        size = _int(fields[0], f"{path}:{number}", "set size")
+        people.append([_person(f, f"{path}:{n}") for n, f in rest[position + 1 : position + 1 + size]])
+        if len(people[-1]) != size:
+            raise PairsFormatError(f"{path}:{number}: set {len(people)} promises {size} people, the file ends early")
+        position += 1 + size
+    if position != len(rest):
+        raise PairsFormatError(f"{path}:{rest[position][0]}: more lines than the {sets} set(s) promise")
+    return people
+
+
+def _person(fields: list[str], where: str) -> str:
+    """A people-list line ``Name count`` -> ``Name`` (the count is checked, not kept: our table has the images)."""
+    if len(fields) != 2:
+        raise PairsFormatError(f"{where}: expected 'Name count', got {' '.join(fields)!r}")
+    _int(fields[1], where, "image count")
+    return fields[0]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from typing import Any
 from lafs.data.images import UNREADABLE, ImageRejected, read_bytes
 
 LFW_SOURCE = "lfw"
+# The protocol files scikit-learn's LFW fetcher downloads (checksummed) next to the photos, in lfw_home/. It
+# fetches no people lists: the split stage derives them from these (View 1 / View 2 test pairs).
+LFW_PAIRS_FILES = ("pairsDevTrain.txt", "pairsDevTest.txt", "pairs.txt")
 
 
 class SourceError(RuntimeError):
@@ -144,7 +147,8 @@ def lfw_folder(data_home: str | os.PathLike[str] | None = None, download: bool =
 
     scikit-learn's LFW fetcher does the download (with checksums) into ``SCIKIT_LEARN_DATA`` (default
     ``~/scikit_learn_data``) and does nothing when the data is already there: it only checks that
-    ``lfw_home/{pairsDevTrain,pairsDevTest,pairs}.txt`` and ``lfw_home/lfw_funneled/`` exist. We call its
+    ``lfw_home/{pairsDevTrain,pairsDevTest,pairs}.txt`` and ``lfw_home/lfw_funneled/`` exist. The pairs files
+    stay there for the split stage's LFW protocols (:func:`lfw_protocol_dir`). We call its
     download helper rather than ``fetch_lfw_people`` because the public function then decodes all 13,233
     photos into a float array we do not use; we read the original JPEGs instead.
     """
@@ -170,6 +174,31 @@ def lfw_folder(data_home: str | os.PathLike[str] | None = None, download: bool =
             "or use a local folder source (make pipeline DATA=<folder of identity subfolders>)"
         ) from exc
     return Path(folder)
+
+
+def lfw_home(data_home: str | os.PathLike[str] | None = None) -> Path:
+    """``<SCIKIT_LEARN_DATA>/lfw_home``: where the ``lfw`` source's photos and pairs files land (nothing fetched)."""
+    from sklearn.datasets import get_data_home
+
+    return Path(get_data_home(data_home)) / "lfw_home"
+
+
+def lfw_protocol_dir(data_home: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding the official pairs files (:data:`LFW_PAIRS_FILES`) the ``lfw`` source fetched.
+
+    :func:`lfw_folder` downloads them with the photos, so after an ``lfw`` ingest they are here. Nothing is
+    downloaded: the split stage reads this, and a stage that silently went online would make a DVC run
+    depend on the network.
+    """
+    folder = lfw_home(data_home)
+    missing = [name for name in LFW_PAIRS_FILES if not (folder / name).is_file()]
+    if missing:
+        raise SourceError(
+            f"the lfw source's protocol files {missing} are not in {folder}: ingest with ingest.source: lfw (it "
+            "downloads them with the photos; SCIKIT_LEARN_DATA must be the same), or point split.protocol_dir at "
+            "a folder holding the LFW view files (e.g. ../shared/data/lfw_views)"
+        )
+    return folder
 
 
 def iter_source(source: str, *, s3_endpoint_url: str | None = None) -> Iterator[SourceFile]:
