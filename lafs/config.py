@@ -41,8 +41,9 @@ class IngestParams(Section):
     # "lfw" (scikit-learn's download), "s3://bucket/prefix", or a folder of <identity>/<image> subfolders.
     source: str = Field("lfw", min_length=1)
     s3_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+")
-    max_identities: int = Field(200, ge=1)
-    max_images_per_identity: int = Field(8, ge=1)
+    # null = no cap (the full source); files beyond a cap are listed in data/ingest_skipped.csv, never dropped.
+    max_identities: int | None = Field(200, ge=1)
+    max_images_per_identity: int | None = Field(8, ge=1)  # counts accepted images, not files read
     # A preference, not a filter: identities with fewer images are used only to fill up max_identities.
     min_images_per_identity: int = Field(2, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -1,4 +1,5 @@
-"""Ingest: every bad input lands in the rejects table with its reason, every good one is copied and readable.
+"""Ingest: every bad input lands in the rejects table with its reason, every good one is copied and readable,
+and every file beyond a cap is listed as skipped: no source file goes unaccounted for.
 
 Real LFW photos from ../shared are the good inputs; bad ones are crafted byte by byte. The S3 source is
 tested against a real moto S3 server process on 127.0.0.1, the LFW source against a pre-populated
@@ -26,8 +27,9 @@ from lafs.cli import main
 from lafs.config import IngestParams
 from lafs.data import images
 from lafs.data.images import ImageRejected, decode_image, load_rgb
-from lafs.data.sources import SourceError, iter_s3
-from lafs.stages.ingest import IngestError, run, select_identities
+from lafs.data.sources import SourceError, SourceFile, iter_folder, iter_s3
+from lafs.stages import ingest
+from lafs.stages.ingest import IngestError, check_accounting, run, select_identities
 
 MAX_PIXELS = 40_000_000
 
@@ -58,6 +60,29 @@ def rejects_of(out: Path) -> dict[str, str]:
     """rejects csv -> {file name: reason}."""
     with (out / "data/ingest_rejects.csv").open() as fh:
         return {Path(row["path"]).name: row["reason"] for row in csv.DictReader(fh)}
+
+
+def skipped_of(out: Path) -> list[dict[str, str]]:
+    """skipped csv rows, as read."""
+    with (out / "data/ingest_skipped.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics/ingest.json").read_text())
+
+
+def spy_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Locations ingest reads and checks, in order (a skipped file must never be among them)."""
+    seen: list[str] = []
+    check = ingest._check
+
+    def spy(item: SourceFile, *args: object) -> tuple[bytes, dict[str, object]]:
+        seen.append(item.location)
+        return check(item, *args)
+
+    monkeypatch.setattr(ingest, "_check", spy)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +285,8 @@ def test_folder_ingest_with_every_kind_of_bad_file(tmp_path: Path, faces: list[P
     assert metrics["images"] == summary.images == 20
     assert metrics["identities"] == 5
     assert metrics["rejected"] == len(expected)
-    assert metrics["files_examined"] == 20 + len(expected)
+    assert metrics["files_examined"] == metrics["files_in_source"] == 20 + len(expected)
+    assert metrics["skipped"] == 0 and skipped_of(out) == []
     assert metrics["rejected_by_reason"]["unreadable"] == (3 if os.geteuid() != 0 else 2)
     assert set(metrics["rejected_by_reason"]) == set(images.REASON_CODES)
     # The resolved params travel with the manifest.
@@ -303,6 +329,7 @@ def test_identity_selection_prefers_enough_images() -> None:
     assert select_identities(counts, 4, 2) == ["a", "b", "c", "e"]  # filled in sorted order
     assert select_identities(counts, 3, 1) == ["a", "b", "c"]
     assert select_identities(counts, 10, 6) == ["a", "b", "c", "d", "e"]
+    assert select_identities(counts, None, 2) == ["a", "b", "c", "d", "e"]  # null: no cap
 
 
 def test_limits_are_deterministic(tmp_path: Path, faces: list[Path]) -> None:
@@ -327,6 +354,104 @@ def test_limits_are_deterministic(tmp_path: Path, faces: list[Path]) -> None:
     # A rerun replaces data/raw instead of accumulating files from the previous run.
     run(cfg(src, max_identities=1, max_images_per_identity=1), tmp_path / "one")
     assert len(list((tmp_path / "one/data/raw").rglob("*.jpg"))) == 1
+
+
+def test_files_beyond_the_per_identity_cap_are_listed(
+    tmp_path: Path, faces: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 13-file identity with max_images_per_identity=8: 8 accepted, a broken file rejected without using up
+    a slot (the cap counts accepted images), the last 4 listed as skipped by the cap and never read."""
+    src = make_folder(tmp_path / "src", faces[12:14])  # one other identity, 2 photos
+    many = src / "Many_Photos"
+    many.mkdir()
+    for i, photo in enumerate(faces[:12], 1):
+        shutil.copyfile(photo, many / f"Many_Photos_{i + (i > 1):04d}.jpg")  # 0001, 0003..0013
+    (many / "Many_Photos_0002.jpg").write_text("<html>not a photo</html>")
+    read = spy_reads(monkeypatch)
+
+    out = tmp_path / "out"
+    summary = run(cfg(src, max_images_per_identity=8), out)
+
+    names = [f"Many_Photos_{i:04d}.jpg" for i in range(1, 14)]
+    skipped = skipped_of(out)
+    assert [Path(r["path"]).name for r in skipped] == names[9:]
+    assert {(r["identity"], r["cap"], r["cap_value"]) for r in skipped} == {
+        ("Many_Photos", "max_images_per_identity", "8")
+    }
+    assert all(r["path"] == str(many / Path(r["path"]).name) for r in skipped)
+    assert not set(read) & {r["path"] for r in skipped}
+    manifest = pd.read_parquet(out / "data/manifest.parquet")
+    assert [Path(p).name for p in manifest[manifest["identity"] == "Many_Photos"]["path"]] == [names[0], *names[2:9]]
+    assert rejects_of(out) == {"Many_Photos_0002.jpg": images.NOT_IMAGE}
+
+    metrics = metrics_of(out)
+    assert metrics["files_in_source"] == 15
+    assert metrics["files_examined"] == summary.files_examined == 11  # 8 + 2 accepted, 1 rejected
+    assert metrics["files_examined"] + metrics["skipped"] == metrics["files_in_source"]
+    assert metrics["skipped_by_cap"] == {"max_identities": 0, "max_images_per_identity": 4}
+    assert "4 of 15 source files skipped by caps (max_images_per_identity 4)" in summary.describe()
+
+
+def test_identities_beyond_the_cap_are_listed(tmp_path: Path, faces: list[Path]) -> None:
+    """max_identities=2 of 5: every file of the 3 others is listed with that cap, beside the per-identity skips."""
+    src = make_folder(tmp_path / "src", faces)
+    people = sorted(p.name for p in src.iterdir())
+    out = tmp_path / "out"
+    run(cfg(src, max_identities=2, max_images_per_identity=3), out)
+
+    by_cap: dict[str, list[str]] = {}
+    for row in skipped_of(out):
+        by_cap.setdefault(f"{row['cap']}={row['cap_value']}", []).append(row["path"])
+    assert by_cap["max_identities=2"] == [
+        str(src / p.parent.name / p.name) for p in faces if p.parent.name in people[2:]
+    ]
+    assert by_cap["max_images_per_identity=3"] == [str(src / p / sorted(os.listdir(src / p))[3]) for p in people[:2]]
+    metrics = metrics_of(out)
+    assert metrics["skipped_by_cap"] == {"max_identities": 12, "max_images_per_identity": 2}
+    assert (metrics["images"], metrics["identities"], metrics["identities_in_source"]) == (6, 2, 5)
+    assert metrics["images"] + metrics["rejected"] + metrics["skipped"] == metrics["files_in_source"] == 20
+
+
+def test_null_caps_take_the_whole_source(tmp_path: Path, faces: list[Path], capsys: pytest.CaptureFixture) -> None:
+    src = make_folder(tmp_path / "src", faces)
+    summary = run(
+        cfg(src, max_identities=None, max_images_per_identity=None, min_images_per_identity=5), tmp_path / "a"
+    )
+    assert (summary.images, summary.identities, summary.skipped) == (20, 5, 0)
+    assert skipped_of(tmp_path / "a") == []
+    assert metrics_of(tmp_path / "a")["skipped_by_cap"] == {"max_identities": 0, "max_images_per_identity": 0}
+    # From the command line and params files too: YAML null, not the string "null".
+    params = tmp_path / "params.yaml"
+    params.write_text(f"ingest:\n  source: {src}\n  max_identities: null\n")
+    args = ["ingest", "--params", str(params), "--set", "max_images_per_identity=null", "--out", str(tmp_path / "b")]
+    assert main(args) == 0
+    assert "ingest: 20 images of 5 identities" in capsys.readouterr().out
+
+
+def test_a_lost_or_double_counted_file_fails_the_run(
+    tmp_path: Path, faces: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accounting check compares locations, so a file counted twice cannot hide a lost one."""
+    src = make_folder(tmp_path / "src", faces[:8])
+    files = list(iter_folder(src))
+    locs = [f.location for f in files]
+    check_accounting(files, locs[:5], locs[5:6], locs[6:])
+    with pytest.raises(
+        IngestError, match=r"8 files in the source but 5 accepted \+ 1 rejected \+ 2 skipped = 8"
+    ) as err:
+        check_accounting(files, locs[:5], locs[5:6], [locs[6], locs[0]])
+    assert f"in no table: ['{locs[7]}'] (1 in all)" in str(err.value)
+    assert f"counted twice or not in the source: ['{locs[0]}']" in str(err.value)
+
+    out = tmp_path / "out"
+    before = run(cfg(src), out)
+    kept = {p: p.read_bytes() for p in (out / "data").rglob("*") if p.is_file()}
+    # A selection bug that walks one identity twice: its files come back as duplicates of themselves.
+    monkeypatch.setattr(ingest, "select_identities", lambda counts, *_: [*sorted(counts), min(counts)])
+    with pytest.raises(IngestError, match=r"lost track of source files.*Nothing was written"):
+        run(cfg(src), out)
+    assert {p: p.read_bytes() for p in (out / "data").rglob("*") if p.is_file()} == kept
+    assert metrics_of(out)["images"] == before.images
 
 
 def test_reject_fraction_over_threshold_fails_clearly(tmp_path: Path, faces: list[Path]) -> None:
@@ -415,6 +540,43 @@ def test_s3_source(tmp_path: Path, faces: list[Path], s3_endpoint: str) -> None:
         assert (out / row.path).read_bytes() == (faces[0].parents[1] / row.identity / Path(row.path).name).read_bytes()
 
 
+def test_s3_and_folder_account_alike(
+    tmp_path: Path, faces: list[Path], s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same files from a folder and from S3 give the same accepted / rejected / skipped split, and the
+    skipped objects are never downloaded."""
+    import boto3
+
+    src = make_folder(tmp_path / "src", faces)
+    (src / faces[0].parent.name / "0broken.jpg").write_bytes(b"")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="parity")
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), "parity", f"faces/{path.relative_to(src).as_posix()}")
+
+    read = spy_reads(monkeypatch)
+    outs = {}
+    for name, source, prefix in [("folder", str(src), f"{src}/"), ("s3", "s3://parity/faces", "s3://parity/faces/")]:
+        out = tmp_path / name
+        run(cfg(source, s3_endpoint_url=s3_endpoint, max_identities=3, max_images_per_identity=2), out)
+        manifest = pd.read_parquet(out / "data/manifest.parquet")
+        manifest["source_path"] = manifest["source_path"].str.removeprefix(prefix)
+        with (out / "data/ingest_rejects.csv").open() as fh:
+            rejected = [(r["path"].removeprefix(prefix), r["reason"]) for r in csv.DictReader(fh)]
+        skipped = [(r["path"].removeprefix(prefix), r["identity"], r["cap"], r["cap_value"]) for r in skipped_of(out)]
+        outs[name] = {
+            "manifest": manifest.to_dict("records"),
+            "rejected": rejected,
+            "skipped": skipped,
+            "metrics": metrics_of(out),
+        }
+        assert not set(read) & {r["path"] for r in skipped_of(out)}
+    assert outs["s3"] == outs["folder"]
+    assert outs["s3"]["rejected"] == [(f"{faces[0].parent.name}/0broken.jpg", images.EMPTY)]
+    assert outs["s3"]["metrics"]["skipped_by_cap"] == {"max_identities": 8, "max_images_per_identity": 6}
+    assert outs["s3"]["metrics"]["files_in_source"] == 21 and len(outs["s3"]["manifest"]) == 6
+
+
 def test_s3_errors_are_clear(tmp_path: Path, s3_endpoint: str) -> None:
     with pytest.raises(IngestError, match=r"cannot list s3://no-such-bucket/x at http://127\.0\.0\.1"):
         run(cfg("s3://no-such-bucket/x", s3_endpoint_url=s3_endpoint), tmp_path)
@@ -450,6 +612,11 @@ def test_lfw_source_offline(tmp_path: Path, faces: list[Path], monkeypatch: pyte
     manifest = pd.read_parquet(tmp_path / "out/data/manifest.parquet")
     assert manifest["source_path"].str.contains("lfw_home/lfw_funneled/").all()
     assert rejects_of(tmp_path / "out") == {"lfw_funneled.txt": images.BAD_LAYOUT}
+    # Caps list what they leave out here too (2 identities x 4 photos, 3 kept each).
+    run(cfg("lfw", max_images_per_identity=3), tmp_path / "capped")
+    skipped = skipped_of(tmp_path / "capped")
+    assert [Path(r["path"]).name for r in skipped] == [faces[3].name, faces[7].name]
+    assert metrics_of(tmp_path / "capped")["files_in_source"] == 9
 
 
 def test_lfw_download_failure_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

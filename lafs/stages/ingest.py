@@ -7,13 +7,20 @@ Outputs (paths relative to ``out_dir``, the project root under DVC):
 - ``data/manifest.parquet``: one row per accepted image (path relative to ``out_dir``, identity, sha256,
   upright width/height, format, source_path); the resolved ``ingest`` params sit in the schema metadata.
 - ``data/ingest_rejects.csv``: one row per rejected file (path, reason code, message).
-- ``metrics/ingest.json``: counts, for ``dvc metrics show``.
+- ``data/ingest_skipped.csv``: one row per file left unread because a cap was reached (path, identity, cap
+  name ``max_identities`` or ``max_images_per_identity``, cap value).
+- ``metrics/ingest.json``: counts, for ``dvc metrics show``, incl. files in the source and skipped files per cap.
 
 Selection is deterministic. Identities are taken in sorted order, but those with at least
 ``min_images_per_identity`` files come first, so a face-recognition set is not filled with one-photo
 people; if there are fewer such identities than ``max_identities`` the rest are added in sorted order.
 Within an identity, files are examined in sorted order until ``max_images_per_identity`` are accepted
-(an identity whose files are all rejected simply drops out; no other identity replaces it).
+(an identity whose files are all rejected simply drops out; no other identity replaces it). A cap of
+``null`` means no cap.
+
+Every file the source lists ends up in exactly one table: the manifest (accepted), the rejects (with a
+reason) or the skipped list (with the cap that left it out; skipped files are never downloaded or decoded).
+This is checked before anything is written, so a file can never silently vanish between source and data.
 Rejects never stop the run; only a rejected fraction above ``max_reject_fraction`` fails it (after the
 outputs, including the rejects table, are written so the reasons can be read).
 """
@@ -23,8 +30,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 RAW_DIR = Path("data/raw")
 MANIFEST = Path("data/manifest.parquet")
 REJECTS = Path("data/ingest_rejects.csv")
+SKIPPED = Path("data/ingest_skipped.csv")
 METRICS = Path("metrics/ingest.json")
 
 MANIFEST_SCHEMA = pa.schema(
@@ -56,10 +66,15 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 REJECT_COLUMNS = ("path", "reason", "message")
+SKIPPED_COLUMNS = ("path", "identity", "cap", "cap_value")
+# The caps a file can be skipped by, named as their params keys so a reader knows what to raise.
+MAX_IDENTITIES = "max_identities"
+MAX_IMAGES_PER_IDENTITY = "max_images_per_identity"
+CAPS = (MAX_IDENTITIES, MAX_IMAGES_PER_IDENTITY)
 
 
 class IngestError(StageError):
-    """The source cannot be read, or too much of it was rejected."""
+    """The source cannot be read, too much of it was rejected, or a source file was not accounted for."""
 
 
 @dataclass(frozen=True)
@@ -70,15 +85,32 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class Skip:
+    """A file left unread because ``cap`` (a params key) was reached; listed so no source file goes unseen."""
+
+    path: str
+    identity: str
+    cap: str
+    cap_value: int
+
+
+@dataclass(frozen=True)
 class IngestSummary:
     """What ``run`` did; also written to ``metrics/ingest.json``."""
 
+    files_in_source: int
     files_examined: int
     images: int
     identities: int
     rejected: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     identities_below_min_images: int = 0
+    identities_in_source: int = 0
+    skipped_by_cap: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_cap.values())
 
     @property
     def reject_fraction(self) -> float:
@@ -86,25 +118,32 @@ class IngestSummary:
 
     def metrics(self) -> dict[str, object]:
         return {
+            "files_in_source": self.files_in_source,
             "files_examined": self.files_examined,
             "images": self.images,
             "identities": self.identities,
+            "identities_in_source": self.identities_in_source,
             "identities_below_min_images": self.identities_below_min_images,
             "rejected": self.rejected,
             "reject_fraction": round(self.reject_fraction, 6),
             "rejected_by_reason": dict(self.rejected_by_reason),
+            "skipped": self.skipped,
+            "skipped_by_cap": dict(self.skipped_by_cap),
         }
 
     def describe(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in self.rejected_by_reason.items() if v) or "none"
+        caps = ", ".join(f"{k} {v}" for k, v in self.skipped_by_cap.items() if v) or "none"
         return (
             f"ingest: {self.images} images of {self.identities} identities from {self.files_examined} files; "
-            f"{self.rejected} rejected ({self.reject_fraction:.1%}: {reasons})"
+            f"{self.rejected} rejected ({self.reject_fraction:.1%}: {reasons}); "
+            f"{self.skipped} of {self.files_in_source} source files skipped by caps ({caps})"
         )
 
 
-def select_identities(counts: dict[str, int], max_identities: int, min_images: int) -> list[str]:
-    """Sorted identities, those with ``>= min_images`` files first, cut at ``max_identities``; returned sorted."""
+def select_identities(counts: dict[str, int], max_identities: int | None, min_images: int) -> list[str]:
+    """Sorted identities, those with ``>= min_images`` files first, cut at ``max_identities`` (``None``: all);
+    returned sorted."""
     names = sorted(counts)
     preferred = [n for n in names if counts[n] >= min_images]
     others = [n for n in names if counts[n] < min_images]
@@ -113,15 +152,10 @@ def select_identities(counts: dict[str, int], max_identities: int, min_images: i
 
 def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
     """Ingest ``cfg.source`` into ``out_dir`` (see the module docstring); raise :class:`IngestError` when the
-    source is unusable or the rejected fraction exceeds ``cfg.max_reject_fraction``."""
+    source is unusable, a source file is in no table (or in two), or the rejected fraction exceeds
+    ``cfg.max_reject_fraction``."""
     out_dir = Path(out_dir)
-    try:
-        files = list(iter_source(cfg.source, s3_endpoint_url=cfg.s3_endpoint_url))
-    except SourceError as exc:
-        raise IngestError(str(exc)) from None
-    if not files:
-        raise IngestError(f"source {cfg.source!r} holds no files (expected <identity>/<image> subfolders or keys)")
-
+    files = _list_source(cfg)
     rejects: list[Reject] = [
         Reject(f.location, images.BAD_LAYOUT, f"{f.location} is not in the <identity>/<image> layout")
         for f in files
@@ -134,6 +168,7 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
     chosen = select_identities(
         {k: len(v) for k, v in by_identity.items()}, cfg.max_identities, cfg.min_images_per_identity
     )
+    skipped = _skipped_identities(by_identity, chosen, cfg.max_identities)
 
     # Copy into a staging folder and swap it in at the end, so an interrupted run never leaves a
     # half-written data/raw that looks complete.
@@ -142,42 +177,38 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
     staging.mkdir(parents=True)
     rows: list[dict[str, object]] = []
     first_seen: dict[str, str] = {}  # sha256 -> location of the accepted file with those bytes
-    examined = len(rejects)
     below_min = 0
     try:
         for identity in chosen:
-            accepted = 0
-            for item in by_identity[identity]:
-                if accepted == cfg.max_images_per_identity:
-                    break
-                examined += 1
-                try:
-                    data, row = _check(item, cfg, first_seen)
-                except ImageRejected as exc:
-                    rejects.append(Reject(item.location, exc.code, exc.message))
-                    continue
-                dest = staging / identity / item.filename
-                dest.parent.mkdir(exist_ok=True)
-                dest.write_bytes(data)
-                rows.append({"path": (RAW_DIR / identity / item.filename).as_posix(), **row})
-                accepted += 1
-            below_min += 0 < accepted < cfg.min_images_per_identity
+            accepted, rejected, left = _copy_identity(by_identity[identity], cfg, staging, first_seen)
+            rows += accepted
+            rejects += rejected
+            skipped += left
+            below_min += 0 < len(accepted) < cfg.min_images_per_identity
+        check_accounting(
+            files, [str(r["source_path"]) for r in rows], [r.path for r in rejects], [s.path for s in skipped]
+        )
         raw = out_dir / RAW_DIR
         shutil.rmtree(raw, ignore_errors=True)
         staging.rename(raw)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     by_reason = Counter(r.reason for r in rejects)
+    by_cap = Counter(s.cap for s in skipped)
     summary = IngestSummary(
-        files_examined=examined,
+        files_in_source=len(files),
+        files_examined=len(rows) + len(rejects),
         images=len(rows),
         identities=len({r["identity"] for r in rows}),
         rejected=len(rejects),
         rejected_by_reason={code: by_reason.get(code, 0) for code in images.REASON_CODES},
         identities_below_min_images=below_min,
+        identities_in_source=len(by_identity),
+        skipped_by_cap={cap: by_cap.get(cap, 0) for cap in CAPS},
     )
     _write_manifest(out_dir / MANIFEST, rows, cfg)
-    _write_rejects(out_dir / REJECTS, rejects)
+    _write_csv(out_dir / REJECTS, REJECT_COLUMNS, ((r.path, r.reason, r.message) for r in rejects))
+    _write_csv(out_dir / SKIPPED, SKIPPED_COLUMNS, ((s.path, s.identity, s.cap, s.cap_value) for s in skipped))
     write_metrics(out_dir / METRICS, summary.metrics())
     log.info(summary.describe())
 
@@ -190,6 +221,78 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
     if not rows:
         raise IngestError(f"no usable image in source {cfg.source!r}; see {out_dir / REJECTS}")
     return summary
+
+
+def _list_source(cfg: IngestParams) -> list[SourceFile]:
+    """Every file of the source, listed up front: the accounting check needs the full list to compare with."""
+    try:
+        files = list(iter_source(cfg.source, s3_endpoint_url=cfg.s3_endpoint_url))
+    except SourceError as exc:
+        raise IngestError(str(exc)) from None
+    if not files:
+        raise IngestError(f"source {cfg.source!r} holds no files (expected <identity>/<image> subfolders or keys)")
+    return files
+
+
+def _skipped_identities(
+    by_identity: dict[str, list[SourceFile]], chosen: Sequence[str], max_identities: int | None
+) -> list[Skip]:
+    """Every file of the identities ``select_identities`` left out; only a set cap can leave one out."""
+    if max_identities is None:
+        return []  # every identity is chosen; check_accounting would catch one that was not
+    left_out = sorted(set(by_identity) - set(chosen))
+    return [Skip(f.location, name, MAX_IDENTITIES, max_identities) for name in left_out for f in by_identity[name]]
+
+
+def _copy_identity(
+    items: list[SourceFile], cfg: IngestParams, staging: Path, first_seen: dict[str, str]
+) -> tuple[list[dict[str, object]], list[Reject], list[Skip]]:
+    """Examine one identity's files in order until ``max_images_per_identity`` are accepted, copying each
+    accepted file into ``staging``: (manifest rows, rejects, skips).
+
+    The cap counts accepted images, not files read, so a broken file does not cost an identity a photo;
+    the files after the cap is reached are listed as skipped without being read (no S3 download).
+    """
+    rows: list[dict[str, object]] = []
+    rejects: list[Reject] = []
+    cap = cfg.max_images_per_identity
+    for n, item in enumerate(items):
+        if cap is not None and len(rows) == cap:
+            left = [Skip(i.location, str(i.identity), MAX_IMAGES_PER_IDENTITY, cap) for i in items[n:]]
+            return rows, rejects, left
+        try:
+            data, row = _check(item, cfg, first_seen)
+        except ImageRejected as exc:
+            rejects.append(Reject(item.location, exc.code, exc.message))
+            continue
+        dest = staging / str(item.identity) / item.filename
+        dest.parent.mkdir(exist_ok=True)
+        dest.write_bytes(data)
+        rows.append({"path": (RAW_DIR / str(item.identity) / item.filename).as_posix(), **row})
+    return rows, rejects, []
+
+
+def check_accounting(
+    files: Sequence[SourceFile], accepted: Iterable[str], rejected: Iterable[str], skipped: Iterable[str]
+) -> None:
+    """Raise :class:`IngestError` unless each source file is accepted, rejected or skipped exactly once.
+
+    Counts alone could balance a file counted twice against one lost, so locations are compared.
+    """
+    outcomes = {"accepted": list(accepted), "rejected": list(rejected), "skipped": list(skipped)}
+    source = Counter(f.location for f in files)
+    seen = Counter(loc for locs in outcomes.values() for loc in locs)
+    missing = sorted((source - seen).elements())
+    extra = sorted((seen - source).elements())
+    if not missing and not extra:
+        return
+    tally = " + ".join(f"{len(v)} {k}" for k, v in outcomes.items())
+    raise IngestError(
+        f"ingest lost track of source files: {len(files)} files in the source but {tally} = "
+        f"{sum(seen.values())}; in no table: {missing[:5]} ({len(missing)} in all); counted twice or not "
+        f"in the source: {extra[:5]} ({len(extra)} in all). Nothing was written. This is a bug in "
+        "lafs/stages/ingest.py: please report it with this message."
+    )
 
 
 def _check(item: SourceFile, cfg: IngestParams, first_seen: dict[str, str]) -> tuple[bytes, dict[str, object]]:
@@ -215,16 +318,29 @@ def _check(item: SourceFile, cfg: IngestParams, first_seen: dict[str, str]) -> t
 
 
 def _write_manifest(path: Path, rows: list[dict[str, object]], cfg: IngestParams) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = {name: [r[name] for r in rows] for name in MANIFEST_SCHEMA.names}
     meta = {b"lafs.ingest.params": json.dumps(resolved(cfg), sort_keys=True).encode()}
     table = pa.table(columns, schema=MANIFEST_SCHEMA.with_metadata(meta))
-    pq.write_table(table, path)
+    _replace_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def _write_rejects(path: Path, rejects: list[Reject]) -> None:
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            writer.writerows(rows)
+
+    _replace_atomically(path, write)
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temp file beside ``path``, then rename it over ``path``: a killed run leaves the previous
+    table whole instead of a truncated one that DVC or the next stage would read as complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(REJECT_COLUMNS)
-        writer.writerows((r.path, r.reason, r.message) for r in rejects)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
