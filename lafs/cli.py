@@ -171,15 +171,18 @@ _simple_stage("export", "export models/finetune/model.pt to models/model.onnx an
 
 def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="evaluate this model file (.pt), exported .onnx, or dlib_resnet on --images/--pairs "
-                             "instead of the pipeline's finetuned model")
+                        help="evaluate this model file (.pt), exported .onnx, dlib_resnet, pixels or hog on "
+                             "--images/--pairs instead of the pipeline's finetuned model")
     parser.add_argument("--images", type=Path, default=None, help="with --model: folder of <Identity>/<Identity>_NNNN "
                                                                   "photos")
     parser.add_argument("--pairs", type=Path, default=None, help="with --model: LFW pairs file (official or "
                                                                  "fold-prefixed)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="with --model: output folder (metrics.json, roc.png, scores.png, roc.csv); "
-                             "without: the project root (default: .)")
+                        help="with --model: output folder (metrics.json, evaluation.md, roc.png, scores.png, "
+                             "roc.csv); without: the project root (default: .)")
+    parser.add_argument("--no-floors", action="store_true",
+                        help="with --model: the model alone, without the evaluate.floors and evaluate.ceiling "
+                             "scored beside it (the pipeline form: set evaluate.floors / evaluate.ceiling)")
 
 
 @stage("evaluate", "verification, few-shot and latency of the finetuned model (metrics/eval.json, plots/), or of "
@@ -191,6 +194,9 @@ def _evaluate(params: Params, args: argparse.Namespace) -> str:
         if args.images is not None or args.pairs is not None:
             raise ConfigError("--images/--pairs go with --model; the pipeline form reads evaluate.pairs / "
                               "evaluate.images_root")
+        if args.no_floors:
+            raise ConfigError("--no-floors goes with --model; the pipeline form reads evaluate.floors / "
+                              "evaluate.ceiling (e.g. --set floors=[] --set ceiling=null)")
         paths = evaluate.EvaluatePaths(args.out or Path("."))
         return evaluate.run(params.evaluate, params.landmarks, paths).describe()
     missing = [flag for flag, value in (("--images", args.images), ("--pairs", args.pairs), ("--out", args.out))
@@ -199,7 +205,7 @@ def _evaluate(params: Params, args: argparse.Namespace) -> str:
         raise ConfigError(f"--model needs {', '.join(missing)} (e.g. lafs evaluate --model dlib_resnet --images "
                           "../shared/data/lfw_subset --pairs ../shared/data/lfw_subset_pairs.txt --out /tmp/eval)")
     return evaluate.run_model(params.evaluate, params.landmarks, args.model, args.images, args.pairs,
-                              args.out).describe()
+                              args.out, baselines=not args.no_floors).describe()
 
 
 _simple_stage("register", "log the evaluated model to the MLflow Model Registry (alias challenger), run the "

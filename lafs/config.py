@@ -536,7 +536,12 @@ class EvaluateParams(Section):
     fewshot_seed: int = 0  # seeds which images form each gallery
     threads: int = Field(0, ge=0)  # cores of the accuracy passes: ONNX Runtime threads, dlib processes (0 = all)
     # Latency: detect + align + embed per photo on the CPU, one photo at a time, threads pinned.
-    candidates: tuple[Literal["onnx", "torch", "dlib_resnet"], ...] = ("onnx", "torch")  # models timed and scored
+    # Models timed and scored: the exported and PyTorch model, the dlib reference, the non-learned floors.
+    candidates: tuple[Literal["onnx", "torch", "dlib_resnet", "pixels", "hog"], ...] = ("onnx", "torch")
+    # Beside the model, on the same faces, pairs and folds: the non-learned floors it must beat and the
+    # reference ceiling (dlib's ResNet, ~99% on LFW; null skips it: dlib is by far the slowest embedder here).
+    floors: tuple[Literal["pixels", "hog"], ...] = ("pixels", "hog")
+    ceiling: Literal["dlib_resnet"] | None = "dlib_resnet"
     latency_images: int = Field(50, ge=1)  # timed photos (data/manifest.parquet order) per candidate ...
     latency_warmup: int = Field(5, ge=0)  # ... after this many untimed ones
     latency_threads: int = Field(1, ge=1)  # torch / ONNX Runtime / OpenCV threads while timing
@@ -557,6 +562,8 @@ class EvaluateParams(Section):
             raise ValueError(f"evaluate.latency_budgets_ms must be distinct positive numbers, got {list(budgets)}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"evaluate.candidates lists a model twice: {list(self.candidates)}")
+        if len(set(self.floors)) != len(self.floors):
+            raise ValueError(f"evaluate.floors lists a floor twice: {list(self.floors)}")
         return self
 
 

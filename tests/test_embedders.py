@@ -1,5 +1,6 @@
 """Embedders on real aligned faces (SCRFD + ArcFace alignment of shared LFW photos): the PyTorch model file,
-flip TTA, the spec loader's choices and refusals, dlib's ResNet on photos, and the missed-face fallback."""
+flip TTA, the spec loader's choices and refusals, dlib's ResNet on photos, the non-learned floors (pixels, HOG)
+and the missed-face fallback. Their accuracy on 1,200 LFW pairs is checked in tests/test_evaluate.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from lafs.eval.embedders import (
     DlibEmbedder,
     EmbedderError,
+    HogEmbedder,
     PhotoEmbedder,
+    PixelEmbedder,
     TorchEmbedder,
     load_embedder,
     to_model_input,
@@ -109,6 +112,53 @@ def test_dlib_resnet_on_photos_ranks_the_same_person_first(real_faces):
     assert dlib_net.embed_aligned(real_faces.aligned[:2]).shape == (2, 128)
     with pytest.raises(EmbedderError, match="one face box per photo"):
         dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:1])
+
+
+def test_pixels_floor_is_the_correlation_of_pooled_grey_faces(real_faces):
+    """cosine of two ``pixels`` embeddings = Pearson correlation of the faces in grey, 2 x 2 mean-pooled (56 px),
+    computed here with OpenCV; it ignores brightness and contrast (an affine change of the grey levels)."""
+    import cv2
+
+    embedder = load_embedder("pixels")
+    assert isinstance(embedder, PixelEmbedder) and not isinstance(embedder, PhotoEmbedder)
+    emb = embedder.embed_aligned(real_faces.aligned)
+    assert emb.shape == (8, 56 * 56) and emb.dtype == np.float32
+    np.testing.assert_allclose(_norms(emb), 1.0, atol=1e-5)
+    grey = [cv2.cvtColor(f.astype(np.float32) / 255, cv2.COLOR_RGB2GRAY) for f in real_faces.aligned]
+    pooled = np.stack([cv2.resize(g, (56, 56), interpolation=cv2.INTER_AREA).ravel() for g in grey])
+    np.testing.assert_allclose(emb @ emb.T, np.corrcoef(pooled), atol=1e-4)
+    dimmer = np.round(real_faces.aligned * 0.6 + 40).astype(np.uint8)  # darker, flatter photo of the same face
+    assert np.einsum("ij,ij->i", embedder.embed_aligned(dimmer), emb).min() > 0.999
+
+
+def test_hog_floor_is_scikit_image_hog_with_dalal_triggs_cells(real_faces):
+    from skimage.feature import hog
+
+    embedder = load_embedder("hog")
+    assert isinstance(embedder, HogEmbedder) and embedder.name == "hog"
+    emb = embedder.embed_aligned(real_faces.aligned)
+    assert emb.shape == (8, 13 * 13 * 2 * 2 * 9)  # 14 x 14 cells of 8 px -> 13 x 13 blocks of 2 x 2 cells, 9 bins
+    grey = real_faces.aligned.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
+    want = hog(grey[3], orientations=9, pixels_per_cell=(8, 8), cells_per_block=(2, 2), block_norm="L2-Hys")
+    np.testing.assert_allclose(emb[3], want / np.linalg.norm(want), atol=1e-5)
+    np.testing.assert_allclose(_norms(emb), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["pixels", "hog"])
+def test_floors_flip_tta_and_flat_faces(real_faces, spec):
+    """Flip TTA as for the learned models (face + mirror, so a face and its mirror embed alike); a flat face has
+    no contrast to embed: a zero row (cosine 0 with every face), not an error that stops the evaluation."""
+    embedder = load_embedder(spec)
+    faces = real_faces.aligned
+    mirrored = np.ascontiguousarray(faces[:, :, ::-1])
+    plain, flipped = embedder.embed_aligned(faces), embedder.embed_aligned(faces, flip=True)
+    assert np.einsum("ij,ij->i", plain, flipped).max() < 0.999
+    np.testing.assert_allclose(embedder.embed_aligned(mirrored, flip=True), flipped, atol=1e-5)
+    flat = np.full((2, 112, 112, 3), 90, dtype=np.uint8)
+    emb = embedder.embed_aligned(np.concatenate([flat, faces[:1]]), flip=True)
+    assert not emb[:2].any() and _norms(emb[2:]) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(EmbedderError, match=r"\(N, 112, 112, 3\) uint8"):
+        embedder.embed_aligned(faces.astype(np.float32))
 
 
 def test_dlib_box_sits_like_dlibs_own_detector(real_faces):

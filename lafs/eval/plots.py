@@ -1,4 +1,5 @@
-"""Verification plots: ROC (log FAR axis), same/different score histograms, and ROC points for ``dvc plots``.
+"""Verification plots: ROCs (log FAR axis; a model beside its floors and ceiling), same/different score
+histograms, and ROC points for ``dvc plots``.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, never through ``pyplot``, so no
 display or global backend is touched (safe in stages, Prefect workers and tests running in parallel).
@@ -7,6 +8,7 @@ display or global backend is touched (safe in stages, Prefect workers and tests 
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,33 +29,56 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 def roc_plot(scores: Any, same: Any, path: str | Path, fars: tuple[float, ...] = FARS,
              title: str = "Verification ROC") -> Path:
-    """ROC with a log-scaled FAR axis (where face verification operating points live), the AUC in the legend
-    and each measurable TAR@FAR target marked; FAR 0 cannot sit on a log axis, so the curve starts at the
-    smallest measurable FAR (1 / different pairs)."""
-    from sklearn.metrics import roc_auc_score
+    """ROC of one model's scores (:func:`roc_curves` with one curve, labelled ``ROC``)."""
+    return roc_curves({"ROC": scores}, same, path, fars=fars, title=title)
 
-    s, y = check_scores(scores, same)
-    fpr, tpr, _ = roc(s, y)
-    floor = 1.0 / int((~y).sum())
-    keep = fpr >= floor
+
+def roc_curves(curves: Mapping[str, Any], same: Any, path: str | Path, fars: tuple[float, ...] = FARS,
+               title: str = "Verification ROC", styles: Mapping[str, str] | None = None) -> Path:
+    """ROCs of several embedders on the same pairs (``curves``: label -> scores; the first is the model, drawn
+    solid with each measurable TAR@FAR target marked, the others in ``styles[label]`` line styles, default
+    dashed), with a log-scaled FAR axis (where face verification operating points live) and each AUC in the
+    legend: the model reads against its floors and ceiling at every operating point, not at one accuracy.
+
+    FAR 0 cannot sit on a log axis, so the curves start at the smallest measurable FAR (1 / different pairs).
+    """
+    if not curves:
+        raise ValueError("roc_curves needs at least one label -> scores curve")
+    labels = list(curves)
+    checked = {label: check_scores(curves[label], same) for label in labels}
+    y = checked[labels[0]][1]
+    n_diff = int((~y).sum())
+    floor = 1.0 / n_diff
     fig = Figure(figsize=(5.5, 4.5))
     ax = fig.subplots()
-    grid = np.r_[floor, fpr[keep]]
-    ax.step(grid, tar_at_fpr_grid(fpr, tpr, grid), where="post", label=f"ROC (AUC {roc_auc_score(y, s):.4f})")
-    for far, tar in tar_at_far(s, y, fars).items():
+    for label in labels:
+        s, _ = checked[label]
+        style = "-" if label == labels[0] else (styles or {}).get(label, "--")
+        _draw_roc(ax, s, y, label, floor, style)
+    model_scores = checked[labels[0]][0]
+    for far, tar in tar_at_far(model_scores, y, fars).items():
         if tar is not None:
             ax.plot([far], [tar], "o", label=f"TAR@FAR {far_key(far)} = {tar:.4f}")
         else:  # said in the legend, so a missing mark is not read as a missing metric
-            ax.plot([], [], " ", label=f"TAR@FAR {far_key(far)}: not measurable (< 1/{int((~y).sum())} pairs)")
+            ax.plot([], [], " ", label=f"TAR@FAR {far_key(far)}: not measurable (< 1/{n_diff} pairs)")
     ax.set_xscale("log")
     ax.set_xlim(floor, 1.0)
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate (FAR)")
     ax.set_ylabel("true accept rate (TAR)")
-    ax.set_title(f"{title}: {len(s)} pairs")
+    ax.set_title(f"{title}: {len(y)} pairs")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
+
+
+def _draw_roc(ax: Any, s: np.ndarray, y: np.ndarray, label: str, floor: float, style: str) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    fpr, tpr, _ = roc(s, y)
+    grid = np.r_[floor, fpr[fpr >= floor]]
+    ax.step(grid, tar_at_fpr_grid(fpr, tpr, grid), where="post", linestyle=style,
+            label=f"{label} (AUC {roc_auc_score(y, s):.4f})")
 
 
 def score_histogram(scores: Any, same: Any, path: str | Path, threshold: float | None = None,

@@ -8,10 +8,16 @@ Two entry points share every step (faces -> embeddings -> scores -> metrics and 
   identification on ``data/splits/test.csv``, and latency + verification accuracy of every
   ``evaluate.candidates`` model (``models/model.onnx``, the PyTorch model, optionally ``dlib_resnet``) on
   raw photos of ``data/manifest.parquet``. Writes ``metrics/eval.json``, ``plots/roc.png``,
-  ``plots/scores.png``, ``plots/roc.csv`` and logs them all to one MLflow run.
-- :func:`run_model` (``lafs evaluate --model M --images DIR --pairs FILE --out OUT``): any model file, ``.onnx``
-  or ``dlib_resnet`` on a folder of raw photos and an LFW pairs file -> ``OUT/metrics.json`` (same nested keys)
-  and the same plots. No MLflow run: it is a measurement, not a pipeline step.
+  ``plots/scores.png``, ``plots/roc.csv``, ``reports/evaluation.md`` and logs them all to one MLflow run.
+- :func:`run_model` (``lafs evaluate --model M --images DIR --pairs FILE --out OUT``): any model file, ``.onnx``,
+  ``dlib_resnet``, ``pixels`` or ``hog`` on a folder of raw photos and an LFW pairs file -> ``OUT/metrics.json``
+  (same nested keys), ``OUT/evaluation.md`` and the same plots. No MLflow run: it is a measurement, not a
+  pipeline step. ``--no-floors`` leaves out the floors and the ceiling (the model alone).
+
+Every report sets the model beside its baselines, scored on the same faces, pairs, folds and missed-face
+policy: the non-learned floors (``evaluate.floors``: grey pixels, HOG) it must beat to have learnt anything,
+and the reference ceiling (``evaluate.ceiling``: dlib's ResNet) it is measured against. The ROC plot holds all
+their curves; ``evaluation.md`` tabulates accuracy +- std, AUC, EER and TAR@FAR for each.
 
 Photos are detected with the ``landmarks`` section's SCRFD detector and policy, for dlib too (its shape
 predictor gets a box placed from the SCRFD keypoints, :func:`lafs.faces.dense.dlib_box`), so all
@@ -29,7 +35,11 @@ above it for a different one. Either way it is counted in ``faces``, and no pair
      "model": {spec, embed_dim, flip},
      "latency": {criterion, threads, flip, images, warmup,
                  "candidates": {name: {p50_ms, p95_ms, mean_ms, accuracy}},
-                 "budgets": {"100ms": {budget_ms, meets, best, best_accuracy}, ...}}}
+                 "budgets": {"100ms": {budget_ms, meets, best, best_accuracy}, ...}},
+     "floors": {"pixels": {<verification keys>}, "hog": {...}},   ({} when none)
+     "ceiling": {"dlib_resnet": {<verification keys>}},          ({} when evaluate.ceiling is null)
+     "margin_over_floor": model accuracy - best floor accuracy,  (null without floors)
+     "gap_to_ceiling": ceiling accuracy - model accuracy}        (null without a ceiling)
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import pandas as pd
 from lafs.config import EvaluateParams, LandmarksParams, resolved
 from lafs.data.images import ImageRejected, load_rgb
 from lafs.data.pairs import PairsFormatError, read_pairs_csv
-from lafs.eval.embedders import DLIB_RESNET, Embedder, EmbedderError, load_embedder
+from lafs.eval.embedders import DLIB_RESNET, HOG, PIXELS, Embedder, EmbedderError, load_embedder
 from lafs.eval.faceset import FaceSet, FaceSetError, PairIndex, aligned_faceset, embed, pairs_from_rows, photo_faceset
 from lafs.eval.latency import budget_report, end_to_end, measure_latency, pinned_threads
 from lafs.eval.photos import FaceFinder
@@ -94,6 +104,10 @@ class EvaluatePaths:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def report(self) -> Path:
+        return self.root / "reports" / "evaluation.md"
+
 
 @dataclass
 class EvaluateSummary:
@@ -109,6 +123,7 @@ class EvaluateSummary:
         if "fewshot" in self.report:
             parts.append("few-shot top-1 " + ", ".join(f"{k} {r['top1']:.3f}" for k, r in self.report["fewshot"].items()
                                                     if r.get("top1") is not None))
+        parts += baseline_summary(self.report)
         missed = self.report["faces"]["missed"]
         if missed:
             parts.append(f"{missed} photos without a detected face ({self.report['faces']['missed_policy']})")
@@ -149,18 +164,135 @@ def verify(embedder: Embedder, faces: FaceSet, pairs: PairIndex, cfg: EvaluatePa
     return verification_report(scores, pairs.same, folds=pairs.folds), scores, emb
 
 
-def write_plots(scores: np.ndarray, same: np.ndarray, threshold: float, out_dir: Path) -> list[Path]:
-    from lafs.eval.plots import roc_plot, roc_points, score_histogram
+def write_plots(rows: list[Row], same: np.ndarray, out_dir: Path) -> list[Path]:
+    """``roc.png`` (every row's ROC, the model first), and the model's ``scores.png`` and ``roc.csv``."""
+    from lafs.eval.plots import roc_curves, roc_points, score_histogram
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [roc_plot(scores, same, out_dir / "roc.png"),
-            score_histogram(scores, same, out_dir / "scores.png", threshold=threshold),
-            roc_points(scores, same, out_dir / "roc.csv")]
+    model = rows[0]
+    styles = {row.label: LINE_STYLES[row.role] for row in rows[1:]}  # the model's curve is always solid
+    return [roc_curves({row.label: row.scores for row in rows}, same, out_dir / "roc.png", styles=styles),
+            score_histogram(model.scores, same, out_dir / "scores.png", threshold=model.report["threshold"]),
+            roc_points(model.scores, same, out_dir / "roc.csv")]
 
 
 def faces_section(faces: FaceSet, pairs: PairIndex, policy: str) -> dict[str, Any]:
     return {"images": len(faces), "detected": len(faces) - faces.missed, "missed": faces.missed,
             "missed_policy": policy, "pairs_with_missed_face": int(missed_pairs(faces, pairs).sum())}
+
+
+# -- floors and ceiling -------------------------------------------------------------------------------------
+LINE_STYLES = {"model": "-", "floor": "--", "ceiling": ":"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One embedder on the protocol: its label (a spec, or a model file's name), role (``model``, ``floor``,
+    ``ceiling``), verification report and per-pair scores."""
+
+    label: str
+    role: str
+    report: dict[str, Any]
+    scores: np.ndarray
+
+
+def baseline_roles(cfg: EvaluateParams, enabled: bool = True) -> dict[str, str]:
+    """Spec -> role of every baseline the report sets beside the model (none when not ``enabled``)."""
+    if not enabled:
+        return {}
+    roles = dict.fromkeys(cfg.floors, "floor")
+    if cfg.ceiling is not None:
+        roles[cfg.ceiling] = "ceiling"
+    return roles
+
+
+def score_baselines(roles: dict[str, str], cfg: EvaluateParams, faces: FaceSet, pairs: PairIndex,
+                    known: dict[str, tuple[dict[str, Any], np.ndarray]]) -> list[Row]:
+    """A row per baseline, scored through :func:`verify` like the model; ``known`` (spec -> (report, scores)
+    already computed, e.g. a candidate that is also the ceiling) is reused, not embedded twice."""
+    rows = []
+    for spec, role in roles.items():
+        if spec not in known:
+            start = time.perf_counter()
+            known[spec] = verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs, cfg)[:2]
+            log.info("%s %s: %.4f on %d pairs, %d faces in %.1f s", role, spec, known[spec][0]["accuracy_mean"],
+                     len(pairs), len(faces), time.perf_counter() - start)
+        rows.append(Row(spec, role, *known[spec]))
+    return rows
+
+
+def baselines_section(model: Row, baselines: list[Row]) -> dict[str, Any]:
+    """eval.json's ``floors``, ``ceiling``, ``margin_over_floor`` (model - best floor) and ``gap_to_ceiling``
+    (ceiling - model), accuracies of the same folds."""
+    floors = {r.label: r.report for r in baselines if r.role == "floor"}
+    ceiling = {r.label: r.report for r in baselines if r.role == "ceiling"}
+    acc = model.report["accuracy_mean"]
+    best_floor = max((r["accuracy_mean"] for r in floors.values()), default=None)
+    top = max((r["accuracy_mean"] for r in ceiling.values()), default=None)
+    return {"floors": floors, "ceiling": ceiling,
+            "margin_over_floor": None if best_floor is None else acc - best_floor,
+            "gap_to_ceiling": None if top is None else top - acc}
+
+
+def baseline_summary(report: dict[str, Any]) -> list[str]:
+    """``describe()`` parts: each floor and ceiling accuracy and the margin, beside the model's."""
+    parts = []
+    for key in ("floors", "ceiling"):
+        if report.get(key):
+            parts.append(f"{key} " + ", ".join(f"{n} {r['accuracy_mean']:.4f}" for n, r in report[key].items()))
+    if report.get("margin_over_floor") is not None:
+        parts.append(f"margin over best floor {report['margin_over_floor']:+.4f}")
+    return parts
+
+
+def comparison_rows(model: Row, baselines: list[Row]) -> list[Row]:
+    """The model first, then each baseline that is not the model itself (``--model dlib_resnet`` with the
+    dlib ceiling is one row, role ``model, ceiling``): one curve and one table row per embedder."""
+    rows = [model]
+    for row in baselines:
+        if row.label == model.label:
+            rows[0] = Row(model.label, f"{model.role}, {row.role}", model.report, model.scores)
+        else:
+            rows.append(row)
+    return rows
+
+
+def _tar_cell(tar: float | None, min_far: float) -> str:
+    return f"{tar:.4f}" if tar is not None else f"n/a (FAR < 1/{round(1 / min_far)})"
+
+
+def markdown_report(rows: list[Row], out: dict[str, Any]) -> str:
+    """``evaluation.md``: accuracy +- std, AUC, EER and TAR@FAR of the model, its floors and its ceiling on one
+    protocol, then the margin over the best floor and the gap to the ceiling."""
+    fars = list(rows[0].report["tar_at_far"])
+    v = rows[0].report
+    lines = ["# Evaluation: the model beside its floors and ceiling", "",
+             f"{v['pairs']} pairs ({v['same_pairs']} same), {out['faces']['images']} faces "
+             f"({out['faces']['missed']} missed: {out['faces']['missed_policy']}), flip TTA {out['model']['flip']}; "
+             "accuracy is the mean +- std over the protocol's folds (threshold chosen on the other folds).", "",
+             "| embedder | role | accuracy | AUC | EER | " + " | ".join(f"TAR@FAR {f}" for f in fars) + " |",
+             "|---|---|---|---|---|" + "---|" * len(fars)]
+    for row in rows:
+        r = row.report
+        tars = " | ".join(_tar_cell(r["tar_at_far"][f], r["min_measurable_far"]) for f in fars)
+        lines.append(f"| {row.label} | {row.role} | {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | "
+                     f"{r['auc']:.4f} | {r['eer']:.4f} | {tars} |")
+    lines.append("")
+    for key, text in (("margin_over_floor", "margin over the best floor"), ("gap_to_ceiling", "gap to the ceiling")):
+        if out.get(key) is not None:
+            lines.append(f"- {text}: {out[key]:+.4f} accuracy")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(rows: list[Row], out: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown_report(rows, out))
+    return path
+
+
+def model_label(spec: str | Path) -> str:
+    """A short label for plots and tables: a built-in embedder's name, else the model file's name."""
+    return str(spec) if str(spec) in (DLIB_RESNET, PIXELS, HOG) else Path(spec).name
 
 
 # -- latency ------------------------------------------------------------------------------------------------
@@ -231,8 +363,9 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
     root = paths.root
     if not paths.model.is_file():
         raise StageError(f"{paths.model} not found: run the finetune stage first (dvc repro finetune)")
-    specs = {"onnx": str(paths.onnx), "torch": str(paths.model), DLIB_RESNET: DLIB_RESNET}
+    specs = {"onnx": str(paths.onnx), "torch": str(paths.model), DLIB_RESNET: DLIB_RESNET, PIXELS: PIXELS, HOG: HOG}
     specs = {name: specs[name] for name in cfg.candidates}
+    roles = baseline_roles(cfg)
     if "onnx" in specs and not paths.onnx.is_file():
         raise StageError(f"{paths.onnx} not found: run the export stage first (dvc repro export), or drop 'onnx' "
                          "from evaluate.candidates")
@@ -240,7 +373,7 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
         raise StageError(f"{paths.manifest} not found: run the ingest stage first (latency is timed on raw photos)")
     model = _embedder(paths.model, cfg.batch_size, cfg.threads)
     test = pd.read_csv(_split_file(paths.splits / "test.csv"))  # few-shot identification on the test identities
-    need_photos = DLIB_RESNET in specs
+    need_photos = DLIB_RESNET in specs or DLIB_RESNET in roles
 
     try:
         if cfg.pairs == "split":
@@ -263,26 +396,28 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
     from lafs.eval.fewshot import fewshot_identification
 
     fewshot = fewshot_identification(test_emb, test["label"].to_numpy(), ks=cfg.fewshot_k, seed=cfg.fewshot_seed)
-    accuracy = {"torch": report["accuracy_mean"]}
-    for name, spec in specs.items():
-        if name != "torch":
-            accuracy[name] = verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs,
-                                    cfg)[0]["accuracy_mean"]
+    scored = {name: verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs, cfg)[:2]
+              for name, spec in specs.items() if name != "torch"}
+    accuracy = {"torch": report["accuracy_mean"], **{name: r["accuracy_mean"] for name, (r, _) in scored.items()}}
+    model = Row(model_label(paths.model), "model", report, scores)
+    baselines = score_baselines(roles, cfg, faces, pairs, scored)  # candidate names of built-ins are their specs
 
     raw = pd.read_parquet(paths.manifest, columns=["path"])["path"].head(cfg.latency_images)
     latency = latency_section(cfg, landmarks, specs, _load_photos([root / p for p in raw]), accuracy)
 
     out = {"verification": report, "fewshot": fewshot, "faces": faces_section(faces, pairs, cfg.missed_faces),
            "model": {"spec": str(paths.model.relative_to(root)), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
-           "latency": latency}
+           "latency": latency, **baselines_section(model, baselines)}
     write_metrics(paths.metrics, out)
-    plots = write_plots(scores, pairs.same, report["threshold"], paths.plots)
+    rows = comparison_rows(model, baselines)
+    plots = write_plots(rows, pairs.same, paths.plots)
+    markdown = write_report(rows, out, paths.report)
     logger = RunLogger(True, cfg.experiment, "evaluate", resolved(cfg), uri=cfg.tracking_uri,
                        tags={"stage": "evaluate", "model": str(paths.model.relative_to(root))}, system_metrics=False)
     status = "FAILED"
     try:
         logger.log_metrics(_numeric(out), step=0)
-        for path in (paths.metrics, *plots):
+        for path in (paths.metrics, *plots, markdown):
             logger.log_artifact(path, "evaluate")
         status = "FINISHED"
     finally:
@@ -292,9 +427,10 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
 
 # -- any model, from the command line -----------------------------------------------------------------------
 def run_model(cfg: EvaluateParams, landmarks: LandmarksParams, spec: str, images: Path, pairs_file: Path,
-              out_dir: Path) -> EvaluateSummary:
-    """``spec`` (model file, ``.onnx`` or ``dlib_resnet``) on the photos of ``images`` named by ``pairs_file``:
-    ``out_dir/metrics.json`` (verification, faces, model, latency of this model) and the plots."""
+              out_dir: Path, baselines: bool = True) -> EvaluateSummary:
+    """``spec`` (model file, ``.onnx``, ``dlib_resnet``, ``pixels`` or ``hog``) on the photos of ``images`` named
+    by ``pairs_file``: ``out_dir/metrics.json`` (verification, faces, model, latency of this model; with
+    ``baselines``, the floors and ceiling of ``cfg`` too), ``out_dir/evaluation.md`` and the plots."""
     start = time.perf_counter()
     embedder = _embedder(spec, cfg.batch_size, cfg.threads)
     try:
@@ -305,9 +441,14 @@ def run_model(cfg: EvaluateParams, landmarks: LandmarksParams, spec: str, images
     photos = _load_photos(list(faces.photos or [])[: cfg.latency_images])
     latency = latency_section(cfg, landmarks, {embedder.name: str(spec)}, photos,
                               {embedder.name: report["accuracy_mean"]})
+    model = Row(model_label(spec), "model", report, scores)
+    found = score_baselines(baseline_roles(cfg, baselines), cfg, faces, pairs, {str(spec): (report, scores)})
     out = {"verification": report, "faces": faces_section(faces, pairs, cfg.missed_faces),
-           "model": {"spec": str(spec), "embed_dim": int(emb.shape[1]), "flip": cfg.flip}, "latency": latency}
+           "model": {"spec": str(spec), "embed_dim": int(emb.shape[1]), "flip": cfg.flip}, "latency": latency,
+           **baselines_section(model, found)}
     metrics = out_dir / "metrics.json"
     write_metrics(metrics, out)
-    plots = write_plots(scores, pairs.same, report["threshold"], out_dir)
+    rows = comparison_rows(model, found)
+    plots = write_plots(rows, pairs.same, out_dir)
+    write_report(rows, out, out_dir / "evaluation.md")
     return EvaluateSummary(out, metrics, plots, time.perf_counter() - start)
