@@ -3,7 +3,7 @@
 #   make setup                      .venv with python3.11 + `pip install -c constraints.txt -e '.[dev]'`
 #   make test                       ruff, then the whole pytest suite (slow end-to-end tests included)
 #   make pipeline                   Prefect flow lafs-pipeline: a task per dvc.yaml stage (DATA=lfw downloads LFW)
-#   make pipeline DATA=../shared/data/lfw_subset MODELS=../shared/models     (offline, what CI uses)
+#   make pipeline DATA=../shared/data/lfw MODELS=../shared/models     (offline: full LFW, View 1 from ../shared/data/lfw_views)
 #   make pipeline DATA=s3://bucket/faces SET='pretrain.epochs=1'            (AWS env / ingest.s3_endpoint_url)
 #   make compare                    after a pipeline run: scratch vs DINO-face vs LAFS x full / few-shot data
 #   make clean                      caches, build files and params.local.yaml (keeps .venv, DVC cache, outputs)
@@ -46,6 +46,10 @@ STAMP := $(VENV)/.setup-$(SETUP_HASH)
 # Plain `=`, not `?=`: a DATA variable lying around in the environment must not redirect the pipeline.
 DATA = lfw
 MODELS =
+# VIEWS: folder of LFW's protocol files (pairsDevTest.txt, peopleDevTrain.txt, ...) for split.protocol lfw_view1 /
+# lfw_view2; by default <DATA>_views when that folder exists (the shared layout: data/lfw + data/lfw_views), else
+# empty (null: the lfw source's own download).
+VIEWS = $(if $(wildcard $(DATA)_views/pairsDevTest.txt),$(DATA)_views,)
 # SET: space-separated dotted params for params.local.yaml (kept there until changed; an empty value removes one).
 SET =
 
@@ -80,10 +84,12 @@ test: setup
 	pytest -q --timeout=1200
 
 local-params: setup
-	lafs local-params --set 'ingest.source=$(DATA)' --set 'landmarks.models_root=$(MODELS)'
+	lafs local-params --set 'ingest.source=$(DATA)' --set 'landmarks.models_root=$(MODELS)' \
+		--set 'split.protocol_dir=$(VIEWS)'
 
 pipeline: setup
-	python -m flows.pipeline --data '$(DATA)' --models '$(MODELS)' $(foreach s,$(SET),--set '$(s)')
+	python -m flows.pipeline --data '$(DATA)' --models '$(MODELS)' --set 'split.protocol_dir=$(VIEWS)' \
+		$(foreach s,$(SET),--set '$(s)')
 	dvc metrics show
 
 # Not a dvc.yaml stage (it must not lengthen `dvc repro`): resumable, finished cells are skipped; the

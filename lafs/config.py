@@ -271,6 +271,11 @@ class FinetuneParams(Section):
     num_landmarks: int = Field(196, ge=1)  # must equal the teacher's and the landmark net's K (checked)
     patch_padding: Literal["zeros", "border"] = "zeros"  # must equal the teacher's (checked)
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)  # official: 0.1 (hard-coded Residual_droppath)
+    # recognition embedding: cls = the cls token (official); tokens = every output token flattened in landmark
+    # order -> Dropout -> Linear -> BatchNorm (lafs.models.vit.FaceViT), embedding_dim wide (null = ViT width)
+    embedding: Literal["cls", "tokens"] = "cls"
+    embedding_dim: int | None = Field(None, ge=1)
+    embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # margin head; official: CosFace s=64 m=0.4 (ArcFace: m=0.5 is insightface's usual value)
     head: Literal["cosface", "arcface"] = "cosface"
     s: float = Field(64.0, gt=0.0)
@@ -278,6 +283,9 @@ class FinetuneParams(Section):
     # Multiplier on the official regulariser schedule (1000/100/1/0.11/0 over 34 epochs, stretched to `epochs`);
     # 0 = off and no frozen landmark net. official: off (pre_land/keep_land hard-coded False); ours: on (section 8)
     reg_weight: float = Field(1.0, ge=0.0)
+    # Train the landmark net with the recogniser (official) or keep it frozen as it came out of the landmark_net
+    # stage (no regulariser then): on a CPU its backward is ~60% of a small recogniser's step.
+    train_landmark_net: bool = True
     # optimisation
     epochs: int = Field(34, ge=1)
     batch_size: int = Field(200, ge=1)  # official: 200 per GPU x 2 GPUs x 3 accumulation steps
@@ -452,6 +460,9 @@ class TuneParams(Section):
     # Trials the new study runs first, before any sampling: a baseline or known-good settings ({lr: 0.001, ...});
     # keys from search_space, values inside its ranges / choices; keys left out are sampled.
     enqueue: tuple[dict[str, Choice], ...] = ()
+    # Finetune params every trial runs with, over the finetune section (e.g. {epochs: 2}): a cheaper, lower-
+    # fidelity trial than the final finetune; searched params cannot be fixed here.
+    trial_overrides: dict[str, Choice] = Field(default_factory=dict)
 
     @field_validator("search_space")
     @classmethod
@@ -462,6 +473,11 @@ class TuneParams(Section):
 
     @model_validator(mode="after")
     def _check_enqueue(self) -> TuneParams:
+        for name in self.trial_overrides:
+            if name not in FinetuneParams.model_fields:
+                raise ValueError(f"trial_overrides.{name}: not a finetune param")
+            if name in self.search_space:
+                raise ValueError(f"trial_overrides.{name}: searched in search_space, cannot also be fixed")
         for n, trial in enumerate(self.enqueue):
             for name, value in trial.items():
                 dim = self.search_space.get(name)
@@ -542,6 +558,8 @@ class EvaluateParams(Section):
     # reference ceiling (dlib's ResNet, ~99% on LFW; null skips it: dlib is by far the slowest embedder here).
     floors: tuple[Literal["pixels", "hog"], ...] = ("pixels", "hog")
     ceiling: Literal["dlib_resnet"] | None = "dlib_resnet"
+    # flip-sum TTA for the ceiling too: dlib's published protocol has none, and it doubles dlib's ~85 ms per face
+    ceiling_flip: bool = False
     latency_images: int = Field(50, ge=1)  # timed photos (data/manifest.parquet order) per candidate ...
     latency_warmup: int = Field(5, ge=0)  # ... after this many untimed ones
     latency_threads: int = Field(1, ge=1)  # torch / ONNX Runtime / OpenCV threads while timing

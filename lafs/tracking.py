@@ -76,8 +76,10 @@ class RunLogger:
             mlflow.log_params(flatten(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queued (MLflow's async logging): a synchronous sqlite write per training step cost a small CPU
+        recogniser a third of its step time; ``end`` flushes the queue."""
         if self.enabled:
-            self._mlflow.log_metrics(dict(metrics), step=step)
+            self._mlflow.log_metrics(dict(metrics), step=step, synchronous=False)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -85,4 +87,5 @@ class RunLogger:
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:
+            self._mlflow.flush_async_logging()
             self._mlflow.end_run(status=status)

@@ -298,9 +298,9 @@ def copy_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 TINY_RUN = {
     "ingest": {"max_identities": 16, "max_images_per_identity": 3},
     "validate": {"min_eval_identities": 4},
-    "split": {"test_fraction": 0.4, "folds": 2, "pairs_per_fold": 6},
+    "split": {"protocol": "generated", "test_fraction": 0.4, "folds": 2, "pairs_per_fold": 6},
     "landmark_net": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_nme": 10.0},
-    "pretrain": {"model": "lafs_vit_tiny", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "epochs": 1,
+    "pretrain": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "epochs": 1,
                  "batch_size": 4, "local_crops": 2, "local_landmarks": 12, "num_workers": 0, "nproc_per_node": 1},
     "finetune": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0},
     "tune": {"n_trials": 1},  # the enqueued baseline only

@@ -27,7 +27,7 @@ def test_params_yaml_parses_and_is_small() -> None:
     params = load_params(REPO / "params.yaml", overrides=None)
     assert params.ingest.source == "lfw"
     # The pretrain section is the scaled-down CPU recipe, not the official one.
-    assert params.pretrain.model == "lafs_vit_tiny"
+    assert params.pretrain.model == params.finetune.model == "lafs_vit_mini"
     assert params.pretrain.epochs < SSLParams().epochs
     assert params.pretrain.out_dim < SSLParams().out_dim
     assert params.pretrain.dtype == "auto"  # fp32 on CPUs without native bf16 matmul

@@ -98,3 +98,32 @@ def test_prototype_head_outputs_cosines():
 def test_facevit_rejects_bad_config():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         FaceViT(img_size=100, patch_size=8)
+
+
+def test_tokens_embedding_projects_every_landmark_token_and_keeps_ssl_on_the_cls_token():
+    torch.manual_seed(0)
+    model = lafs.create_model("lafs_vit_mini", num_landmarks=68, embedding="tokens", embedding_dim=32).eval()
+    x, lm = torch.randn(3, 3, 112, 112), torch.rand(3, 68, 2) * 111
+    with torch.no_grad():
+        emb = model(x, lm)
+        tokens, pos = model.tokenize(x, lm)
+        cls = model.encode(tokens, pos)
+        expected = model.embedding_head(model.features(tokens, pos)[:, 1:])
+    assert emb.shape == (3, 32) and model.embedding_dim == 32
+    assert torch.equal(emb, expected)
+    assert cls.shape == (3, model.embed_dim)  # what DINO / ProS train, whatever the embedding
+    # The projection is position-aware: moving one landmark's patch changes the embedding.
+    moved = lm.clone()
+    moved[:, 30] += 6.0
+    with torch.no_grad():
+        assert not torch.allclose(model(x, moved), emb)
+    # A landmark subset (an SSL local view) has no place in the flattened projection.
+    with pytest.raises(ValueError, match="projects all 68 tokens"):
+        model(x, lm[:, :24], torch.arange(24))
+
+
+def test_cls_embedding_refuses_another_width():
+    with pytest.raises(ValueError, match="embedding_dim 64 needs embedding='tokens'"):
+        FaceViT(num_landmarks=4, embed_dim=32, depth=1, num_heads=1, head_dim=32, mlp_dim=64, embedding_dim=64)
+    with pytest.raises(ValueError, match="embedding must be"):
+        FaceViT(num_landmarks=4, embed_dim=32, depth=1, num_heads=1, head_dim=32, mlp_dim=64, embedding="mean")

@@ -92,12 +92,16 @@ class FinetuneTrainer:
 
     def __init__(self, model: FaceViT, num_classes: int, cfg: FinetuneParams, iters_per_epoch: int,
                  reference: nn.Module | None = None) -> None:
-        if cfg.reg_weight > 0 and model.landmark_net is not None and reference is None:
+        self.frozen_landmarks = model.landmark_net is not None and not cfg.train_landmark_net
+        anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
+        if anchored and reference is None:
             raise ValueError("reg_weight > 0 needs the frozen reference landmark net (see frozen_copy)")
+        if self.frozen_landmarks:
+            model.landmark_net.requires_grad_(False)
         self.cfg, self.model = cfg, model
         self.device = next(model.parameters()).device
-        self.head = create_margin_head(cfg.head, model.embed_dim, num_classes, cfg.s, cfg.m).to(self.device)
-        self.reference = reference if model.landmark_net is not None and cfg.reg_weight > 0 else None
+        self.head = create_margin_head(cfg.head, model.embedding_dim, num_classes, cfg.s, cfg.m).to(self.device)
+        self.reference = reference if anchored else None
         self.iters_per_epoch = iters_per_epoch
         self.lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, iters_per_epoch, cfg.warmup_epochs)
         self.reg_weight = reg_weight_schedule(cfg.epochs, cfg.reg_weight)
@@ -118,6 +122,8 @@ class FinetuneTrainer:
         set_lr_wd(self.optimizer, lr, 1.0)  # groups hold absolute weight decays (finetune_param_groups)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         self.model.train()
+        if self.frozen_landmarks:
+            self.model.landmark_net.eval()  # frozen means its batch-norm statistics too
         with self.autocast():
             if self.reference is not None:
                 emb, landmarks = self.model.forward_with_landmarks(images)

@@ -211,6 +211,17 @@ class SSLTrainer:
         self.task.loss.load_state_dict(state["loss"])
 
 
+def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """||after - before|| / ||before|| over the floating-point tensors of two state dicts: how far training moved
+    a network from its initialisation (a teacher that barely moved learned nothing, whatever its loss says)."""
+    diff = base = 0.0
+    for name, w0 in before.items():
+        if w0.is_floating_point():
+            diff += float((after[name].float() - w0.float()).pow(2).sum())
+            base += float(w0.float().pow(2).sum())
+    return (diff / base) ** 0.5 if base else 0.0
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """'auto' -> 'bf16' only where bf16 matmul is native; emulated bf16 on AVX2 CPUs is ~100x slower."""
     if dtype != "auto":

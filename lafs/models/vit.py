@@ -18,6 +18,7 @@ from torch import nn
 from lafs.models.patches import patchify, sample_patches
 
 Tokenizer = Literal["landmark", "grid"]
+Embedding = Literal["cls", "tokens"]
 
 
 @cache
@@ -36,6 +37,14 @@ class FaceViT(nn.Module):
     landmark tokenizer: one P x P patch per landmark, with a learned position embedding per landmark
     *index* (slot i means "landmark i", so a random subset of landmarks keeps its identities).
     grid tokenizer: ordinary patchify; the position grid is interpolated for smaller crops (DINO).
+
+    The recognition embedding (``forward``) is the normalised cls token (``embedding="cls"``, the official
+    part fViT) or a projection of *every* output token, flattened in position order (``"tokens"``: Dropout ->
+    Linear(N * D -> embedding_dim) -> BatchNorm, insightface's flatten-FC-BN output layer). With landmark
+    tokens, slot i is always landmark i, so the flattened projection keeps which facial part said what; pooled
+    into one cls token that is lost, and small ViTs trained from scratch on LFW-sized data did not learn at
+    all that way (benchmarks/RESULTS.md, "Recogniser head"). Self-supervised pretraining always trains the cls
+    token (``encode``), whatever the embedding.
     """
 
     def __init__(
@@ -57,6 +66,9 @@ class FaceViT(nn.Module):
         drop_path_rate: float = 0.0,
         padding_mode: str = "zeros",
         landmark_net: nn.Module | None = None,
+        embedding: Embedding = "cls",
+        embedding_dim: int | None = None,
+        embedding_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if tokenizer not in ("landmark", "grid"):
@@ -65,6 +77,11 @@ class FaceViT(nn.Module):
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         if landmark_net is not None and tokenizer != "landmark":
             raise ValueError("a landmark network only makes sense with tokenizer='landmark'")
+        if embedding not in ("cls", "tokens"):
+            raise ValueError(f"embedding must be 'cls' or 'tokens', got {embedding!r}")
+        if embedding == "cls" and embedding_dim not in (None, embed_dim):
+            raise ValueError(f"embedding='cls' returns the {embed_dim}-d cls token; embedding_dim {embedding_dim} "
+                             "needs embedding='tokens'")
         self.tokenizer = tokenizer
         self.img_size = img_size
         self.patch_size = patch_size
@@ -87,6 +104,11 @@ class FaceViT(nn.Module):
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim)
+        self.embedding = embedding
+        self.embedding_dim = embedding_dim or embed_dim
+        self.embedding_head = None if embedding == "cls" else nn.Sequential(
+            nn.Flatten(), nn.Dropout(embedding_dropout), nn.Linear(self.num_positions * embed_dim, self.embedding_dim),
+            nn.BatchNorm1d(self.embedding_dim))
         self.landmark_net = landmark_net
         self._init_weights()
 
@@ -153,13 +175,16 @@ class FaceViT(nn.Module):
         return tokens, self.positions(index, images.shape[-2:])
 
     # -- encoding -----------------------------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Transformer over [cls, tokens]; returns the normalised cls embedding (B, D)."""
+    def features(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Transformer over [cls, tokens]; returns the normalised output sequence (B, 1 + N, D)."""
         x = self.patch_embed(tokens) + pos
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = self.pos_drop(torch.cat((cls, x), dim=1))
-        x = self.blocks(x)
-        return self.norm(x[:, 0])
+        return self.norm(self.blocks(x))
+
+    def encode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The normalised cls embedding (B, D) of any token set (a landmark subset too): what SSL trains."""
+        return self.features(tokens, pos)[:, 0]
 
     def forward(
         self,
@@ -167,7 +192,13 @@ class FaceViT(nn.Module):
         landmarks: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.encode(*self.tokenize(images, landmarks, index))
+        """The recognition embedding (B, embedding_dim); ``embedding="tokens"`` needs the full token set."""
+        tokens, pos = self.tokenize(images, landmarks, index)
+        if self.embedding_head is None:
+            return self.encode(tokens, pos)
+        if tokens.shape[1] != self.num_positions:
+            raise ValueError(f"embedding='tokens' projects all {self.num_positions} tokens, got {tokens.shape[1]}")
+        return self.embedding_head(self.features(tokens, pos)[:, 1:])
 
     def forward_with_landmarks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding and the landmarks the model's own landmark network placed (for the regulariser)."""
@@ -185,7 +216,7 @@ class FaceViT(nn.Module):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
-        return len(self.blocks) + 1
+        return len(self.blocks) + 1  # final norm and embedding head
 
 
 def num_params(module: nn.Module) -> int:

@@ -214,7 +214,8 @@ def score_baselines(roles: dict[str, str], cfg: EvaluateParams, faces: FaceSet, 
     for spec, role in roles.items():
         if spec not in known:
             start = time.perf_counter()
-            known[spec] = verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs, cfg)[:2]
+            run = cfg if role != "ceiling" or cfg.ceiling_flip else cfg.model_copy(update={"flip": False})
+            known[spec] = verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs, run)[:2]
             log.info("%s %s: %.4f on %d pairs, %d faces in %.1f s", role, spec, known[spec][0]["accuracy_mean"],
                      len(pairs), len(faces), time.perf_counter() - start)
         rows.append(Row(spec, role, *known[spec]))

@@ -183,7 +183,8 @@ def uses_landmarks(cfg: FinetuneParams) -> bool:
 
 def recogniser_kwargs(cfg: FinetuneParams) -> dict[str, Any]:
     """What ``create_model(cfg.model, **kwargs)`` needs to rebuild the whole recogniser (saved in model.pt)."""
-    kwargs: dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate}
+    kwargs: dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate, "embedding": cfg.embedding,
+                              "embedding_dim": cfg.embedding_dim, "embedding_dropout": cfg.embedding_dropout}
     if uses_landmarks(cfg):
         kwargs |= {"num_landmarks": cfg.num_landmarks, "padding_mode": cfg.patch_padding,
                    "landmark_net": cfg.landmark_net}
@@ -219,7 +220,8 @@ def build_recogniser(cfg: FinetuneParams, paths: FinetunePaths) -> FaceViT:
     model: FaceViT = create_model(cfg.model, **recogniser_kwargs(cfg))
     if teacher is not None:
         missing, unexpected = model.load_state_dict(teacher["state_dict"], strict=False)
-        missing = [k for k in missing if not k.startswith("landmark_net.")]
+        # The landmark net and the recognition embedding head are not part of what SSL trains.
+        missing = [k for k in missing if not k.startswith(("landmark_net.", "embedding_head."))]
         if missing or unexpected:
             raise StageError(f"{paths.teacher} does not fit {cfg.model}: missing {missing[:5]}, unexpected "
                              f"{unexpected[:5]}; rerun `dvc repro pretrain`")
@@ -293,9 +295,10 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
     device = resolve_device(cfg.device, param="finetune.device")
     data = select_data(cfg, paths)
     model = build_recogniser(cfg, paths).to(device)
-    reference = frozen_copy(model.landmark_net) if model.landmark_net is not None and cfg.reg_weight > 0 else None
+    anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
+    reference = frozen_copy(model.landmark_net) if anchored else None
     train_set = LabelledFaces(data.train_paths, data.train_labels, recognition_augment(cfg.crop_scale, cfg.flip),
-                              seed=cfg.seed)
+                              seed=cfg.seed, preload=True)
     sampler = ResumableSampler(train_set, seed=cfg.seed)
     iters_per_epoch = len(sampler) // cfg.batch_size
     if iters_per_epoch == 0:
@@ -361,7 +364,7 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
                 val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
                 if progress.update(epoch, val["val_accuracy"], cfg):
                     save_model(model, cfg.model, recogniser_kwargs(cfg), paths.model, config=resolved(cfg),
-                               embed_dim=model.embed_dim, epoch=epoch, val_accuracy=val["val_accuracy"])
+                               embed_dim=model.embedding_dim, epoch=epoch, val_accuracy=val["val_accuracy"])
                 logger.log_metrics({**val, "best_val_accuracy": progress.best_accuracy}, it)
                 checkpoint(it)
                 if on_epoch is not None:

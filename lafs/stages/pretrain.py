@@ -37,7 +37,7 @@ from lafs.engine.distributed import (
     shutdown,
 )
 from lafs.engine.preemption import Preempted, SigtermFlag
-from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, backbone_kwargs, build_ssl_task
+from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, backbone_kwargs, build_ssl_task, relative_change
 from lafs.models.io import load_model, save_model
 from lafs.stages import StageError, write_metrics
 from lafs.tracking import RunLogger
@@ -147,6 +147,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     student_ddp = DistributedDataParallel(task.student, device_ids=[env.device.index] if env.device.type == "cuda"
                                           else None) if env.distributed else None
     trainer = SSLTrainer(task, iters_per_epoch, cfg.batch_size * env.world_size, student_ddp)
+    initial = {k: v.detach().clone() for k, v in task.teacher.backbone.state_dict().items()}  # seeded: same on resume
 
     start_it, run_id = 0, None
     # one download per node (local rank 0): nodes may or may not share the checkpoint directory
@@ -234,12 +235,15 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     if env.is_main:
         backbone = task.teacher.backbone
         save_model(backbone, cfg.model, backbone_kwargs(cfg), paths.teacher, config=resolved(cfg))
+        moved = relative_change(initial, backbone.state_dict())
+        log.info("pretrain: the teacher moved %.2f%% (relative L2) from its initialisation", 100 * moved)
         write_metrics(paths.metrics, {"iterations": it, "final_loss": summary.final_loss,
+                                      "teacher_relative_change": moved,
                                       "teacher_entropy": metrics.get("teacher_entropy"),
                                       "images_per_s": summary.images_per_s, "world_size": env.world_size,
                                       "ranks_in_sync": in_sync})
         logger.log_artifact(paths.teacher, "teacher")
-        logger.log_metrics({"final_loss": summary.final_loss}, it)
+        logger.log_metrics({"final_loss": summary.final_loss, "teacher_relative_change": moved}, it)
         logger.end("FINISHED")
     barrier()
     return summary

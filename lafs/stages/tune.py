@@ -200,7 +200,8 @@ def fingerprint(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths)
               "landmark_net": _digest(ft.landmark_net)}
     search = resolved(cfg)
     base = {k: v for k, v in resolved(finetune_cfg).items() if k not in _OVERLAID}
-    data = {key: search[key] for key in ("direction", "sampler", "pruner", "search_space", "enqueue")}
+    data = {key: search[key] for key in ("direction", "sampler", "pruner", "search_space", "enqueue",
+                                         "trial_overrides")}
     data |= {"finetune": base, "inputs": inputs}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -382,8 +383,8 @@ class _Objective:
     def trial_params(self, suggested: dict[str, Any]) -> FinetuneParams:
         from pydantic import ValidationError
 
-        data = {**resolved(self.finetune_cfg), **suggested, "experiment": self.cfg.experiment,
-                "tracking_uri": self.cfg.tracking_uri, "tuned_params": None}
+        data = {**resolved(self.finetune_cfg), **self.cfg.trial_overrides, **suggested,
+                "experiment": self.cfg.experiment, "tracking_uri": self.cfg.tracking_uri, "tuned_params": None}
         try:
             return FinetuneParams.model_validate(data)
         except ValidationError as exc:

@@ -1,0 +1,100 @@
+"""Tests that fail when learning breaks: the product's stages on real faces must learn something.
+
+One project on the shared LFW subset (every identity with >= 2 photos, ~1.2k faces): ingest -> landmarks ->
+split -> landmark_net (its NME gate at the params default) -> finetune of the default CPU recogniser (landmark
+ViT, tokens embedding) from scratch, then its verification accuracy on held-out people next to the raw-pixel
+floor on exactly the same pairs; and an SSL run whose teacher must move away from its initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import single_torch_thread
+
+from lafs.config import FinetuneParams, LandmarkNetParams, load_params, parse_params
+from lafs.data.datasets import read_faces
+from lafs.eval.embedders import load_embedder
+from lafs.eval.verification import kfold_accuracy, pair_scores
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def subset_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, shared: Path) -> Path:
+    """Every stage up to landmark_net on the subset's people with >= 2 photos, test pairs on a quarter of them."""
+    from lafs.stages import ingest, landmark_net, landmarks, split
+
+    root = tmp_path_factory.mktemp("subset_project")
+    params = parse_params({
+        "ingest": {"source": str(lfw_subset), "max_identities": 322, "max_images_per_identity": 8},
+        "landmarks": {"models_root": str(shared / "models")},
+        "split": {"test_fraction": 0.25, "folds": 5, "pairs_per_fold": 100, "fewshot_k": [1]},
+        # the NME gate stays at params.yaml's default: this is the test that runs it unrelaxed
+        "landmark_net": {"epochs": 3, "batch_size": 32, "threads": 2},
+    })
+    default_gate = load_params(REPO / "params.yaml", overrides=None).landmark_net.max_nme
+    assert params.landmark_net.max_nme == LandmarkNetParams().max_nme == default_gate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        ingest.run(params.ingest, root)
+        landmarks.run(params.landmarks, root)
+        split.run(params.split, root)
+        summary = landmark_net.run(params.landmark_net, landmark_net.LandmarkNetPaths(
+            root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"))
+    assert summary.nme < summary.mean_shape_nme, "the landmark net must beat the mean face shape"
+    return root
+
+
+def _test_faces(root: Path) -> tuple[list[str], torch.Tensor, pd.DataFrame]:
+    pairs = pd.read_csv(root / "data" / "splits" / "pairs.csv")
+    paths = sorted(set(pairs["path1"]) | set(pairs["path2"]))
+    return paths, read_faces([root / p for p in paths]), pairs
+
+
+def _accuracy(emb: np.ndarray, paths: list[str], pairs: pd.DataFrame) -> float:
+    index = {p: i for i, p in enumerate(paths)}
+    scores = pair_scores(emb[[index[p] for p in pairs["path1"]]], emb[[index[p] for p in pairs["path2"]]])
+    return kfold_accuracy(scores, pairs["same"].to_numpy(), folds=pairs["fold"].to_numpy())[0]
+
+
+def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_project, tmp_path, monkeypatch):
+    from lafs.stages import finetune
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    defaults = load_params(REPO / "params.yaml", overrides=None).finetune
+    cfg = FinetuneParams(**{**defaults.model_dump(), "init": "scratch", "epochs": 8, "batch_size": 32,
+                            "num_workers": 0, "tuned_params": None, "val_fraction": 0.1, "val_folds": 4})
+    paths = finetune.FinetunePaths.under(subset_project, tmp_path / "finetune")
+    with single_torch_thread():
+        torch.set_num_threads(2)
+        finetune.train(cfg, paths)
+        names, faces, pairs = _test_faces(subset_project)
+        faces = faces.permute(0, 2, 3, 1).numpy()  # (N, 112, 112, 3) uint8, what every embedder takes
+        learned = _accuracy(load_embedder(paths.model).embed_aligned(faces), names, pairs)
+    floor = _accuracy(load_embedder("pixels").embed_aligned(faces), names, pairs)
+    # Measured on this set: the pixel floor ~0.60-0.65; the recogniser after 8 short epochs well above it.
+    assert floor > 0.55
+    assert learned > floor + 0.05, f"finetuned recogniser {learned:.3f} does not beat the pixel floor {floor:.3f}"
+
+
+def test_ssl_moves_the_teacher_away_from_its_initialisation(subset_project, tmp_path, monkeypatch):
+    """Pretraining at the params.yaml settings (one short epoch here) must change the teacher measurably."""
+    from lafs.stages import pretrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    defaults = load_params(REPO / "params.yaml", overrides=None).pretrain
+    cfg = defaults.model_copy(update={"epochs": 1, "batch_size": 32, "num_workers": 0, "nproc_per_node": 1,
+                                      "device": "cpu"})
+    with single_torch_thread():
+        pretrain.run(cfg, pretrain.PretrainPaths(
+            subset_project, subset_project / "data", tmp_path / "pretrain", subset_project / "models" /
+            "landmark_net.pt", tmp_path / "pretrain.json"))
+    moved = json.loads((tmp_path / "pretrain.json").read_text())["teacher_relative_change"]
+    assert moved > 0.01, f"the teacher moved {moved:.2e} (relative L2) from its initialisation: SSL learned nothing"
