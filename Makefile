@@ -5,6 +5,7 @@
 #   make pipeline                   Prefect flow lafs-pipeline: a task per dvc.yaml stage (DATA=lfw downloads LFW)
 #   make pipeline DATA=../shared/data/lfw MODELS=../shared/models     (offline: full LFW, View 1 from ../shared/data/lfw_views)
 #   make pipeline DATA=s3://bucket/faces SET='pretrain.epochs=1'            (AWS env / ingest.s3_endpoint_url)
+#   make pipeline DATA=../shared/data/lfw MODELS=../shared/models PROFILE=quality     (<= 60 min budget)
 #   make compare                    after a pipeline run: scratch vs DINO-face vs LAFS x full / few-shot data
 #   make clean                      caches, build files and params.local.yaml (keeps .venv, DVC cache, outputs)
 #
@@ -52,6 +53,17 @@ MODELS =
 VIEWS = $(if $(wildcard $(DATA)_views/pairsDevTest.txt),$(DATA)_views,)
 # SET: space-separated dotted params for params.local.yaml (kept there until changed; an empty value removes one).
 SET =
+# PROFILE: a named budget, i.e. SET values applied before SET. Default (empty): params.yaml, the <= 20 min CPU run.
+# quality (<= 60 min on 2 cores): the landmark net trains with the recogniser (the method's own setting), longer
+# landmark net / SSL / finetune, 4 tuning trials, the dlib ceiling with flip TTA like the model.
+PROFILE =
+PROFILE_quality = finetune.train_landmark_net=true finetune.epochs=10 landmark_net.epochs=3 pretrain.epochs=3 \
+	tune.n_trials=4 evaluate.ceiling_flip=true
+ifneq ($(PROFILE),)
+ifeq ($(PROFILE_$(PROFILE)),)
+$(error unknown PROFILE=$(PROFILE): the Makefile defines quality)
+endif
+endif
 
 # No telemetry anywhere; the venv's tools (lafs, dvc, pytest, moto_server) first on PATH.
 export PATH := $(BIN):$(PATH)
@@ -67,7 +79,7 @@ pipeline local-params: export PREFECT_HOME ?= $(CURDIR)/.prefect
 .PHONY: help setup test pipeline local-params compare clean
 
 help:
-	@sed -n '1,9p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,10p' $(firstword $(MAKEFILE_LIST))
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,7 +101,7 @@ local-params: setup
 
 pipeline: setup
 	python -m flows.pipeline --data '$(DATA)' --models '$(MODELS)' --set 'split.protocol_dir=$(VIEWS)' \
-		$(foreach s,$(SET),--set '$(s)')
+		$(foreach s,$(PROFILE_$(PROFILE)) $(SET),--set '$(s)')
 	dvc metrics show
 
 # Not a dvc.yaml stage (it must not lengthen `dvc repro`): resumable, finished cells are skipped; the

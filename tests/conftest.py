@@ -209,7 +209,7 @@ def single_torch_thread() -> Iterator[None]:
 # Every stage up to pretraining, scaled to seconds: 16 real identities x <= 4 photos (50 faces), 2 test folds.
 TINY_PROJECT = {
     "ingest": {"max_identities": 16, "max_images_per_identity": 4},
-    "split": {"test_fraction": 0.25, "folds": 2, "pairs_per_fold": 8, "fewshot_k": [1, 2]},
+    "split": {"protocol": "generated", "test_fraction": 0.25, "folds": 2, "pairs_per_fold": 8, "fewshot_k": [1, 2]},
     "landmark_net": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_nme": 10.0},
     "pretrain": {"method": "lafs", "model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small",
                  "num_landmarks": 68, "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "epochs": 1,

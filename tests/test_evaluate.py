@@ -311,3 +311,19 @@ def test_dlib_reference_and_floors_on_the_lfw_subset_pairs(shared, tmp_path):
     assert metrics["gap_to_ceiling"] == 0.0  # the model is the ceiling: scored once, one row
     rows = _report_rows(out / "evaluation.md")
     assert list(rows) == ["dlib_resnet", "pixels", "hog"] and rows["dlib_resnet"][0] == "model, ceiling"
+
+
+def test_the_report_says_how_many_protocol_pairs_were_scored(tmp_path):
+    """eval.json and evaluation.md carry the split's protocol counts (a missing photo is reported, not hidden)."""
+    from lafs.stages.evaluate import _protocol_lines, protocol_section
+
+    assert protocol_section(tmp_path) == {}  # generated pairs: no protocol file
+    (tmp_path / "protocol.json").write_text(json.dumps({
+        "name": "lfw_view1", "pairs_in_file": 1000, "pairs_scored": 999, "pairs_missing": 1,
+        "missing_by_reason": {"not_ingested": 1}, "missing_examples": ["fold 10: Betsy_Coffin/Betsy_Coffin_0001"],
+        "test_identities": 1711}))
+    section = protocol_section(tmp_path)
+    assert section == {"name": "lfw_view1", "pairs_in_file": 1000, "pairs_scored": 999, "pairs_missing": 1,
+                       "missing_by_reason": {"not_ingested": 1}, "test_identities": 1711}
+    assert _protocol_lines(section)[0] == ("Protocol lfw_view1: 999 of its 1000 pairs scored; 1 missing a photo "
+                                           "(1 not_ingested).")

@@ -27,6 +27,7 @@ from lafs.stages.finetune import FinetunePaths, tuned_overlay
 from lafs.stages.tune import (
     PARENT_ATTR,
     TunePaths,
+    _Objective,
     fingerprint,
     first_open_lock,
     masked,
@@ -391,3 +392,16 @@ def test_timeout_stops_starting_trials_and_a_larger_budget_resumes_the_study(res
     assert parent.info.run_id == resumed.parent_before  # reopened, then closed again
     assert parent.info.status == "FINISHED"
     assert (parent.data.tags["finished_trials"], parent.data.tags["n_trials"]) == (str(N_TRIALS), "10")
+
+
+def test_trial_overrides_fix_finetune_params_of_every_trial_but_not_searched_ones():
+    base = {"search_space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    with pytest.raises(ConfigError, match=r"trial_overrides\.nope: not a finetune param"):
+        parse_params({"tune": {**base, "trial_overrides": {"nope": 1}}})
+    with pytest.raises(ConfigError, match=r"trial_overrides\.lr: searched in search_space"):
+        parse_params({"tune": {**base, "trial_overrides": {"lr": 0.1}}})
+    cfg = parse_params({"tune": {**base, "trial_overrides": {"epochs": 2}}}).tune
+    objective = _Objective.__new__(_Objective)
+    objective.cfg, objective.finetune_cfg = cfg, FinetuneParams(**{**FINETUNE, "epochs": 6})
+    trial = objective.trial_params({"lr": 0.002})
+    assert (trial.epochs, trial.lr, trial.tuned_params) == (2, 0.002, None)

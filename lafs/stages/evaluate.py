@@ -44,6 +44,7 @@ above it for a different one. Either way it is counted in ``faces``, and no pair
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -185,6 +186,17 @@ def faces_section(faces: FaceSet, pairs: PairIndex, policy: str) -> dict[str, An
 LINE_STYLES = {"model": "-", "floor": "--", "ceiling": ":"}
 
 
+def protocol_section(splits: Path) -> dict[str, Any]:
+    """The split's protocol counts (``protocol.json``: name, pairs in the protocol file, scored, missing by
+    reason), so a reported accuracy always says over how many of the protocol's pairs it was measured."""
+    path = splits / "protocol.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    keys = ("name", "pairs_in_file", "pairs_scored", "pairs_missing", "missing_by_reason", "test_identities")
+    return {k: data[k] for k in keys if k in data}
+
+
 @dataclass(frozen=True)
 class Row:
     """One embedder on the protocol: its label (a spec, or a model file's name), role (``model``, ``floor``,
@@ -262,6 +274,14 @@ def _tar_cell(tar: float | None, min_far: float) -> str:
     return f"{tar:.4f}" if tar is not None else f"n/a (FAR < 1/{round(1 / min_far)})"
 
 
+def _protocol_lines(protocol: dict[str, Any]) -> list[str]:
+    if protocol.get("pairs_in_file") is None:
+        return []
+    missing = ", ".join(f"{n} {reason}" for reason, n in protocol.get("missing_by_reason", {}).items()) or "none"
+    return [f"Protocol {protocol['name']}: {protocol['pairs_scored']} of its {protocol['pairs_in_file']} pairs "
+            f"scored; {protocol['pairs_missing']} missing a photo ({missing}).", ""]
+
+
 def markdown_report(rows: list[Row], out: dict[str, Any]) -> str:
     """``evaluation.md``: accuracy +- std, AUC, EER and TAR@FAR of the model, its floors and its ceiling on one
     protocol, then the margin over the best floor and the gap to the ceiling."""
@@ -271,6 +291,7 @@ def markdown_report(rows: list[Row], out: dict[str, Any]) -> str:
              f"{v['pairs']} pairs ({v['same_pairs']} same), {out['faces']['images']} faces "
              f"({out['faces']['missed']} missed: {out['faces']['missed_policy']}), flip TTA {out['model']['flip']}; "
              "accuracy is the mean +- std over the protocol's folds (threshold chosen on the other folds).", "",
+             *_protocol_lines(out.get("protocol") or {}),
              "| embedder | role | accuracy | AUC | EER | " + " | ".join(f"TAR@FAR {f}" for f in fars) + " |",
              "|---|---|---|---|---|" + "---|" * len(fars)]
     for row in rows:
@@ -408,7 +429,7 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
 
     out = {"verification": report, "fewshot": fewshot, "faces": faces_section(faces, pairs, cfg.missed_faces),
            "model": {"spec": str(paths.model.relative_to(root)), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
-           "latency": latency, **baselines_section(model, baselines)}
+           "latency": latency, **baselines_section(model, baselines), "protocol": protocol_section(paths.splits)}
     write_metrics(paths.metrics, out)
     rows = comparison_rows(model, baselines)
     plots = write_plots(rows, pairs.same, paths.plots)
