@@ -84,18 +84,20 @@ def _pair(fields: list[str], fold: int, where: str) -> Pair:
     )
 
 
-def parse_pairs(path: str | Path) -> list[Pair]:
-    """Read an LFW pairs file in either format (see the module docstring), in file order."""
-    path = Path(path)
+def _field_lines(path: Path, kind: str) -> list[tuple[int, list[str]]]:
+    """(line number, whitespace-split fields) of every line that is neither blank nor a ``#`` comment."""
     try:
         text = path.read_text()
     except OSError as exc:
-        raise PairsFormatError(f"cannot read pairs file {path}: {exc.strerror or exc}") from None
-    lines = [
-        (number, line.split())
-        for number, line in enumerate(text.splitlines(), 1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+        raise PairsFormatError(f"cannot read {kind} file {path}: {exc.strerror or exc}") from None
+    return [(number, line.split()) for number, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def parse_pairs(path: str | Path) -> list[Pair]:
+    """Read an LFW pairs file in either format (see the module docstring), in file order."""
+    path = Path(path)
+    lines = _field_lines(path, "pairs")
     if not lines:
         raise PairsFormatError(f"{path}: no pairs (the file is empty or only comments)")
     first_no, first = lines[0]
@@ -149,15 +151,7 @@ def parse_people(path: str | Path) -> list[list[str]]:
     concatenated file fails here rather than silently moving people between training and test.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PairsFormatError(f"cannot read people file {path}: {exc.strerror or exc}") from None
-    lines = [
-        (number, line.split())
-        for number, line in enumerate(text.splitlines(), 1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    lines = _field_lines(path, "people")
     if len(lines) < 2 or len(lines[0][1]) != 1:
         raise PairsFormatError(f"{path}: expected a first line with one count, then the people; got {len(lines)} lines")
     header = _int(lines[0][1][0], f"{path}:{lines[0][0]}", "count")
