@@ -327,3 +327,27 @@ def test_the_report_says_how_many_protocol_pairs_were_scored(tmp_path):
                        "missing_by_reason": {"not_ingested": 1}, "test_identities": 1711}
     assert _protocol_lines(section)[0] == ("Protocol lfw_view1: 999 of its 1000 pairs scored; 1 missing a photo "
                                            "(1 not_ingested).")
+
+
+def test_floors_score_only_the_faces_pairs_use_with_identical_scores():
+    """The floors / ceiling embed the pair faces alone (not the few-shot ones): same pairs, same scores."""
+    import numpy as np
+
+    from lafs.eval.embedders import load_embedder
+    from lafs.eval.faceset import FaceSet, PairIndex, embed, restrict_to_pairs
+    from lafs.eval.verification import pair_scores
+
+    rng = np.random.default_rng(0)
+    faces = FaceSet(keys=[f"f{i}" for i in range(6)], aligned=rng.integers(0, 256, (6, 112, 112, 3), dtype=np.uint8),
+                    detected=np.array([True, True, False, True, True, True]), photos=[Path(f"p{i}") for i in range(6)],
+                    boxes=rng.random((6, 4)), kps=rng.random((6, 5, 2)))
+    pairs = PairIndex(first=np.array([4, 1, 4]), second=np.array([1, 2, 2]), same=np.array([True, False, True]),
+                      folds=np.array([1, 2, 1]))
+    sub, index = restrict_to_pairs(faces, pairs)
+    assert sub.keys == ["f1", "f2", "f4"] and sub.photos == [Path("p1"), Path("p2"), Path("p4")]
+    assert sub.detected.tolist() == [True, False, True] and np.array_equal(sub.kps, faces.kps[[1, 2, 4]])
+    assert np.array_equal(index.same, pairs.same) and np.array_equal(index.folds, pairs.folds)
+    pixels = load_embedder("pixels")
+    full = pair_scores(embed(pixels, faces, False)[pairs.first], embed(pixels, faces, False)[pairs.second])
+    part = pair_scores(embed(pixels, sub, False)[index.first], embed(pixels, sub, False)[index.second])
+    assert np.allclose(full, part)

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -121,6 +122,23 @@ def aligned_faceset(root: Path, keys: Sequence[str], landmarks_table: Path | Non
         boxes = np.array([list(b) for b in rows["bbox"]], dtype=np.float32).reshape(-1, 4)
         kps = np.array([list(k) for k in rows["kps5"]], dtype=np.float32).reshape(-1, 5, 2)
     return FaceSet(keys, aligned, np.ones(len(keys), dtype=bool), photos, boxes, kps)
+
+
+def restrict_to_pairs(faces: FaceSet, pairs: PairIndex) -> tuple[FaceSet, PairIndex]:
+    """Only the faces some pair uses, and the same pairs (same order) indexing them: what a verification-only
+    pass (floors, ceiling, candidates) needs, without the few-shot faces the model alone embeds."""
+    used = np.unique(np.concatenate([pairs.first, pairs.second]))
+    new_index = np.full(len(faces), -1, dtype=np.int64)
+    new_index[used] = np.arange(len(used))
+
+    def take(values: Any) -> Any:
+        if values is None or isinstance(values, np.ndarray):
+            return None if values is None else values[used]
+        return [values[i] for i in used]
+
+    subset = FaceSet(keys=take(faces.keys), aligned=faces.aligned[used], detected=faces.detected[used],
+                     photos=take(faces.photos), boxes=take(faces.boxes), kps=take(faces.kps))
+    return subset, PairIndex(new_index[pairs.first], new_index[pairs.second], pairs.same, pairs.folds)
 
 
 def pairs_from_rows(rows: Sequence[PairRow], faces: FaceSet) -> PairIndex:

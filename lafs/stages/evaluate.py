@@ -59,7 +59,16 @@ from lafs.config import EvaluateParams, LandmarksParams, resolved
 from lafs.data.images import ImageRejected, load_rgb
 from lafs.data.pairs import PairsFormatError, read_pairs_csv
 from lafs.eval.embedders import DLIB_RESNET, HOG, PIXELS, Embedder, EmbedderError, load_embedder
-from lafs.eval.faceset import FaceSet, FaceSetError, PairIndex, aligned_faceset, embed, pairs_from_rows, photo_faceset
+from lafs.eval.faceset import (
+    FaceSet,
+    FaceSetError,
+    PairIndex,
+    aligned_faceset,
+    embed,
+    pairs_from_rows,
+    photo_faceset,
+    restrict_to_pairs,
+)
 from lafs.eval.latency import budget_report, end_to_end, measure_latency, pinned_threads
 from lafs.eval.photos import FaceFinder
 from lafs.faces import FaceModelError
@@ -418,11 +427,12 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
     from lafs.eval.fewshot import fewshot_identification
 
     fewshot = fewshot_identification(test_emb, test["label"].to_numpy(), ks=cfg.fewshot_k, seed=cfg.fewshot_seed)
-    scored = {name: verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs, cfg)[:2]
+    pair_faces, pair_index = restrict_to_pairs(faces, pairs)  # the others only verify: no few-shot faces
+    scored = {name: verify(_embedder(spec, cfg.batch_size, cfg.threads), pair_faces, pair_index, cfg)[:2]
               for name, spec in specs.items() if name != "torch"}
     accuracy = {"torch": report["accuracy_mean"], **{name: r["accuracy_mean"] for name, (r, _) in scored.items()}}
     model = Row(model_label(paths.model), "model", report, scores)
-    baselines = score_baselines(roles, cfg, faces, pairs, scored)  # candidate names of built-ins are their specs
+    baselines = score_baselines(roles, cfg, pair_faces, pair_index, scored)  # built-in candidates: named by spec
 
     raw = pd.read_parquet(paths.manifest, columns=["path"])["path"].head(cfg.latency_images)
     latency = latency_section(cfg, landmarks, specs, _load_photos([root / p for p in raw]), accuracy)
