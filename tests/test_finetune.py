@@ -40,7 +40,7 @@ from lafs.tracking import ensure_experiment
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small", "num_landmarks": 68, "epochs": 2,
         "batch_size": 8, "warmup_epochs": 0, "lr": 1e-3, "num_workers": 0, "device": "cpu", "dtype": "fp32",
-        "checkpoint_every": 2, "tuned_params": None, "experiment": "t-finetune"}
+        "checkpoint_every": 2, "tuned_params": None, "experiment": "t-finetune", "train_landmark_net": True}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -377,3 +377,25 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_project, tmp_path):
     assert "SIGTERM at iteration" in out and "Traceback" not in err
     reported = int(out.split("SIGTERM at iteration ")[1].split(":")[0])
     assert load_checkpoint(last)["iteration"] == reported
+
+
+def test_a_frozen_landmark_net_stays_exactly_as_the_landmark_net_stage_left_it():
+    """train_landmark_net: false trains the ViT and its embedding head only: the landmark net's weights and batch-norm
+    statistics do not move, no regulariser runs, and the optimizer holds none of its parameters."""
+    from lafs.models import create_model
+
+    torch.manual_seed(0)
+    cfg = FinetuneParams(**{**TINY, "train_landmark_net": False, "embedding": "tokens", "embedding_dim": 16})
+    model = create_model("lafs_vit_tiny", num_landmarks=68, landmark_net="landmark_net_mnv3_small",
+                         embedding="tokens", embedding_dim=16)
+    before = {k: v.clone() for k, v in model.landmark_net.state_dict().items()}
+    vit_before = model.patch_embed.weight.detach().clone()
+    trainer = FinetuneTrainer(model, 5, cfg, iters_per_epoch=2)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in model.landmark_net.parameters()}
+    for it in range(2):
+        metrics = trainer.train_step(torch.rand(4, 3, 112, 112) * 2 - 1, torch.tensor([0, 1, 2, 3]), it)
+    assert "reg_loss" not in metrics and trainer.reference is None
+    after = model.landmark_net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the frozen landmark net changed"
+    assert not torch.equal(vit_before, model.patch_embed.weight), "the ViT did not train"
