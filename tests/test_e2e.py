@@ -57,9 +57,11 @@ E2E_RUN = {
     "export": {"parity_images": 4},
     "evaluate": {"fewshot_k": [1, 2], "latency_images": 3, "latency_warmup": 1, "candidates": ["onnx"]},
 }
-# The worse model: no self-supervised pretraining (a random ViT), run through finetune -> register only (tune,
-# which tracks the finetune params too, stays stale: its best params from run 1 still overlay finetune).
-WORSE = {"finetune.init": "scratch"}
+# The challenger of run 2: no self-supervised pretraining (a random ViT), run through finetune -> register only
+# (tune, which tracks the finetune params too, stays stale: its best params from run 1 still overlay finetune).
+# On 16 pairs either model can win by one pair, so the gate asks a gain of 0.5 accuracy that no model at this
+# scale reaches: the rejection, and the champion staying put, must not depend on which one it was.
+WORSE = {"finetune.init": "scratch", "register.min_gain": 0.5}
 AFTER_TUNE = ["finetune", "export", "evaluate", "register"]
 RETRY = {"retries": 4, "retry_delay_seconds": 8.0}  # backoff 8, 16, 32, 64 s: covers an MLflow restart
 FLOW_TIMEOUT = 900
@@ -249,11 +251,8 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
     second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=FLOW_TIMEOUT)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     worse_metrics = json.loads((root / "metrics/eval.json").read_text())
-    # At this scale both models sit near chance, so "worse" can be a tie; the gate must reject both (a challenger
-    # has to beat the champion by register.min_gain). A challenger that scored higher would make this test moot.
-    assert worse_metrics["verification"]["accuracy_mean"] <= first_metrics["verification"]["accuracy_mean"], (
-        f"the deliberately worse model scored higher: {worse_metrics['verification']} vs "
-        f"{first_metrics['verification']}")
+    gain = worse_metrics["verification"]["accuracy_mean"] - first_metrics["verification"]["accuracy_mean"]
+    assert gain < WORSE["register.min_gain"], (worse_metrics["verification"], first_metrics["verification"])
     assert client.get_model_version_by_alias(model_name, "champion").version == champion.version
     challenger = client.get_model_version_by_alias(model_name, "challenger")
     assert int(challenger.version) > int(champion.version)
