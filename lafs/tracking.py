@@ -76,10 +76,8 @@ class RunLogger:
             mlflow.log_params(flatten(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queued (MLflow's async logging), so a training step never waits on the tracking store (a database
-        write, or an HTTP round trip to a remote server); ``end`` flushes the queue."""
         if self.enabled:
-            self._mlflow.log_metrics(dict(metrics), step=step, synchronous=False)
+            self._mlflow.log_metrics(dict(metrics), step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -87,5 +85,4 @@ class RunLogger:
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:
-            self._mlflow.flush_async_logging()
             self._mlflow.end_run(status=status)
