@@ -591,12 +591,12 @@ class CompareParams(Section):
     column; no early stopping, no tuned params). The rest comes from the pretrain and finetune sections."""
 
     inits: tuple[Literal["scratch", "dino_face", "lafs"], ...] = Field(("scratch", "dino_face", "lafs"), min_length=1)
-    fewshot_k: tuple[int, ...] = (1,)  # few-shot columns besides the full data; each must be in split.fewshot_k
-    size: Literal["tiny", "small", "base"] = "tiny"  # every cell: lafs_vit_<size> / dino_vit_<size>
+    fewshot_k: tuple[int, ...] = (1, 2, 5)  # few-shot columns besides the full data; each must be in split.fewshot_k
+    size: Literal["tiny", "mini", "small", "base"] = "mini"  # every cell: lafs_vit_<size> / dino_vit_<size>
     pretrain_epochs: int = Field(2, ge=1)
-    pretrain_batch_size: int = Field(16, ge=1)
-    finetune_epochs: int = Field(3, ge=1)
-    finetune_batch_size: int = Field(16, ge=1)
+    pretrain_batch_size: int = Field(64, ge=1)
+    finetune_epochs: int = Field(6, ge=1)
+    finetune_batch_size: int = Field(64, ge=1)
     seed: int = 0  # one seed for every cell's init, data order and augmentation
     experiment: str = "lafs-compare"  # the MLflow parent run and its children (pretraining and cells)
     tracking_uri: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import TINY_PROJECT, single_torch_thread
 
@@ -12,7 +13,7 @@ from lafs.stages.compare import ComparePaths, cells, finetune_config, pretrain_c
 
 FINETUNE = {"model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small", "num_landmarks": 68,
             "num_workers": 0, "device": "cpu", "dtype": "fp32", "lr": 1e-3, "warmup_epochs": 1, "patience": 1}
-COMPARE = {"fewshot_k": [1], "pretrain_epochs": 1, "pretrain_batch_size": 8, "finetune_epochs": 1,
+COMPARE = {"fewshot_k": [1], "size": "tiny", "pretrain_epochs": 1, "pretrain_batch_size": 8, "finetune_epochs": 1,
            "finetune_batch_size": 4, "experiment": "t-compare"}
 
 
@@ -53,9 +54,16 @@ def test_compare_fills_the_table_logs_a_parent_run_and_resumes(tiny_project, tmp
     for cell in cells(params.compare):
         result = json.loads((paths.out_dir / cell.name / "result.json").read_text())
         v = result["verification"]
-        assert 0.0 <= v["accuracy_mean"] <= 1.0 and v["pairs"] == 16
+        correct = np.array([c == "1" for c in result["pair_correct"]])
+        assert v["pairs"] == len(correct) == 16
+        # the fold mean is the mean of the per-pair decisions (equal folds), inside its own bootstrap interval
+        assert v["accuracy_mean"] == pytest.approx(correct.mean())
+        low, high = v["accuracy_ci95"]
+        assert low <= v["accuracy_mean"] <= high and (low < high or correct.all() or not correct.any())
         assert any(f"{v['accuracy_mean']:.3f} ± {v['accuracy_std']:.3f}" in r and result["model"] in r for r in rows)
         assert result["budget"]["finetune_epochs"] == 1
+    tests = table.split("## Paired tests")[1]
+    assert len([r for r in tests.splitlines() if r.startswith("| full |") or r.startswith("| k1 |")]) == 6
     full = {c: json.loads((paths.out_dir / f"{c}-full" / "result.json").read_text())["finetune"]["iterations"]
             for c in ("scratch", "dino_face", "lafs")}
     assert len(set(full.values())) == 1  # equal steps within a data column

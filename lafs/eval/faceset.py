@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
+from lafs.data.aligned import AlignedFaceError, read_aligned
 from lafs.data.images import load_rgb
 from lafs.data.pairs import Pair, PairRow, parse_pairs
 from lafs.eval.embedders import Embedder, PhotoEmbedder
@@ -32,7 +32,7 @@ from lafs.eval.photos import FaceFinder
 log = logging.getLogger(__name__)
 
 
-class FaceSetError(ValueError):
+class FaceSetError(AlignedFaceError):
     """The protocol's images or tables are missing or inconsistent; the message names them and what to do."""
 
 
@@ -89,17 +89,6 @@ def embed(embedder: Embedder, faces: FaceSet, flip: bool, batch: int = 64) -> np
                  for photos, boxes, kps in faces.iter_photos(batch)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     return embedder.embed_aligned(faces.aligned, flip=flip)
-
-
-def read_aligned(paths: Sequence[Path]) -> np.ndarray:
-    """(N, 112, 112, 3) uint8 from aligned face files written by the landmarks stage."""
-    faces = []
-    for path in paths:
-        if not path.is_file():
-            raise FaceSetError(f"aligned face {path} not found: rerun the landmarks stage (dvc repro landmarks)")
-        with Image.open(path) as img:
-            faces.append(np.asarray(img.convert("RGB")))
-    return np.stack(faces) if faces else np.zeros((0, 112, 112, 3), np.uint8)
 
 
 def aligned_faceset(root: Path, keys: Sequence[str], landmarks_table: Path | None = None) -> FaceSet:

@@ -80,12 +80,13 @@ def _best_split(sorted_scores: np.ndarray, sorted_same: np.ndarray) -> float:
     return float(mid if mid < uniq[j] else uniq[j - 1])
 
 
-def kfold_accuracy(scores: Any, same: Any, folds: Any = None, n_folds: int = 10) -> tuple[float, float, float]:
-    """LFW protocol: for each fold, threshold chosen on the other folds (maximising accuracy there), accuracy
-    on the held-out fold; returns (mean, std, mean threshold). folds: 1-based fold id per pair (pairs.csv);
-    None -> n_folds contiguous folds (insightface's KFold(shuffle=False)).
+def kfold_correct(scores: Any, same: Any, folds: Any = None, n_folds: int = 10) -> tuple[np.ndarray, np.ndarray,
+                                                                                        np.ndarray]:
+    """LFW protocol, pair by pair: each fold is thresholded at the accuracy-maximising split of the other folds.
 
-    std is the population std over folds (``np.std``, as insightface reports it).
+    Returns (correct per pair, 1-based fold id per pair, threshold per fold in fold-id order). The per-pair
+    decisions are what paired tests between two models need (McNemar, bootstrap over pairs). folds: 1-based fold
+    id per pair (pairs.csv); None -> n_folds contiguous folds (insightface's KFold(shuffle=False)).
     """
     s, y = check_scores(scores, same)
     f = contiguous_folds(len(s), n_folds) if folds is None else np.asarray(folds).reshape(-1)
@@ -96,12 +97,23 @@ def kfold_accuracy(scores: Any, same: Any, folds: Any = None, n_folds: int = 10)
         raise ValueError(f"k-fold accuracy needs at least 2 folds, got fold ids {ids.tolist()}")
     order = np.argsort(s, kind="stable")
     ss, yy, ff = s[order], y[order], f[order]
-    accuracies, thresholds = [], []
-    for fold in ids:
+    correct = np.empty(len(s), dtype=bool)
+    thresholds = np.empty(len(ids))
+    for i, fold in enumerate(ids):
         test = ff == fold
-        threshold = _best_split(ss[~test], yy[~test])
-        accuracies.append(float(np.mean((ss[test] > threshold) == yy[test])))
-        thresholds.append(threshold)
+        thresholds[i] = _best_split(ss[~test], yy[~test])
+        correct[order[test]] = (ss[test] > thresholds[i]) == yy[test]
+    return correct, f, thresholds
+
+
+def kfold_accuracy(scores: Any, same: Any, folds: Any = None, n_folds: int = 10) -> tuple[float, float, float]:
+    """LFW protocol: for each fold, threshold chosen on the other folds (maximising accuracy there), accuracy
+    on the held-out fold; returns (mean, std, mean threshold) over folds (:func:`kfold_correct`).
+
+    std is the population std over folds (``np.std``, as insightface reports it).
+    """
+    correct, f, thresholds = kfold_correct(scores, same, folds, n_folds)
+    accuracies = [float(correct[f == fold].mean()) for fold in np.unique(f)]
     return float(np.mean(accuracies)), float(np.std(accuracies)), float(np.mean(thresholds))
 
 

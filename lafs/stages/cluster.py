@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
+from lafs.data.aligned import AlignedFaceError, read_aligned
 from lafs.eval.clustering import (
     ClusteringError,
     Method,
@@ -33,7 +33,6 @@ from lafs.eval.clustering import (
     curated,
     threshold_from_metrics,
 )
-from lafs.faces.align import ALIGNED_SIZE
 from lafs.stages import StageError, write_metrics
 
 log = logging.getLogger(__name__)
@@ -106,18 +105,10 @@ def read_image_list(cfg: ClusterConfig) -> tuple[list[str], list[Path], list[str
 
 
 def _read_faces(files: list[Path]) -> np.ndarray:
-    faces = np.empty((len(files), ALIGNED_SIZE, ALIGNED_SIZE, 3), dtype=np.uint8)
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as img:
-                face = np.asarray(img.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise StageError(f"cannot read face image {f}: {exc} (check --images and --root)") from None
-        if face.shape[:2] != (ALIGNED_SIZE, ALIGNED_SIZE):
-            raise StageError(f"{f} is {face.shape[1]}x{face.shape[0]}, not an aligned {ALIGNED_SIZE}x{ALIGNED_SIZE} "
-                             "face: align photos first (the landmarks stage writes data/aligned)")
-        faces[i] = face
-    return faces
+    try:
+        return read_aligned(files)
+    except AlignedFaceError as exc:
+        raise StageError(f"{exc} (check --images and --root)") from None
 
 
 def embed_files(model: str, files: list[Path], flip: bool = False, batch_size: int = 64) -> np.ndarray:

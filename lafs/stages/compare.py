@@ -112,11 +112,13 @@ def finetune_config(cfg: CompareParams, base: FinetuneParams, cell: Cell) -> Fin
     return update_section(base, update, f"compare (cell {cell.name})")
 
 
-def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int) -> dict[str, Any]:
-    """Verification report of ``model_file`` on the test pairs (the evaluate stage's embedders and metrics)."""
+def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Verification report of ``model_file`` on the test pairs (the evaluate stage's embedders and metrics), with
+    its 95% bootstrap interval, and the per-pair 10-fold decisions (True = decided correctly) for paired tests."""
     from lafs.eval.embedders import load_embedder
     from lafs.eval.faceset import aligned_faceset, embed, pairs_from_rows
-    from lafs.eval.verification import pair_scores, verification_report
+    from lafs.eval.significance import accuracy_ci
+    from lafs.eval.verification import kfold_correct, pair_scores, verification_report
 
     pairs_file = root / "data" / "splits" / "pairs.csv"
     if not pairs_file.exists():
@@ -126,7 +128,10 @@ def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int) -> dic
     pairs = pairs_from_rows(rows, faces)
     emb = embed(load_embedder(model_file, batch_size=batch_size), faces, flip=False)
     scores = pair_scores(emb[pairs.first], emb[pairs.second])
-    return verification_report(scores, pairs.same, folds=pairs.folds)
+    report = verification_report(scores, pairs.same, folds=pairs.folds)
+    correct, _, _ = kfold_correct(scores, pairs.same, folds=pairs.folds)
+    report["accuracy_ci95"] = list(accuracy_ci(correct))
+    return report, correct
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -137,6 +142,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, fh, indent=2)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+def _done(result_file: Path) -> bool:
+    """A cell is done when its result exists with the per-pair decisions the paired tests need (older result
+    files without them are rerun)."""
+    return result_file.exists() and "pair_correct" in json.loads(result_file.read_text())
 
 
 class _Parent:
@@ -199,7 +210,7 @@ def _pretrained(cfg: CompareParams, base: SSLParams, paths: ComparePaths, method
 def run(cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParams,
         paths: ComparePaths = ComparePaths()) -> CompareSummary:
     """Run every cell not yet done, then (re)write the table from all result files."""
-    todo = [c for c in cells(cfg) if not (paths.out_dir / c.name / "result.json").exists()]
+    todo = [c for c in cells(cfg) if not _done(paths.out_dir / c.name / "result.json")]
     parent = _Parent(cfg, paths)
     summary = CompareSummary({}, parent_run_id=parent.run_id, report=paths.report)
     status = "FAILED"
@@ -220,10 +231,11 @@ def run(cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParam
                 ft_paths = replace(ft_paths, teacher=teachers[cell.init])
             log.info("compare: cell %s (finetune %d epochs, batch %d)", cell.name, ft.epochs, ft.batch_size)
             ft_summary = train(ft, ft_paths, parent_run_id=parent.run_id, restart_on_change=True)
-            verification = evaluate_on_test_pairs(ft_paths.model, paths.root, ft.batch_size)
+            verification, correct = evaluate_on_test_pairs(ft_paths.model, paths.root, ft.batch_size)
             _log_cell(parent, cell, ft_summary.run_id, verification)
             result = {"cell": cell.name, "init": cell.init, "data": cell.data, "model": ft.model,
                       "verification": verification, "finetune": ft_summary.metrics(),
+                      "pair_correct": "".join("1" if c else "0" for c in correct),
                       "budget": {"pretrain_epochs": cfg.pretrain_epochs, "pretrain_batch_size": cfg.pretrain_batch_size,
                                  "finetune_epochs": ft.epochs, "finetune_batch_size": ft.batch_size,
                                  "finetune_iterations": ft_summary.iterations}}
@@ -243,21 +255,46 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
+PAIRINGS = (("lafs", "dino_face"), ("dino_face", "scratch"), ("lafs", "scratch"))
+
+
+def _decisions(result: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(result["pair_correct"].encode(), dtype=np.uint8) == ord("1")
+
+
+def paired_tests(cfg: CompareParams, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """LAFS vs DINO-face, DINO-face vs scratch and LAFS vs scratch within each data column, on the same test
+    pairs (:func:`lafs.eval.significance.paired_test`); pairings with a missing cell are left out."""
+    from lafs.eval.significance import paired_test
+
+    out = []
+    for k in (None, *cfg.fewshot_k):
+        for a, b in PAIRINGS:
+            ra, rb = results.get(Cell(a, k).name), results.get(Cell(b, k).name)
+            if ra is None or rb is None:
+                continue
+            out.append({"a": a, "b": b, "data": Cell(a, k).data, **paired_test(_decisions(ra), _decisions(rb))})
+    return out
+
+
 def markdown_table(cfg: CompareParams, results: dict[str, dict[str, Any]]) -> str:
-    """One row per cell: test verification accuracy (mean ± std over folds), TAR@FAR=1e-2, EER, and what it cost."""
+    """One row per cell: test verification accuracy (mean ± std over folds, 95% bootstrap interval over pairs),
+    TAR@FAR=1e-2, EER and what it cost; then the paired tests between inits within each data column."""
     any_result = next(iter(results.values()))
     pairs = any_result["verification"]["pairs"]
     lines = [
         f"# Pretraining comparison ({cfg.size} models, equal budgets)",
         "",
-        f"Test verification on {pairs} pairs of `data/splits/pairs.csv` (identity-disjoint folds; accuracy is the "
-        f"mean ± std over folds). Budget per cell: SSL {cfg.pretrain_epochs} epochs x batch "
+        f"Test verification on {pairs} pairs of `data/splits/pairs.csv` (identity-disjoint from everything learnt; "
+        f"accuracy is the mean ± std over the 10 folds, each thresholded on the other nine, and its 95% percentile "
+        f"bootstrap interval over pairs). Budget per cell: SSL {cfg.pretrain_epochs} epochs x batch "
         f"{cfg.pretrain_batch_size} (dino_face and lafs alike), finetuning {cfg.finetune_epochs} epochs x batch "
         f"{cfg.finetune_batch_size}, seed {cfg.seed}, best epoch chosen on held-out finetune identities. "
         "TAR@FAR is n/a when there are fewer than 100 different-person pairs.",
         "",
-        "| init | finetune data | model | test accuracy | TAR@FAR=1e-2 | EER | best val acc | train images | steps |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| init | finetune data | model | test accuracy | 95% CI | TAR@FAR=1e-2 | EER | best val acc | train images "
+        "| steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells(cfg):
         r = results.get(cell.name)
@@ -265,8 +302,25 @@ def markdown_table(cfg: CompareParams, results: dict[str, dict[str, Any]]) -> st
             continue
         v, f = r["verification"], r["finetune"]
         data = "full" if cell.fewshot_k is None else f"few-shot k={cell.fewshot_k}"
+        low, high = v["accuracy_ci95"]
         lines.append(
             f"| {INIT_LABELS[cell.init]} | {data} | {r['model']} | {_number(v['accuracy_mean'])} ± "
-            f"{_number(v['accuracy_std'])} | {_number(v['tar_at_far'].get('1e-02'))} | {_number(v['eer'])} | "
+            f"{_number(v['accuracy_std'])} | {_number(low)}–{_number(high)} | "
+            f"{_number(v['tar_at_far'].get('1e-02'))} | {_number(v['eer'])} | "
             f"{_number(f['best_val_accuracy'])} | {f['train_images']} | {f['iterations']} |")
+    tests = paired_tests(cfg, results)
+    if tests:
+        lines += [
+            "",
+            "## Paired tests (same test pairs)",
+            "",
+            "A − B: accuracy difference over pairs with its 95% paired bootstrap interval; McNemar's exact test on "
+            "the pairs exactly one of the two decided correctly (A only / B only).",
+            "",
+            "| finetune data | A | B | A − B | 95% CI | A only | B only | McNemar p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for t in tests:
+            lines.append(f"| {t['data']} | {t['a']} | {t['b']} | {t['difference']:+.3f} | {t['ci_low']:+.3f}–"
+                         f"{t['ci_high']:+.3f} | {t['a_only']} | {t['b_only']} | {t['mcnemar_p']:.3g} |")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from lafs.config import ExportParams
-from lafs.eval.faceset import FaceSetError, read_aligned
+from lafs.data.aligned import AlignedFaceError, read_aligned
 from lafs.export import ExportError, export_onnx, parity, require_parity
 from lafs.models.io import ModelFileError, load_model, read_model_file
 from lafs.stages import StageError, write_metrics
@@ -69,7 +69,7 @@ def run(cfg: ExportParams, root: Path = Path(".")) -> ExportSummary:
     keys = pd.read_csv(paths.test_split)["aligned_path"].head(cfg.parity_images)
     try:
         faces = read_aligned([root / k for k in keys])
-    except FaceSetError as exc:
+    except AlignedFaceError as exc:
         raise StageError(str(exc)) from None
     if not len(faces):
         raise StageError(f"{paths.test_split} holds no faces: the parity check needs real aligned faces")
