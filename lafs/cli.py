@@ -29,6 +29,8 @@ from lafs.config import (
     parse_params,
     read_yaml_mapping,
 )
+from lafs.faces import FaceModelError
+from lafs.serving.load import ModelSpecError
 from lafs.stages import StageError
 
 StageFn = Callable[[Params, argparse.Namespace], str]
@@ -208,8 +210,13 @@ def _evaluate(params: Params, args: argparse.Namespace) -> str:
                               args.out, baselines=not args.no_floors).describe()
 
 
-_simple_stage("register", "log the evaluated model to the MLflow Model Registry (alias challenger), run the "
-                          "promotion gate: metrics/promotion.json, reports/promotion.md")
+@stage("register", "log the evaluated model to the MLflow Model Registry (alias challenger) as a served pyfunc "
+                   "(detector + ONNX recogniser + threshold), run the promotion gate: metrics/promotion.json, "
+                   "reports/promotion.md")
+def _register(params: Params, args: argparse.Namespace) -> str:
+    from lafs.stages import register
+
+    return register.run(params.register, args.out, landmarks=params.landmarks).describe()
 
 
 def _promote_options(parser: argparse.ArgumentParser) -> None:
@@ -257,6 +264,82 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="folder input: parent folder name is the identity (scores the clustering)")
     parser.add_argument("--flip", action="store_true", help="flip-sum embeddings")
     parser.add_argument("--batch-size", type=int, default=64)
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="project",
+                        help="models:/<name>@champion, models:/<name>/<version>, runs:/<id>/model, a saved pyfunc "
+                             "folder, or 'project': models/model.onnx + metrics/eval.json of --root (default)")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root for --model project (default: .)")
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE),
+                        help="landmarks section (detector) for --model project (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
+
+
+def _embed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("photos", nargs="+", help="photo files, folders (searched recursively) or s3://bucket/prefix")
+    parser.add_argument("--out", type=Path, required=True, help="Parquet file: a row per face (photo, box, "
+                                                                "keypoints, det_score, embedding)")
+    parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible server for s3:// inputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(parser)
+
+
+def _verify_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("photo_a", type=Path)
+    parser.add_argument("photo_b", type=Path)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="cosine above which the faces are the same person (default: the model's calibrated one)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _model_options(parser)
+
+
+def _pipeline(args: argparse.Namespace) -> Any:
+    from lafs.serving.load import PROJECT, load_pipeline
+
+    landmarks = load_params(args.params).landmarks if args.model == PROJECT else None
+    return load_pipeline(args.model, args.root, landmarks, args.threads)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    """Exit status: 0 when every photo gave a face, else the number of rejected photos (at most 125)."""
+    from lafs.serving.embed import embed_photos, list_photos
+
+    summary = embed_photos(_pipeline(args), list_photos(args.photos, args.s3_endpoint_url), args.out,
+                           progress=not args.no_progress)
+    print(summary.describe())
+    return min(sum(summary.rejected.values()), 125)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Exit status 0: the same person, 1: different people; errors exit 2."""
+    import json
+
+    from lafs.data.images import ImageRejected, read_bytes
+    from lafs.serving.faces import replace_threshold
+
+    pipeline = _pipeline(args)
+    if args.threshold is not None:
+        pipeline = replace_threshold(pipeline, args.threshold)
+    faces = []
+    for photo in (args.photo_a, args.photo_b):
+        try:
+            faces.append(pipeline.embed(pipeline.decode(read_bytes(photo), str(photo))))
+        except ImageRejected as exc:
+            raise StageError(f"{photo}: {exc.code}: {exc.message}") from None
+    score = pipeline.score(*faces)
+    try:
+        same = pipeline.same(score)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    result = {"photo_a": str(args.photo_a), "photo_b": str(args.photo_b), "score": round(score, 6),
+              "threshold": pipeline.cfg.threshold, "same": same}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'same person' if same else 'different people'}: score {score:.4f} "
+              f"{'>' if same else '<='} threshold {pipeline.cfg.threshold:.4f}")
+    return 0 if same else 1
 
 
 def _cluster(args: argparse.Namespace) -> str:
@@ -358,6 +441,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="empty VALUE removes KEY")
     _cluster_options(sub.add_parser("cluster", help="group aligned faces into identities with a model: "
                                                     "clusters.csv, cluster_metrics.json[, curated.txt]"))
+    _embed_options(sub.add_parser("embed", help="detect, align and embed photos with a model: a Parquet row per "
+                                                "face, rejects listed with a reason"))
+    _verify_options(sub.add_parser("verify", help="are two photos the same person? exit 0 same, 1 different"))
     return parser
 
 
@@ -373,13 +459,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cluster":
             print(_cluster(args))
             return 0
+        if args.command in ("embed", "verify"):
+            return (_embed if args.command == "embed" else _verify)(args)
         section = {"promote": "register"}.get(args.command, args.command)  # commands reading another's section
         params = load_params(args.params, sets=parse_sets(args.set, section=section))
         print(STAGES[args.command].fn(params, args))
         return 0
-    except (ConfigError, StageError) as exc:
+    except (ConfigError, StageError, ModelSpecError, FaceModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)  # 143 for a preempted (SIGTERM) run, as a shell reports it
+        # 143 for a preempted (SIGTERM) run, as a shell reports it; verify's 1 means "different people"
+        return getattr(exc, "exit_code", 2 if args.command == "verify" else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -360,6 +360,16 @@ class RegisterParams(Section):
     validate_serving_input: bool = True
     # dvc.lock stages whose dependency / params hashes are tagged on the model version (its lineage).
     lineage_stages: tuple[str, ...] = ("tune", "finetune", "export", "evaluate")
+    # Never promote (not even a first model) unless the primary accuracy beats the best non-learned floor scored
+    # in the same evaluation (eval.json margin_over_floor) by more than this; null = no absolute floor.
+    min_margin_over_floor: float | None = 0.0
+    # Refuse to compare with a champion scored on other test pairs / photos / protocol (eval.json test_set and
+    # protocol hashes, tagged on every version); false compares metrics whatever they were measured on.
+    require_same_test_set: bool = True
+    # Versions registered from a git tree with uncommitted tracked changes, or whose model / eval files are not
+    # the ones dvc.lock records, are tagged and, unless these are true, never promoted.
+    allow_dirty: bool = False
+    allow_unlocked: bool = False
 
     @model_validator(mode="after")
     def _check_register(self) -> RegisterParams:

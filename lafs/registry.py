@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
     from torch import nn
 
+    from lafs.serving.faces import ServingConfig
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion.history"
@@ -202,6 +204,51 @@ def compare(challenger: Mapping[str, float], champion: Mapping[str, float] | Non
     return all(c.passed for c in checks), tuple(checks), tuple(reasons)
 
 
+# Version tags that must be equal for two versions' metrics to be comparable (what they were measured on).
+TEST_SET_TAGS = ("protocol.name", "test_set.pairs_sha256", "test_set.faces_sha256")
+PROVENANCE_LOCKED = "dvc.lock"
+
+
+def eligibility(challenger_tags: Mapping[str, str], challenger: Mapping[str, float],
+                champion_tags: Mapping[str, str] | None, cfg: RegisterParams) -> tuple[tuple[MetricCheck, ...],
+                                                                                         tuple[str, ...]]:
+    """What must hold before metrics are compared at all: ``(checks, refusals)``; any refusal rejects.
+
+    - the absolute floor (``min_margin_over_floor``): the primary metric above the best non-learned floor of the
+      same evaluation, first model included;
+    - provenance: no uncommitted tracked changes (``allow_dirty``), model and eval files that ``dvc.lock``
+      records (``allow_unlocked``);
+    - like with like (``require_same_test_set``): the champion scored on the same protocol, pairs and photos.
+    """
+    checks: list[MetricCheck] = []
+    refusals: list[str] = []
+    if cfg.min_margin_over_floor is not None:
+        margin = _value(challenger, "margin_over_floor")
+        ok = margin is not None and margin > cfg.min_margin_over_floor
+        note = "no floor was scored" if margin is None else f"margin {margin:+.6g}"
+        checks.append(MetricCheck("margin_over_floor", f"absolute: > {cfg.min_margin_over_floor:g} over the best "
+                                  "non-learned floor", margin, None, ok, note))
+        if not ok:
+            refusals.append(f"below the absolute floor: {cfg.primary_metric} must beat the best non-learned floor of "
+                            f"the same evaluation by > {cfg.min_margin_over_floor:g} ({note}); never promoted")
+    if challenger_tags.get("git.dirty") == "true" and not cfg.allow_dirty:
+        refusals.append("registered from a git tree with uncommitted changes to tracked files: commit them and "
+                        "rerun, or set register.allow_dirty: true")
+    provenance = challenger_tags.get("provenance")
+    if provenance != PROVENANCE_LOCKED and not cfg.allow_unlocked:
+        refusals.append(f"not a dvc.lock run (provenance: {provenance or 'unknown'}): the model / eval files are not "
+                        "the ones dvc.lock records; run `dvc repro` (or `make pipeline`), or set "
+                        "register.allow_unlocked: true")
+    if champion_tags is not None and cfg.require_same_test_set:
+        for key in TEST_SET_TAGS:
+            new, old = challenger_tags.get(key), champion_tags.get(key)
+            if new is None or new != old:
+                refusals.append(f"{key} differs (challenger {new or 'missing'}, champion {old or 'missing'}): they "
+                                "were scored on different test pairs, photos or protocol, so their metrics cannot "
+                                "be compared; re-evaluate one on the other's test set, or promote by hand")
+    return tuple(checks), tuple(refusals)
+
+
 # ----------------------------------------------------------------------------------------------- MLflow I/O
 
 
@@ -277,17 +324,32 @@ class Registration:
     metrics: dict[str, float]  # flat eval metrics
     params: dict[str, Any]  # already credential-free (safe_params)
     tags: dict[str, str]  # model-version tags: lineage (git, dvc.lock), file hashes
+    served: ServedModel | None = None  # the pyfunc that is registered; None: the PyTorch flavour is
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the served pyfunc bundles besides the ONNX recogniser (:mod:`lafs.serving.pyfunc`)."""
+
+    detector: Path
+    config: ServingConfig
+    example_photo: Path | None  # a real photo for the input example (validated by loading the model back)
 
 
 def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration,
                      example_batch: int = 2) -> ModelVersion:
-    """Log ``model`` (PyTorch flavour, pt2 export) in a new run and register it as a new version of
-    ``cfg.model_name``, with the ONNX, source model and eval files as run artifacts; tag the version.
+    """Log the model in a new run and register it as a new version of ``cfg.model_name``; tag the version.
 
-    The signature is (-1, 3, 112, 112) float32 in [-1, 1] -> (-1, D); the input example has ``example_batch``
-    > 1 rows so torch.export keeps the batch dimension dynamic. ``pip_requirements`` is given explicitly:
-    MLflow's requirement inference would cost 10-20 s per version here. ``validate_serving_input`` is read by
-    ``mlflow.models.Model.log`` (the pt2 save path ignores other keyword arguments).
+    One run holds three logged models: ``model``, the self-contained pyfunc that serves photos (detector +
+    ONNX recogniser + threshold, :mod:`lafs.serving.pyfunc`), which is what the version points at when
+    ``reg.served`` is given; ``pytorch`` (PyTorch flavour, pt2 export; registered instead without
+    ``reg.served``); and ``recogniser_onnx`` (``mlflow.onnx`` flavour). The ONNX, source model and eval files are run
+    artifacts too.
+
+    The PyTorch signature is (-1, 3, 112, 112) float32 in [-1, 1] -> (-1, D); the input example has
+    ``example_batch`` > 1 rows so torch.export keeps the batch dimension dynamic. ``pip_requirements`` are given
+    explicitly: MLflow's requirement inference would cost 10-20 s per model here. ``validate_serving_input`` is
+    read by ``mlflow.models.Model.log`` (the pt2 save path ignores other keyword arguments).
     """
     import mlflow
     import numpy as np
@@ -306,25 +368,51 @@ def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration,
     # A pt2 program needs only torch to load (not this package, not timm): the flavour's defaults plus mlflow.
     requirements = [*mlflow.pytorch.get_default_pip_requirements(), f"mlflow=={mlflow.__version__}"]
     experiment_id = ensure_experiment(cfg.experiment, uri)
+    served = reg.served is not None and reg.onnx_file is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{cfg.model_name}") as run:
         mlflow.log_params(reg.params)
         mlflow.log_metrics(loggable(reg.metrics))
         mlflow.set_tags({k: v for k, v in reg.tags.items() if len(v) <= 5000})
-        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=cfg.model_name,
+        info = mlflow.pytorch.log_model(model, name="pytorch",
+                                        registered_model_name=None if served else cfg.model_name,
                                         signature=signature, input_example=example.numpy(),
                                         pip_requirements=requirements, serialization_format="pt2",
                                         validate_serving_input=cfg.validate_serving_input)
         if reg.onnx_file is not None:
+            _log_onnx(reg.onnx_file, signature)
             mlflow.log_artifact(str(reg.onnx_file), "onnx")
+        if served:
+            from lafs.serving.pyfunc import log_model
+
+            info = log_model("model", reg.served.detector, reg.onnx_file, reg.served.config,
+                             reg.served.example_photo, registered_model_name=cfg.model_name)
         mlflow.log_artifact(str(reg.model_file), "source")
         mlflow.log_artifact(str(reg.eval_file), "eval")
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         tags = {**reg.tags, **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in loggable(reg.metrics).items()},
-                "registration.run_id": run.info.run_id}
+                "registration.run_id": run.info.run_id, "served.flavor": "pyfunc" if served else "pytorch"}
+        if served:
+            cfg_served = reg.served.config
+            tags |= {"serving.threshold": repr(cfg_served.threshold), "serving.flip": str(cfg_served.flip),
+                     "serving.detector": reg.served.detector.name}
         for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
     return client.get_model_version(cfg.model_name, version)
+
+
+def _log_onnx(path: Path, signature: Any) -> None:
+    """The recogniser in the ``mlflow.onnx`` flavour (input ``images``, output ``embedding``)."""
+    import mlflow
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    inputs = Schema([TensorSpec(signature.inputs.numpy_types()[0], (-1, 3, 112, 112), "images")])
+    outputs = Schema([TensorSpec(signature.outputs.numpy_types()[0], signature.outputs.inputs[0].shape,
+                                 "embedding")])
+    mlflow.onnx.log_model(onnx.load(str(path)), name="recogniser_onnx", signature=ModelSignature(inputs, outputs),
+                          pip_requirements=["onnxruntime", "onnx", "mlflow"])
 
 
 # ------------------------------------------------------------------------------------------ history, promote
@@ -387,10 +475,16 @@ def promote(client: MlflowClient, cfg: RegisterParams, version: str, name: str |
         decision = Decision(name, version, version, "noop", (f"v{version} is already the champion",))
     else:
         champion_metrics = version_metrics(client, champion) if champion is not None else None
-        passed, checks, reasons = compare(version_metrics(client, challenger), champion_metrics, cfg)
+        challenger_metrics = version_metrics(client, challenger)
+        passed, checks, reasons = compare(challenger_metrics, champion_metrics, cfg)
+        floor_checks, refusals = eligibility(challenger.tags or {}, challenger_metrics,
+                                             None if champion is None else champion.tags or {}, cfg)
+        if refusals:
+            passed, reasons = False, (*refusals, *reasons)
+        checks = (*checks, *floor_checks)
         action = ("first" if champion is None else "promote") if passed else "reject"
         decision = Decision(name, version, champion.version if champion else None, action, reasons, checks)
-        for key, value in {"promotion.decision": decision.label,
+        for key, value in {"promotion.decision": decision.label, "promotion.refused": str(bool(refusals)).lower(),
                            "promotion.reason": "; ".join(decision.reasons)[:5000],
                            "promotion.compared_to": decision.champion or "none",
                            "promotion.primary_metric": cfg.primary_metric,

@@ -66,7 +66,7 @@ def _accuracy(emb: np.ndarray, paths: list[str], pairs: pd.DataFrame) -> float:
     return kfold_accuracy(scores, pairs["same"].to_numpy(), folds=pairs["fold"].to_numpy())[0]
 
 
-def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_project, tmp_path, monkeypatch):
+def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_project, shared, tmp_path, monkeypatch):
     from lafs.stages import finetune
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -84,6 +84,34 @@ def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_projec
     # Measured on this set: the pixel floor ~0.60-0.65; the recogniser after 8 short epochs well above it.
     assert floor > 0.55
     assert learned > floor + 0.05, f"finetuned recogniser {learned:.3f} does not beat the pixel floor {floor:.3f}"
+    detector = shared / "models" / "scrfd_500m" / "det_500m.onnx"
+    _served_path_decides_like_the_evaluated_one(subset_project, paths.model, detector, names, faces, pairs, tmp_path)
+
+
+def _served_path_decides_like_the_evaluated_one(root: Path, model: Path, detector: Path, names: list[str],
+                                                faces: np.ndarray, pairs: pd.DataFrame, tmp_path: Path) -> None:
+    """The learned model exported and served (raw photo -> SCRFD -> alignment -> ONNX, flip-sum) at the threshold
+    calibrated on the aligned faces decides real test pairs as the evaluation did, and mostly right."""
+    from lafs.export import export_onnx
+    from lafs.models.io import load_model
+    from lafs.serving.faces import FacePipeline, ServingConfig
+
+    onnx = export_onnx(load_model(model), tmp_path / "model.onnx")
+    emb = load_embedder(onnx).embed_aligned(faces, flip=True)
+    index = {p: i for i, p in enumerate(names)}
+    scores = pair_scores(emb[[index[p] for p in pairs["path1"]]], emb[[index[p] for p in pairs["path2"]]])
+    threshold = kfold_accuracy(scores, pairs["same"].to_numpy(), folds=pairs["fold"].to_numpy())[2]
+    raw = pd.read_parquet(root / "data" / "landmarks.parquet", columns=["aligned_path", "path"])
+    photo = dict(zip(raw["aligned_path"], raw["path"], strict=True))
+    pipeline = FacePipeline.from_files(detector, onnx, ServingConfig(threshold=threshold))
+    sample = pairs.sample(60, random_state=0)
+    served = []
+    for a, b in zip(sample["path1"], sample["path2"], strict=True):
+        fa, fb = (pipeline.embed(pipeline.decode((root / photo[p]).read_bytes())) for p in (a, b))
+        served.append(pipeline.same(pipeline.score(fa, fb)))
+    evaluated = scores[sample.index.to_numpy()] > threshold
+    assert np.mean(np.array(served) == evaluated) >= 0.95
+    assert np.mean(np.array(served) == sample["same"].to_numpy().astype(bool)) > 0.6
 
 
 def test_ssl_moves_the_teacher_away_from_its_initialisation(subset_project, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import TINY_RECOGNISER, tiny_recogniser
+from conftest import TINY_RECOGNISER, shared_dir, tiny_recogniser
 
 from lafs import cli, registry
 from lafs.config import ConfigError, GateMetric, RegisterParams, load_params
@@ -175,7 +175,12 @@ def eval_metrics(acc: float, eer: float) -> dict[str, Any]:
                              "tar_at_far": {"1e-02": acc - 0.1, "1e-03": acc - 0.2, "1e-04": acc - 0.3},
                              "eer": eer, "auc": acc + 0.05, "pairs": 600},
             "fewshot": {"k1": {"top1": acc - 0.3}, "k5": {"top1": acc - 0.1}},
-            "latency": {"ms_per_image": 3.5}}
+            "latency": {"ms_per_image": 3.5},
+            "floors": {"hog": {"accuracy_mean": 0.6}}, "margin_over_floor": acc - 0.6,
+            "protocol": {"name": "lfw_view1"}, "test_set": dict(TEST_SET)}
+
+
+TEST_SET = {"pairs": 600, "faces": 1100, "pairs_sha256": "p" * 64, "faces_sha256": "f" * 64}
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +218,8 @@ def make_project(root: Path, model: Path, onnx: Path, metrics: dict[str, Any], m
                         register_stage.md5(root / "metrics/eval.json"))
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     section = {"model_name": model_name, "experiment": experiment, **register}
-    (root / "params.yaml").write_text(yaml.safe_dump({"register": section}))
+    landmarks = {"models_root": str(shared_dir("models"))}  # the detector the served pyfunc bundles
+    (root / "params.yaml").write_text(yaml.safe_dump({"register": section, "landmarks": landmarks}))
     if git and not (root / ".git").exists():
         run = ["git", "-C", str(root), "-c", "user.name=lafs-test", "-c", "user.email=test@lafs.invalid"]
         subprocess.run(["git", "init", "-q", str(root)], check=True)
@@ -368,6 +374,7 @@ def assert_failed_promotions_leave_champion(name: str, version: str, root: Path,
 
 def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_back(
         first: dict[str, Any], model_files: dict[str, Path]) -> None:
+    import mlflow.onnx
     import mlflow.pytorch
 
     from lafs.models.io import load_model
@@ -386,9 +393,17 @@ def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_
 
     better = step("v2", "m1", 0.85, 0.19)
     assert better["promoted"] is True and better["champion_version"] == 2 and better["compared_to"] == 1
-    served = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    v2 = client().get_model_version(name, "2")
+    assert v2.tags["served.flavor"] == "pyfunc" and float(v2.tags["serving.threshold"]) == 0.31
+    served = mlflow.pytorch.load_model(f"runs:/{v2.run_id}/pytorch")  # the PyTorch flavour beside the pyfunc
     assert torch.allclose(embeddings(served), embeddings(load_model(model_files["m1"])), atol=1e-5)
     assert not torch.allclose(embeddings(served), embeddings(load_model(model_files["m0"])), atol=1e-3)
+    from lafs.serving.load import from_pyfunc, pyfunc_dir
+
+    pipeline = from_pyfunc(pyfunc_dir(f"models:/{name}@champion"))  # what `mlflow models serve` would run
+    assert pipeline.cfg.threshold == 0.31 and pipeline.cfg.flip is True
+    onnx = mlflow.onnx.load_model(f"runs:/{v2.run_id}/recogniser_onnx")
+    assert [i.name for i in onnx.graph.input] == ["images"]
 
     worse = step("v3", "dino", 0.70, 0.25)
     assert worse["promoted"] is False and worse["champion_version"] == 2 and champion(name) == "2"
@@ -425,12 +440,48 @@ def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_
 
 
 
-def add_versions(mlflow: Any, name: str, accuracies: list[float]) -> None:
-    """Cheap versions (no model logged) carrying eval metrics as ``metric.*`` tags, as register_version writes."""
-    mlflow.create_registered_model(name)
+ELIGIBLE = {"provenance": "dvc.lock", "git.dirty": "false", "protocol.name": "lfw_view1",
+            **{f"test_set.{k}": str(v) for k, v in TEST_SET.items()}}
+
+
+def add_versions(mlflow: Any, name: str, accuracies: list[float], **tags: str) -> None:
+    """Cheap versions (no model logged) carrying eval metrics as ``metric.*`` tags and the provenance / test-set
+    tags, as register_version writes them; ``tags`` override those of every version added."""
+    if not mlflow.search_registered_models(f"name='{name}'"):
+        mlflow.create_registered_model(name)
     for acc in accuracies:
         mlflow.create_model_version(name, "s3://models/none", tags={
-            "metric.verification.accuracy_mean": repr(acc), "metric.verification.eer": "0.2"})
+            "metric.verification.accuracy_mean": repr(acc), "metric.verification.eer": "0.2",
+            "metric.margin_over_floor": repr(acc - 0.6), **ELIGIBLE, **tags})
+
+
+def test_gate_refuses_what_it_cannot_compare_and_the_champion_never_moves(tracking: str) -> None:
+    name = f"lafs-refuse-{uuid.uuid4().hex[:8]}"
+    cfg, mlflow = RegisterParams(model_name=name), client()
+
+    def refused(acc: float, match: str, **tags: str) -> None:
+        before = champion(name)
+        add_versions(mlflow, name, [acc], **tags)
+        version = str(len(mlflow.search_model_versions(f"name='{name}'")))  # the one just added
+        decision = registry.promote(mlflow, cfg, version)
+        assert decision.action == "reject" and champion(name) == before
+        mv = mlflow.get_model_version(name, version)
+        assert mv.tags["promotion.refused"] == "true" and match in mv.tags["promotion.reason"]
+        assert match in registry.report_markdown(decision)
+
+    # below the floor: never promoted, not even as the first model (0.55 < the 0.60 floor)
+    refused(0.55, "below the absolute floor")
+    refused(0.95, "uncommitted changes", **{"git.dirty": "true"})
+    refused(0.95, "not a dvc.lock run", provenance="outside dvc.lock")
+    add_versions(mlflow, name, [0.70])
+    assert registry.promote(mlflow, cfg, "4").action == "first" and champion(name) == "4"
+    # better numbers on other pairs, other photos, another protocol: refused, however good
+    refused(0.99, "test_set.pairs_sha256 differs", **{"test_set.pairs_sha256": "q" * 64})
+    refused(0.99, "test_set.faces_sha256 differs", **{"test_set.faces_sha256": "g" * 64})
+    refused(0.99, "protocol.name differs", **{"protocol.name": "lfw_view2"})
+    # each refusal has its switch, and the gate then compares as before
+    relaxed = cfg.model_copy(update={"require_same_test_set": False, "allow_dirty": True, "allow_unlocked": True})
+    assert registry.promote(mlflow, relaxed, "6").action == "promote" and champion(name) == "6"
 
 
 def test_rollback_walks_back_the_chain_of_champions(tracking: str) -> None:

@@ -29,6 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from lafs.eval.onnx_embedder import (
+    EmbedderError,
+    OnnxEmbedder,
+    batches,
+    check_faces,
+    l2_normalise,
+    to_model_input,
+)
 from lafs.faces.align import ALIGNED_SIZE
 from lafs.faces.dense import dlib68_model_path, dlib_box
 
@@ -42,10 +50,6 @@ PIXELS_POOL: Final = 2
 HOG_ORIENTATIONS: Final = 9
 HOG_CELL: Final = 8  # px per cell side
 HOG_BLOCK: Final = 2  # cells per block side
-
-
-class EmbedderError(ValueError):
-    """An embedder spec or its input is unusable; the message says what was wrong and what to pass instead."""
 
 
 @runtime_checkable
@@ -68,35 +72,6 @@ class PhotoEmbedder(Embedder, Protocol):
         ...
 
 
-def check_faces(faces: np.ndarray) -> np.ndarray:
-    """``faces`` as a contiguous (N, 112, 112, 3) uint8 array, or an error naming the shape / dtype received."""
-    faces = np.asarray(faces)
-    if faces.ndim != 4 or faces.shape[1:] != (ALIGNED_SIZE, ALIGNED_SIZE, 3) or faces.dtype != np.uint8:
-        raise EmbedderError(f"expected aligned faces of shape (N, {ALIGNED_SIZE}, {ALIGNED_SIZE}, 3) uint8 RGB, "
-                            f"got {faces.shape} {faces.dtype} (align photos with lafs.eval.photos.FaceFinder)")
-    return np.ascontiguousarray(faces)
-
-
-def to_model_input(faces: np.ndarray) -> np.ndarray:
-    """(N, 112, 112, 3) uint8 -> (N, 3, 112, 112) float32 in [-1, 1], computed as the training data is."""
-    x = check_faces(faces).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    return (x - np.float32(0.5)) / np.float32(0.5)
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if not (norms > 0).all():
-        raise EmbedderError("the model returned an all-zero embedding; it cannot be normalised (check the model)")
-    return x / norms
-
-
-def _batches(n: int, batch_size: int) -> range:
-    if batch_size < 1:
-        raise EmbedderError(f"batch_size must be >= 1, got {batch_size}")
-    return range(0, n, batch_size)
-
-
 class TorchEmbedder:
     """An ``nn.Module`` taking (B, 3, 112, 112) images in [-1, 1] and returning (B, D), on any device."""
 
@@ -111,47 +86,12 @@ class TorchEmbedder:
         x_all = to_model_input(faces)
         out = []
         with torch.inference_mode():
-            for start in _batches(len(x_all), self.batch_size):
+            for start in batches(len(x_all), self.batch_size):
                 x = torch.from_numpy(x_all[start:start + self.batch_size]).to(self.device)
                 emb = self.module(x).float()
                 if flip:
                     emb = emb + self.module(x.flip(-1)).float()
                 out.append(emb.cpu().numpy())
-        return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
-
-
-class OnnxEmbedder:
-    """An exported model (input ``images`` (B, 3, 112, 112) float32, output ``embedding``) on ONNX Runtime CPU."""
-
-    def __init__(self, path: str | Path, batch_size: int = 64, threads: int = 0, name: str = "onnx") -> None:
-        import onnxruntime
-
-        from lafs.faces.detect import session_options
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise EmbedderError(f"ONNX model {self.path} not found: run `lafs export` (dvc repro export) first")
-        self.session = onnxruntime.InferenceSession(str(self.path), session_options(threads),
-                                                    providers=["CPUExecutionProvider"])
-        inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != ["images"]:
-            raise EmbedderError(f"{self.path} takes inputs {inputs}, expected one input 'images' (B, 3, 112, 112) "
-                                "as written by lafs.export")
-        self.name = name
-        self.batch_size = batch_size
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": x})[0]
-
-    def embed_aligned(self, faces: np.ndarray, flip: bool = False) -> np.ndarray:
-        x_all = to_model_input(faces)
-        out = []
-        for start in _batches(len(x_all), self.batch_size):
-            x = x_all[start:start + self.batch_size]
-            emb = self._run(x)
-            if flip:
-                emb = emb + self._run(np.ascontiguousarray(x[..., ::-1]))
-            out.append(emb)
         return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
 
 
@@ -209,7 +149,7 @@ class DlibEmbedder:
 
     def embed_chips(self, chips: list[np.ndarray], flip: bool = False) -> np.ndarray:
         out = []
-        for start in _batches(len(chips), self.batch_size):
+        for start in batches(len(chips), self.batch_size):
             batch = chips[start:start + self.batch_size]
             if flip:  # mirrored chips in the same call, so workers get both halves at once
                 both = self._describe(batch + [np.ascontiguousarray(c[:, ::-1]) for c in batch])

@@ -14,6 +14,7 @@ fallback face) and flagged in ``FaceSet.detected``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -128,6 +129,21 @@ def restrict_to_pairs(faces: FaceSet, pairs: PairIndex) -> tuple[FaceSet, PairIn
     subset = FaceSet(keys=take(faces.keys), aligned=faces.aligned[used], detected=faces.detected[used],
                      photos=take(faces.photos), boxes=take(faces.boxes), kps=take(faces.kps))
     return subset, PairIndex(new_index[pairs.first], new_index[pairs.second], pairs.same, pairs.folds)
+
+
+def test_set_fingerprint(faces: FaceSet, pairs: PairIndex) -> dict[str, Any]:
+    """What a verification result was measured on: sha256 of the pairs (both face keys, same, fold, in order)
+    and of the pixels of every face they use. Two results are comparable only when both hashes agree (the
+    promotion gate checks it): same pair list, and the same crops (same photos, detector and alignment)."""
+    subset, index = restrict_to_pairs(faces, pairs)
+    lines = "".join(f"{subset.keys[a]}\t{subset.keys[b]}\t{int(s)}\t{int(f)}\n"
+                    for a, b, s, f in zip(index.first, index.second, index.same, index.folds, strict=True))
+    pixels = hashlib.sha256()
+    for key, face in zip(subset.keys, subset.aligned, strict=True):
+        pixels.update(key.encode() + b"\0")
+        pixels.update(np.ascontiguousarray(face).tobytes())
+    return {"pairs": len(index.same), "faces": len(subset.keys),
+            "pairs_sha256": hashlib.sha256(lines.encode()).hexdigest(), "faces_sha256": pixels.hexdigest()}
 
 
 def pairs_from_rows(rows: Sequence[PairRow], faces: FaceSet) -> PairIndex:

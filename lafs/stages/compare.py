@@ -112,7 +112,8 @@ def finetune_config(cfg: CompareParams, base: FinetuneParams, cell: Cell) -> Fin
     return update_section(base, update, f"compare (cell {cell.name})")
 
 
-def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int,
+                           flip: bool = False) -> tuple[dict[str, Any], np.ndarray]:
     """Verification report of ``model_file`` on the test pairs (the evaluate stage's embedders and metrics), with
     its 95% bootstrap interval, and the per-pair 10-fold decisions (True = decided correctly) for paired tests."""
     from lafs.eval.embedders import load_embedder
@@ -126,7 +127,7 @@ def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int) -> tup
     rows = read_pairs_csv(pairs_file)
     faces = aligned_faceset(root, [str(r[k]) for r in rows for k in ("path1", "path2")])
     pairs = pairs_from_rows(rows, faces)
-    emb = embed(load_embedder(model_file, batch_size=batch_size), faces, flip=False)
+    emb = embed(load_embedder(model_file, batch_size=batch_size), faces, flip=flip)
     scores = pair_scores(emb[pairs.first], emb[pairs.second])
     report = verification_report(scores, pairs.same, folds=pairs.folds)
     correct, _, _ = kfold_correct(scores, pairs.same, folds=pairs.folds)

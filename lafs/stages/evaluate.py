@@ -39,7 +39,9 @@ above it for a different one. Either way it is counted in ``faces``, and no pair
      "floors": {"pixels": {<verification keys>}, "hog": {...}},   ({} when none)
      "ceiling": {"dlib_resnet": {<verification keys>}},          ({} when evaluate.ceiling is null)
      "margin_over_floor": model accuracy - best floor accuracy,  (null without floors)
-     "gap_to_ceiling": ceiling accuracy - model accuracy}        (null without a ceiling)
+     "gap_to_ceiling": ceiling accuracy - model accuracy,        (null without a ceiling)
+     "test_set": {pairs, faces, pairs_sha256, faces_sha256},     (what the scores were measured on)
+     "serving": {model, flip, threshold, accuracy_mean}}         (pipeline only: the served path's calibration)
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from lafs.eval.faceset import (
     pairs_from_rows,
     photo_faceset,
     restrict_to_pairs,
+    test_set_fingerprint,
 )
 from lafs.eval.latency import budget_report, end_to_end, measure_latency, pinned_threads
 from lafs.eval.photos import FaceFinder
@@ -204,6 +207,15 @@ def protocol_section(splits: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
     keys = ("name", "pairs_in_file", "pairs_scored", "pairs_missing", "missing_by_reason", "test_identities")
     return {k: data[k] for k in keys if k in data}
+
+
+def serving_section(cfg: EvaluateParams, report: dict[str, Any],
+                    scored: dict[str, tuple[dict[str, Any], np.ndarray]]) -> dict[str, Any]:
+    """The calibration a served model ships with: the threshold of the ONNX recogniser (what serving runs) with
+    ``evaluate.flip``, on these pairs; the torch model's when the onnx candidate was not scored (export's
+    parity check keeps the two within cosine 1e-4)."""
+    model, r = ("onnx", scored["onnx"][0]) if "onnx" in scored else ("torch", report)
+    return {"model": model, "flip": cfg.flip, "threshold": r["threshold"], "accuracy_mean": r["accuracy_mean"]}
 
 
 @dataclass(frozen=True)
@@ -439,7 +451,8 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
 
     out = {"verification": report, "fewshot": fewshot, "faces": faces_section(faces, pairs, cfg.missed_faces),
            "model": {"spec": str(paths.model.relative_to(root)), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
-           "latency": latency, **baselines_section(model, baselines), "protocol": protocol_section(paths.splits)}
+           "latency": latency, **baselines_section(model, baselines), "protocol": protocol_section(paths.splits),
+           "test_set": test_set_fingerprint(faces, pairs), "serving": serving_section(cfg, report, scored)}
     write_metrics(paths.metrics, out)
     rows = comparison_rows(model, baselines)
     plots = write_plots(rows, pairs.same, paths.plots)
@@ -477,7 +490,7 @@ def run_model(cfg: EvaluateParams, landmarks: LandmarksParams, spec: str, images
     found = score_baselines(baseline_roles(cfg, baselines), cfg, faces, pairs, {str(spec): (report, scores)})
     out = {"verification": report, "faces": faces_section(faces, pairs, cfg.missed_faces),
            "model": {"spec": str(spec), "embed_dim": int(emb.shape[1]), "flip": cfg.flip}, "latency": latency,
-           **baselines_section(model, found)}
+           **baselines_section(model, found), "test_set": test_set_fingerprint(faces, pairs)}
     metrics = out_dir / "metrics.json"
     write_metrics(metrics, out)
     rows = comparison_rows(model, found)

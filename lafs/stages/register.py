@@ -1,12 +1,15 @@
 """Stage ``register``: put the evaluated model in the MLflow Model Registry, then run the promotion gate.
 
-Registers ``models/finetune/model.pt`` (PyTorch flavour, exported with torch.export so loading it needs
-neither pickle nor this package) as a new version of ``register.model_name`` with the ONNX file, the source
-model file and ``metrics/eval.json`` attached to its run; tags the version with its lineage (git commit, the
-``dvc.lock`` hashes of the stages that produced it, the file hashes, the eval metrics); points ``challenger``
-at it; then :func:`lafs.registry.promote` decides whether ``champion`` moves. The same model and eval files
-registered again reuse their version instead of adding a copy. A rejected challenger is a normal outcome,
-not a failure: ``metrics/promotion.json`` says ``promoted: false`` and ``reports/promotion.md`` says why.
+Registers the served model as a new version of ``register.model_name``: a self-contained pyfunc
+(:mod:`lafs.serving.pyfunc`: the ``landmarks`` section's SCRFD detector, ``models/model.onnx`` and evaluate's
+threshold for that path; ``mlflow models serve -m models:/<name>@champion`` answers photos and pairs). Its run also
+holds ``models/finetune/model.pt`` in the PyTorch flavour (torch.export: loading it needs neither pickle nor this
+package), the ONNX recogniser in the ``onnx`` flavour, the source model file and ``metrics/eval.json``. Tags the
+version with its lineage (git commit, the ``dvc.lock`` hashes of the stages that produced it, the file hashes, the
+eval metrics); points ``challenger`` at it; then :func:`lafs.registry.promote` decides whether ``champion`` moves.
+The same model and eval files registered again reuse their version instead of adding a copy. A rejected challenger
+is a normal outcome, not a failure: ``metrics/promotion.json`` says ``promoted: false`` and ``reports/promotion.md``
+says why.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import hashlib
 import json
 import logging
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lafs import registry
-from lafs.config import RegisterParams, resolved
+from lafs.config import LandmarksParams, RegisterParams, resolved
 from lafs.stages import StageError, write_metrics
 
 if TYPE_CHECKING:
@@ -117,6 +120,43 @@ def dvc_lineage(lock: Path, stages: tuple[str, ...]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if len(k) <= 250}
 
 
+def served_model(landmarks: LandmarksParams, report: dict[str, Any], root: Path) -> registry.ServedModel:
+    """The served pyfunc's parts: the ``landmarks`` section's detector and settings (the faces the model was
+    trained and evaluated on), evaluate's calibration of the ONNX path (``eval.json`` ``serving``; the model's
+    verification threshold for an older eval.json) and a real photo of the project for the input example."""
+    from lafs.faces import FaceModelError
+    from lafs.faces.detect import find_detector_file, find_pack
+    from lafs.serving.faces import ServingConfig
+
+    try:
+        detector = find_detector_file(find_pack(landmarks.models_root, landmarks.detector), landmarks.detector_file)
+    except FaceModelError as exc:
+        raise StageError(f"{exc} (register bundles the detector into the served model)") from None
+    serving = report.get("serving") or {}
+    cfg = ServingConfig(det_size=landmarks.det_size, det_thresh=landmarks.det_thresh, policy=landmarks.policy,
+                        min_face_px=landmarks.min_face_px,
+                        flip=bool(serving.get("flip", (report.get("model") or {}).get("flip", True))),
+                        threshold=serving.get("threshold", (report.get("verification") or {}).get("threshold")))
+    example, table = None, root / "data" / "landmarks.parquet"
+    if table.is_file():
+        import pandas as pd
+
+        first = pd.read_parquet(table, columns=["path"])["path"].head(1).tolist()
+        example = root / first[0] if first else None
+    return registry.ServedModel(detector, cfg, example)
+
+
+def measured_on(report: dict[str, Any]) -> dict[str, str]:
+    """Tags naming what the eval metrics were measured on (eval.json ``protocol`` and ``test_set``): the gate
+    compares a challenger with a champion only when these agree."""
+    test_set = report.get("test_set") or {}
+    tags = {f"test_set.{k}": str(v) for k, v in test_set.items()}
+    name = (report.get("protocol") or {}).get("name")
+    if name:
+        tags["protocol.name"] = str(name)
+    return tags
+
+
 def _check_inputs(cfg: RegisterParams, paths: RegisterPaths) -> dict[str, float]:
     needed = {paths.model: "finetune", paths.eval_metrics: "evaluate"}
     if cfg.register_onnx:
@@ -149,6 +189,10 @@ def _registration(cfg: RegisterParams, paths: RegisterPaths, metrics: dict[str, 
     }
     if onnx is not None:
         tags["onnx.md5"] = md5(onnx)
+    tags |= measured_on(json.loads(paths.eval_metrics.read_text()))
+    locked = (tags.get(f"dvc.finetune.outs.{RegisterPaths.model}") == tags["model_file.md5"]
+              and tags.get(f"dvc.evaluate.outs.{RegisterPaths.eval_metrics}") == tags["eval.md5"])
+    tags["provenance"] = registry.PROVENANCE_LOCKED if locked else "outside dvc.lock"
     params = {
         **registry.safe_params(resolved(cfg), "register."),
         **registry.safe_params({"name": model_file["model"], "kwargs": model_file["kwargs"]}, "model."),
@@ -163,11 +207,12 @@ def _write_outputs(paths: RegisterPaths, decision: registry.Decision) -> None:
     paths.report.write_text(registry.report_markdown(decision))
 
 
-def run(cfg: RegisterParams, root: Path | RegisterPaths = Path("."),
-        client: MlflowClient | None = None) -> RegisterSummary:
+def run(cfg: RegisterParams, root: Path | RegisterPaths = Path("."), client: MlflowClient | None = None,
+        landmarks: LandmarksParams | None = None) -> RegisterSummary:
     """Register the evaluated model, point ``challenger`` at it and run the promotion gate (module docstring).
 
-    ``client`` defaults to one on the configured tracking URI (tests pass one to inject faults).
+    ``client`` defaults to one on the configured tracking URI (tests pass one to inject faults); ``landmarks``
+    (default: its defaults) names the detector the served model bundles.
     """
     from lafs.models.io import load_model, read_model_file
 
@@ -182,6 +227,9 @@ def run(cfg: RegisterParams, root: Path | RegisterPaths = Path("."),
             version, reused = existing.version, True
             log.info("%s v%s already holds these model and eval files: reusing it", cfg.model_name, version)
         else:
+            if cfg.register_onnx:  # the served pyfunc runs the ONNX recogniser
+                report = json.loads(paths.eval_metrics.read_text())
+                reg = replace(reg, served=served_model(landmarks or LandmarksParams(), report, paths.root))
             version, reused = registry.register_version(cfg, load_model(paths.model), reg).version, False
         client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
         decision = registry.promote(client, cfg, version, before_move=lambda d: _write_outputs(paths, d))

@@ -1,0 +1,172 @@
+"""The served model: one self-contained MLflow pyfunc holding the detector ONNX, the recogniser ONNX and
+``serving.json`` (alignment settings, flip TTA, the calibrated threshold), plus the torch-free slice of this
+package that runs them. ``mlflow models serve -m models:/<name>@champion`` answers:
+
+- ``{"dataframe_split": {"columns": ["image"], "data": [[<base64 photo>], ...]}}``: a row per photo with
+  ``embedding`` (unit vector), ``box`` (x1, y1, x2, y2), ``keypoints`` (x, y of eyes, nose, mouth corners),
+  ``det_score``;
+- ``{"dataframe_split": {"columns": ["image_a", "image_b"], "data": [[<a>, <b>], ...]}}``: a row per pair with
+  ``score`` (cosine), ``same`` (score above the threshold) and ``threshold``.
+
+A bad row (not base64, not an image, too many bytes or pixels, no usable face, a wrong set of columns) fails
+the request with ``INVALID_PARAMETER_VALUE`` (HTTP 400) whose message names the row and the reason code; the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import Array
+
+from lafs.data.images import ImageRejected
+from lafs.serving.faces import CONFIG_FILE, EmbeddedFace, FacePipeline, ServingConfig
+
+ARTIFACTS = {"detector": "detector.onnx", "recogniser": "recogniser.onnx", "config": CONFIG_FILE}
+IMAGE, IMAGE_A, IMAGE_B = "image", "image_a", "image_b"
+# The package files the served model runs (no torch among their imports); copied into the model's code/.
+SERVING_MODULES = ("__init__.py", "serving/__init__.py", "serving/faces.py", "serving/pyfunc.py",
+                   "eval/__init__.py", "eval/onnx_embedder.py", "faces/__init__.py", "faces/align.py",
+                   "faces/detect.py", "data/__init__.py", "data/images.py")
+REQUIREMENTS = ("mlflow", "onnxruntime", "insightface", "opencv-python-headless", "numpy", "pandas", "pillow")
+
+
+def signature() -> ModelSignature:
+    """Both request shapes in one schema: ``image`` rows or ``image_a`` + ``image_b`` rows (base64 strings)."""
+    inputs = Schema([ColSpec("string", name, required=False) for name in (IMAGE, IMAGE_A, IMAGE_B)])
+    floats = Array("double")
+    outputs = Schema([ColSpec(floats, "embedding", required=False), ColSpec(floats, "box", required=False),
+                      ColSpec(floats, "keypoints", required=False), ColSpec("double", "det_score", required=False),
+                      ColSpec("double", "score", required=False), ColSpec("boolean", "same", required=False),
+                      ColSpec("double", "threshold", required=False)])
+    return ModelSignature(inputs, outputs)
+
+
+def bad_request(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+class FaceModel(PythonModel):
+    """Photos (base64) -> faces and embeddings, or pairs -> same-person decisions (module docstring)."""
+
+    def __init__(self, pipeline: FacePipeline | None = None) -> None:
+        self.pipeline = pipeline
+
+    def load_context(self, context: Any) -> None:
+        a = context.artifacts
+        cfg = ServingConfig.read(Path(a["config"]))
+        self.pipeline = FacePipeline.from_files(Path(a["detector"]), Path(a["recogniser"]), cfg)
+
+    def _face(self, value: Any, where: str) -> EmbeddedFace:
+        if isinstance(value, bytes | bytearray):
+            data = bytes(value)
+        elif isinstance(value, str):
+            try:
+                data = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise bad_request(f"{where}: not base64 (send the photo's bytes base64-encoded)") from None
+        else:
+            raise bad_request(f"{where}: expected a base64 string, got {type(value).__name__}")
+        try:
+            return self.pipeline.embed(self.pipeline.decode(data, where))
+        except ImageRejected as exc:
+            raise bad_request(f"{where}: {exc.code}: {exc.message}") from None
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if self.pipeline is None:
+            raise RuntimeError("FaceModel has no pipeline: load it with mlflow.pyfunc.load_model")
+        if not isinstance(model_input, pd.DataFrame) or model_input.empty:
+            raise bad_request("send a non-empty table: columns ['image'] or ['image_a', 'image_b']")
+        cols = {c for c in model_input.columns if model_input[c].notna().any()}
+        if cols == {IMAGE}:
+            return pd.DataFrame([self._face(v, f"row {i} image").row()
+                                 for i, v in enumerate(model_input[IMAGE])])
+        if cols == {IMAGE_A, IMAGE_B}:
+            if self.pipeline.cfg.threshold is None:
+                raise bad_request("this model carries no calibrated threshold: it can embed, not verify")
+            rows = []
+            for i, (a, b) in enumerate(zip(model_input[IMAGE_A], model_input[IMAGE_B], strict=True)):
+                if a is None or b is None or (isinstance(a, float) and np.isnan(a)) or (
+                        isinstance(b, float) and np.isnan(b)):
+                    raise bad_request(f"row {i}: a pair needs both image_a and image_b")
+                score = self.pipeline.score(self._face(a, f"row {i} image_a"), self._face(b, f"row {i} image_b"))
+                rows.append({"score": score, "same": self.pipeline.same(score),
+                             "threshold": self.pipeline.cfg.threshold})
+            return pd.DataFrame(rows)
+        raise bad_request(f"columns {sorted(map(str, model_input.columns))}: send either ['image'] (embed) or "
+                          "['image_a', 'image_b'] (verify), base64 photos")
+
+
+def requirements() -> list[str]:
+    """The serving environment, pinned to what this one runs."""
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def code_dir(dest: Path) -> Path:
+    """``dest/lafs``: the modules of :data:`SERVING_MODULES`, the only code the served model carries."""
+    src = Path(__file__).resolve().parents[1]
+    for rel in SERVING_MODULES:
+        target = dest / "lafs" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, target)
+    return dest / "lafs"
+
+
+def write_artifacts(folder: Path, detector: Path, recogniser: Path, cfg: ServingConfig) -> dict[str, str]:
+    """The three artifacts under their fixed names in ``folder``; name -> path for ``artifacts=``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(detector, folder / ARTIFACTS["detector"])
+    shutil.copyfile(recogniser, folder / ARTIFACTS["recogniser"])
+    cfg.write(folder / ARTIFACTS["config"])
+    return {name: str(folder / file) for name, file in ARTIFACTS.items()}
+
+
+def input_example(photo: Path) -> pd.DataFrame:
+    return pd.DataFrame({IMAGE: [base64.b64encode(photo.read_bytes()).decode()]})
+
+
+def _model_kwargs(tmp: Path, detector: Path, recogniser: Path, cfg: ServingConfig,
+                  example_photo: Path | None) -> dict[str, Any]:
+    artifacts = write_artifacts(tmp / "artifacts", detector, recogniser, cfg)
+    return {"python_model": FaceModel(), "artifacts": artifacts, "code_paths": [str(code_dir(tmp / "code"))],
+            "signature": signature(), "pip_requirements": requirements(),
+            "input_example": input_example(example_photo) if example_photo is not None else None}
+
+
+def log_model(name: str, detector: Path, recogniser: Path, cfg: ServingConfig, example_photo: Path | None,
+              registered_model_name: str | None = None) -> Any:
+    """Log the pyfunc in the active MLflow run (``mlflow.pyfunc.log_model``, which loads it back and runs the
+    input example as serving would); its ModelInfo."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="lafs-serving-") as tmp:
+        return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
+                                       **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photo))
+
+
+def save_model(path: Path, detector: Path, recogniser: Path, cfg: ServingConfig,
+               example_photo: Path | None = None) -> Path:
+    """The same pyfunc as a local folder (``mlflow.pyfunc.save_model``): servable and usable as ``--model``."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="lafs-serving-") as tmp:
+        mlflow.pyfunc.save_model(str(path), **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photo))
+    return path
