@@ -173,7 +173,8 @@ _simple_stage("export", "export models/finetune/model.pt to models/model.onnx an
 
 def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="evaluate this model file (.pt), exported .onnx, dlib_resnet, pixels or hog on "
+                        help="evaluate this model file (.pt), exported .onnx, models:/<name>@<alias> (or runs:/, a "
+                             "pyfunc folder), dlib_resnet, pixels or hog on "
                              "--images/--pairs instead of the pipeline's finetuned model")
     parser.add_argument("--images", type=Path, default=None, help="with --model: folder of <Identity>/<Identity>_NNNN "
                                                                   "photos")
@@ -245,7 +246,8 @@ def _promote(params: Params, args: argparse.Namespace) -> str:
 
 def _cluster_options(parser: argparse.ArgumentParser) -> None:
     """``lafs cluster``: on demand, not a DVC stage, so no params section (see lafs.stages.cluster)."""
-    parser.add_argument("--model", default=None, help="model file (.pt), exported .onnx, or dlib_resnet")
+    parser.add_argument("--model", default=None, help="model file (.pt), exported .onnx, models:/<name>@<alias>, "
+                                                       "runs:/<id>/model, or dlib_resnet")
     parser.add_argument("--images", type=Path, default=None,
                         help="CSV with aligned_path[,identity] (paths relative to --root) or a folder of aligned faces")
     parser.add_argument("--embeddings", type=Path, default=None,

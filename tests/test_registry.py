@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -404,6 +405,12 @@ def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_
     assert pipeline.cfg.threshold == 0.31 and pipeline.cfg.flip is True
     onnx = mlflow.onnx.load_model(f"runs:/{v2.run_id}/recogniser_onnx")
     assert [i.name for i in onnx.graph.input] == ["images"]
+    # every command that takes a model (evaluate, cluster, compare, embed, verify) accepts the registry URI
+    from lafs.eval.embedders import OnnxEmbedder, load_embedder
+
+    faces = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    assert np.allclose(load_embedder(f"models:/{name}@champion").embed_aligned(faces),
+                       OnnxEmbedder(model_files["onnx"]).embed_aligned(faces), atol=1e-6)
 
     worse = step("v3", "dino", 0.70, 0.25)
     assert worse["promoted"] is False and worse["champion_version"] == 2 and champion(name) == "2"

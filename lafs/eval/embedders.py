@@ -271,8 +271,9 @@ def _module_from_file(path: Path) -> nn.Module:
 
 def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
                   device: str | torch.device = "cpu") -> Embedder:
-    """``dlib_resnet``, ``pixels``, ``hog``, a ``.onnx`` file or a model file of :mod:`lafs.models.io` (run on
-    ``device``).
+    """``dlib_resnet``, ``pixels``, ``hog``, a ``.onnx`` file, a model file of :mod:`lafs.models.io` (run on
+    ``device``), or a served model (``models:/<name>@<alias>``, ``runs:/<id>/model``, a saved pyfunc folder: its
+    ONNX recogniser).
 
     ``threads``: ONNX Runtime intra-op threads (0 = its default, all cores); for dlib, > 1 runs the network in
     that many spawned worker processes (dlib holds the GIL), else in this process. Spawned workers re-import
@@ -283,10 +284,19 @@ def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
         return DlibEmbedder(batch_size=batch_size, workers=threads)
     if str(spec) in FLOOR_EMBEDDERS:
         return FLOOR_EMBEDDERS[str(spec)]()
+    from lafs.serving.load import ModelSpecError, is_model_reference, recogniser_file
+
+    if is_model_reference(str(spec)):  # models:/name@alias, runs:/..., a saved pyfunc: its ONNX recogniser
+        try:
+            return OnnxEmbedder(recogniser_file(str(spec)), batch_size=batch_size, threads=threads,
+                                name=str(spec))
+        except ModelSpecError as exc:
+            raise EmbedderError(str(exc)) from None
     path = Path(spec)
     if not path.is_file():
         raise EmbedderError(f"model {spec!r} not found: give a model file (.pt from lafs.models.io), an exported "
-                            f"{path.stem}.onnx, {DLIB_RESNET!r} or a floor ({', '.join(map(repr, FLOOR_EMBEDDERS))})")
+                            f"{path.stem}.onnx, models:/<name>@<alias> (or runs:/<id>/model, a saved pyfunc folder), "
+                            f"{DLIB_RESNET!r} or a floor ({', '.join(map(repr, FLOOR_EMBEDDERS))})")
     if path.suffix.lower() == ".onnx":
         return OnnxEmbedder(path, batch_size=batch_size, threads=threads)
     return TorchEmbedder(_module_from_file(path), name="torch", batch_size=batch_size, device=device)

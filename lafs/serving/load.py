@@ -75,6 +75,24 @@ def from_project(root: Path, landmarks: LandmarksParams, threads: int = 0) -> Fa
     return FacePipeline.from_files(detector, onnx, cfg, threads)
 
 
+def is_model_reference(spec: str) -> bool:
+    """A registry / run / artifact URI or a saved pyfunc folder (not a model file, not a built-in embedder)."""
+    return _is_uri(spec) or (Path(spec) / "MLmodel").is_file()
+
+
+def recogniser_file(spec: str) -> Path:
+    """The ONNX recogniser inside the served model ``spec``: what ``evaluate`` / ``cluster`` / ``compare`` embed
+    aligned faces with when given a registry URI."""
+    from mlflow.models import Model
+
+    folder = pyfunc_dir(spec)
+    artifacts = Model.load(str(folder)).flavors.get("python_function", {}).get("artifacts") or {}
+    if "recogniser" not in artifacts:
+        raise ModelSpecError(f"{spec} is not a served LAFS model (no recogniser artifact): register it with "
+                             "`lafs register`")
+    return folder / artifacts["recogniser"]["path"]
+
+
 def load_pipeline(spec: str, root: Path, landmarks: LandmarksParams, threads: int = 0) -> FacePipeline:
     """The :class:`FacePipeline` that ``--model spec`` names (module docstring)."""
     if spec == PROJECT:
