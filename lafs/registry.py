@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lafs.config import RegisterParams
-from lafs.stages import StageError
+from lafs.errors import StageError
 from lafs.tracking import flatten
 
 if TYPE_CHECKING:

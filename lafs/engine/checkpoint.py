@@ -7,9 +7,7 @@ checkpoint carrying a pickled arbitrary object is refused instead of executing c
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lafs.stages import StageError
+from lafs.atomic import replacing
+from lafs.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +32,8 @@ class ChangedCheckpointError(StageError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lafs.stages import StageError
+from lafs.errors import StageError
 
 
 @dataclass(frozen=True)

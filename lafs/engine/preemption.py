@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from lafs.stages import StageError
+from lafs.errors import StageError
 
 
 class Preempted(StageError):

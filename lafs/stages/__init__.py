@@ -7,15 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lafs.errors import StageError
 
-class StageError(RuntimeError):
-    """A stage finished its checks and refuses to pass its output on; the message says why and what to do.
-
-    The CLI prints it without a traceback and exits 1, so DVC does not record the stage as done.
-    """
+__all__ = ["StageError", "write_metrics"]
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """A stage's DVC metrics file (``dvc metrics show`` reads it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    """A stage's DVC metrics file (``dvc metrics show`` reads it), replaced atomically."""
+    from lafs.atomic import write_text
+
+    write_text(path, json.dumps(metrics, indent=2) + "\n")

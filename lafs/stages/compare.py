@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lafs.atomic import write_text
 from lafs.config import CompareParams, FinetuneParams, SSLParams, resolved, update_section
 from lafs.data.pairs import read_pairs_csv
 from lafs.engine.checkpoint import load_checkpoint
@@ -137,12 +136,7 @@ def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int,
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: a result file exists only when its cell is complete (that is what resume looks at)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _done(result_file: Path) -> bool:

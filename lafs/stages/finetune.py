@@ -34,6 +34,7 @@ from lafs.config import FinetuneParams, read_yaml_mapping, resolved, update_sect
 from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augment
 from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
+from lafs.data.sampling import Image, fraction_count, generate_pairs, seeded_order
 from lafs.engine.checkpoint import resume_state, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import derived_seed, resolve_device, under_torchrun
 from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, embed, frozen_copy
@@ -42,7 +43,6 @@ from lafs.eval.verification import kfold_accuracy, pair_scores
 from lafs.models import FaceViT, create_model
 from lafs.models.io import ModelFileError, read_model_file, save_model
 from lafs.stages import StageError, write_metrics
-from lafs.stages.split import Image, fraction_count, generate_pairs, seeded_order
 from lafs.tracking import RunLogger
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +39,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lafs.atomic import replacing
 from lafs.config import IngestParams, resolved
 from lafs.data import images
 from lafs.data.images import ImageRejected
@@ -337,10 +337,5 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[objec
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` a temp file beside ``path``, then rename it over ``path``: a killed run leaves the previous
     table whole instead of a truncated one that DVC or the next stage would read as complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with replacing(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -56,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lafs.atomic import replacing, write_bytes
 from lafs.config import LandmarksParams, resolved
 from lafs.data import images
 from lafs.data.images import ImageRejected, file_sha256
@@ -269,7 +270,7 @@ class FacePipeline:
         ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"PNG encoding of the aligned face of {job.path} failed")
-        _write_atomic(out_dir / job.aligned_path, png.tobytes())
+        write_bytes(out_dir / job.aligned_path, png.tobytes())
         return _Aligned(job, rgb, faces[index], len(faces), index, matrix)
 
     def landmark(self, item: _Aligned) -> dict[str, Any]:
@@ -632,13 +633,6 @@ def _previous(
     return table, position, rejects
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _prune_aligned(out_dir: Path, keep: set[str]) -> None:
     """Delete aligned files no row points to (images that left the manifest or are now rejected)."""
     root = out_dir / ALIGNED_DIR
@@ -658,20 +652,16 @@ def _write_table(path: Path, table: pa.Table, cfg: LandmarksParams, fp: dict[str
         FINGERPRINT_KEY: json.dumps(fp, sort_keys=True).encode(),
         PARAMS_KEY: json.dumps(resolved(cfg), sort_keys=True).encode(),
     }
-    tmp = path.with_name(f".{path.name}.partial")
-    # Row groups of 4096 faces: the writer buffers one group, not the whole table, so memory stays flat.
-    pq.write_table(table.replace_schema_metadata(meta), tmp, row_group_size=4096)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        # Row groups of 4096 faces: the writer buffers one group, not the whole table, so memory stays flat.
+        pq.write_table(table.replace_schema_metadata(meta), tmp, row_group_size=4096)
 
 
 def _write_rejects(path: Path, rejects: list[Reject]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("w", newline="") as fh:
+    with replacing(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(REJECT_COLUMNS)
         writer.writerows((r.path, r.reason, r.message, r.sha256) for r in rejects)
-    os.replace(tmp, path)
 
 
 def _summarise(

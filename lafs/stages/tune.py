@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from lafs.atomic import write_text
 from lafs.config import FinetuneParams, SearchDim, TuneParams, resolved, search_kind
 from lafs.data.images import file_sha256
 from lafs.stages import StageError, write_metrics
@@ -558,7 +558,7 @@ def _finish(cfg: TuneParams, study, paths: TunePaths, tracker: _Tracker, parent:
     header = (f"# Written by `lafs tune`: best of {final.finished} finished trials in Optuna study "
               f"{study.study_name!r}:\n# trial #{best.number}, val_accuracy {best.value:.6f}. "
               "Overlaid on params.yaml's finetune section by `lafs finetune` (finetune.tuned_params).\n")
-    _write_text(paths.best_params, header + yaml.safe_dump(dict(best.params), sort_keys=True))
+    write_text(paths.best_params, header + yaml.safe_dump(dict(best.params), sort_keys=True))
     write_metrics(paths.metrics, {**metrics, "best_value": best.value, "best_trial": best.number,
                                   "best_params": dict(best.params)})
     tracker.client.log_metric(parent, "best_val_accuracy", best.value, step=final.finished)
@@ -572,10 +572,3 @@ def _finish(cfg: TuneParams, study, paths: TunePaths, tracker: _Tracker, parent:
                        dict(best.params), parent)
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic (parallel workers may write the same file at the same time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
