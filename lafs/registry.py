@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lafs.config import RegisterParams
 from lafs.errors import StageError
-from lafs.tracking import flatten
+from lafs.tracking import flatten, metric_leaves
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -56,18 +56,8 @@ class RegistryError(StageError):
 
 
 def flatten_metrics(nested: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested metrics mapping under dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1.0}``).
-
-    Strings, lists and booleans are not metrics and are left out.
-    """
-    out: dict[str, float] = {}
-    for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_metrics(value, f"{name}."))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
+    """Eval metrics as the gate compares them: :func:`lafs.tracking.metric_leaves`."""
+    return metric_leaves(nested, prefix)
 
 
 def loggable(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -7,6 +7,7 @@ Params are the resolved, credential-free stage config (keys that look like secre
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,8 @@ _SECRET_WORDS = ("password", "secret", "token", "access_key", "credential")
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a nested mapping under a dotted key (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); keys that look
+    like secrets are dropped. The one flattener: params, tags and (:func:`metric_leaves`) metrics."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -26,6 +29,13 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def metric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a nested report under dotted keys, as floats: what MLflow can store as metrics and
+    the promotion gate compares. Booleans, strings, lists, None and non-finite numbers are not metrics."""
+    return {k: float(v) for k, v in flatten(data, prefix).items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def tracking_uri(param: str | None = None) -> str:

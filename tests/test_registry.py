@@ -100,6 +100,8 @@ def test_flatten_metrics_keeps_numeric_leaves_under_dotted_keys() -> None:
                                                 "verification.tar_at_far.1e-03": 0.5,
                                                 "verification.pairs": 600.0, "latency.ms": 2.0}
     assert registry.loggable({"ok.key": 1.0, "bad@key": 1.0, "inf": float("inf")}) == {"ok.key": 1.0}
+    # the one flattener every report goes through (tracking.metric_leaves): no booleans, no NaN as metrics
+    assert registry.flatten_metrics({"a": {"nan": float("nan"), "ok": True, "n": 3}}) == {"a.n": 3.0}
 
 
 def test_safe_params_drop_secrets_and_mask_uri_passwords() -> None:

@@ -29,7 +29,7 @@ from lafs.data.pairs import read_pairs_csv
 from lafs.engine.checkpoint import load_checkpoint
 from lafs.stages import StageError, pretrain
 from lafs.stages.finetune import FinetunePaths, train
-from lafs.tracking import ensure_experiment, flatten, tracking_uri
+from lafs.tracking import ensure_experiment, flatten, metric_leaves, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,7 @@ class _Parent:
 
 
 def _log_cell(parent: _Parent, cell: Cell, run_id: str | None, verification: dict[str, Any]) -> None:
-    numbers = {k: v for k, v in flatten(verification).items() if isinstance(v, int | float)}
-    for key, value in numbers.items():
+    for key, value in metric_leaves(verification).items():
         if run_id:
             parent.client.log_metric(run_id, f"test.{key}", float(value))
     for key in ("accuracy_mean", "eer"):

@@ -76,7 +76,7 @@ from lafs.eval.latency import budget_report, end_to_end, measure_latency, pinned
 from lafs.eval.photos import FaceFinder
 from lafs.faces import FaceModelError
 from lafs.stages import StageError, write_metrics
-from lafs.tracking import RunLogger
+from lafs.tracking import RunLogger, metric_leaves
 
 log = logging.getLogger(__name__)
 
@@ -381,18 +381,6 @@ def _embedder(spec: str | Path, batch_size: int, threads: int) -> Embedder:
         raise StageError(str(exc)) from None
 
 
-def _numeric(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested report as dotted keys (MLflow metrics; strings, lists and None are skipped)."""
-    out: dict[str, float] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_numeric(value, f"{name}."))
-        elif isinstance(value, int | float) and np.isfinite(float(value)):
-            out[name] = float(value)
-    return out
-
-
 def _split_file(path: Path) -> Path:
     if not path.is_file():
         raise StageError(f"{path} not found: run the split stage first (dvc repro split)")
@@ -461,7 +449,7 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
                        tags={"stage": "evaluate", "model": str(paths.model.relative_to(root))}, system_metrics=False)
     status = "FAILED"
     try:
-        logger.log_metrics(_numeric(out), step=0)
+        logger.log_metrics(metric_leaves(out), step=0)
         for path in (paths.metrics, *plots, markdown):
             logger.log_artifact(path, "evaluate")
         status = "FINISHED"
