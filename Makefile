@@ -73,10 +73,10 @@ export DVC_NO_ANALYTICS ?= 1
 # Embedded defaults for a one-machine pipeline run: local MLflow file store, Prefect's ephemeral server with
 # its state in the project, DVC's local cache (.dvc/cache, no remote needed). Only the pipeline gets them
 # (tests pick their own tmp stores); override any of them from the environment.
-pipeline local-params compare: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+pipeline local-params compare bench-serve: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 pipeline local-params: export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help setup test pipeline local-params compare clean
+.PHONY: help setup test pipeline local-params compare bench-serve clean
 
 help:
 	@sed -n '1,10p' $(firstword $(MAKEFILE_LIST))
@@ -108,6 +108,13 @@ pipeline: setup
 # budgets are params.yaml's compare section (override with e.g. `lafs compare --set finetune_epochs=5`).
 compare: setup
 	lafs compare --out reports/comparison
+
+# Served champion vs the face_recognition library on 1,000 shared photos (benchmarks/serve.py; RESULTS.md).
+# face_recognition is installed here, not with the project: --no-deps, as its dlib requirement is dlib-bin's module.
+SERVE_MODEL = models:/lafs-face@champion
+bench-serve: setup
+	python -m pip install --no-deps 'face-recognition==1.3.0'
+	python benchmarks/serve.py --model '$(SERVE_MODEL)' --data '$(DATA)' --out reports/serve_benchmark.json
 
 clean:
 	find . \( -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -187,3 +187,19 @@ def test_mlflow_models_serve_answers_photos_and_pairs_over_http(served, pipeline
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.mark.slow
+def test_serve_benchmark_measures_the_served_model(served, real_faces, tmp_path):
+    """benchmarks/serve.py end to end on a few shared photos (its face_recognition side is measured in RESULTS)."""
+    data = real_faces.files[0].parent.parent
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"),
+                           "--model", str(served), "--data", str(data), "--photos", "8", "--pairs", "4", "--port",
+                           str(free_port()), "--out", str(out), "--skip-baseline"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["served"]
+    assert result["photos"] == 8 and result["photos_per_s"] > 0 and result["verify_pairs"] >= 3
+    assert 0 < result["verify_p50_ms"] <= result["verify_p95_ms"]
