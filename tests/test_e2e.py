@@ -56,6 +56,7 @@ E2E_RUN = {
     "finetune": FINETUNE,
     "export": {"parity_images": 4},
     "evaluate": {"fewshot_k": [1, 2], "latency_images": 3, "latency_warmup": 1, "candidates": ["onnx"]},
+    "register": {"min_margin_over_floor": None},  # a few steps on 48 faces cannot be asked to beat a floor
 }
 # The challenger of run 2: no self-supervised pretraining (a random ViT), run through finetune -> register only
 # (tune, which tracks the finetune params too, stays stale: its best params from run 1 still overlay finetune).

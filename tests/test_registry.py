@@ -298,6 +298,8 @@ def test_first_registration_becomes_champion_with_lineage_and_no_secrets(first: 
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert mv.tags["git.commit"] == commit and mv.tags["git.dirty"] == "false"
+    assert mv.tags["provenance"] == "dvc.lock" and mv.tags["protocol.name"] == "lfw_view1"
+    assert mv.tags["test_set.pairs_sha256"] == TEST_SET["pairs_sha256"]
     assert mv.tags["model_file.md5"] == register_stage.md5(root / "models/finetune/model.pt")
     assert mv.tags["dvc.finetune.outs.models/finetune/model.pt"] == mv.tags["model_file.md5"]
     assert mv.tags["dvc.finetune.deps.data/splits"] == "a" * 32 + ".dir"

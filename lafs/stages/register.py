@@ -190,8 +190,10 @@ def _registration(cfg: RegisterParams, paths: RegisterPaths, metrics: dict[str, 
     if onnx is not None:
         tags["onnx.md5"] = md5(onnx)
     tags |= measured_on(json.loads(paths.eval_metrics.read_text()))
-    locked = (tags.get(f"dvc.finetune.outs.{RegisterPaths.model}") == tags["model_file.md5"]
-              and tags.get(f"dvc.evaluate.outs.{RegisterPaths.eval_metrics}") == tags["eval.md5"])
+    # dvc.lock's evaluate entry names both files: the model it read (a dep) and the metrics it wrote (an out)
+    evaluate = dvc_lineage(paths.dvc_lock, ("evaluate",))
+    locked = (evaluate.get(f"dvc.evaluate.deps.{RegisterPaths.model}") == tags["model_file.md5"]
+              and evaluate.get(f"dvc.evaluate.outs.{RegisterPaths.eval_metrics}") == tags["eval.md5"])
     tags["provenance"] = registry.PROVENANCE_LOCKED if locked else "outside dvc.lock"
     params = {
         **registry.safe_params(resolved(cfg), "register."),
