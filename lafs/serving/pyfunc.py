@@ -8,7 +8,8 @@ package that runs them. ``mlflow models serve -m models:/<name>@champion`` answe
 - ``{"dataframe_split": {"columns": ["image_a", "image_b"], "data": [[<a>, <b>], ...]}}``: a row per pair with
   ``score`` (cosine), ``same`` (score above the threshold) and ``threshold``.
 
-A bad row (not base64, not an image, too many bytes or pixels, no usable face, a wrong set of columns) fails
+The model is stored in MLflow's models-from-code form (:mod:`lafs.serving.served_model`), so loading it unpickles
+nothing. A bad row (not base64, not an image, too many bytes or pixels, no usable face, a wrong set of columns) fails
 the request with ``INVALID_PARAMETER_VALUE`` (HTTP 400) whose message names the row and the reason code; the
 server keeps serving.
 """
@@ -146,7 +147,8 @@ def input_example(photo: Path) -> pd.DataFrame:
 def _model_kwargs(tmp: Path, detector: Path, recogniser: Path, cfg: ServingConfig,
                   example_photo: Path | None) -> dict[str, Any]:
     artifacts = write_artifacts(tmp / "artifacts", detector, recogniser, cfg)
-    return {"python_model": FaceModel(), "artifacts": artifacts, "code_paths": [str(code_dir(tmp / "code"))],
+    definition = str(Path(__file__).with_name("served_model.py"))  # models from code: nothing pickled
+    return {"python_model": definition, "artifacts": artifacts, "code_paths": [str(code_dir(tmp / "code"))],
             "signature": signature(), "pip_requirements": requirements(),
             "input_example": input_example(example_photo) if example_photo is not None else None}
 
