@@ -30,8 +30,8 @@ from lafs.config import (
     read_yaml_mapping,
 )
 from lafs.faces import FaceModelError
-from lafs.serving.load import ModelSpecError
 from lafs.stages import StageError
+from lafs.tracking import ModelSpecError
 
 StageFn = Callable[[Params, argparse.Namespace], str]
 OptionsFn = Callable[[argparse.ArgumentParser], None]

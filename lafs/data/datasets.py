@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from lafs.data.aligned import read_aligned
+from lafs.data.sampling import derived_seed
 from lafs.data.transforms import LandmarkAugment
-from lafs.engine.distributed import derived_seed
 
 
 def read_face_uint8(path: Path) -> torch.Tensor:

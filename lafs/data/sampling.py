@@ -21,6 +21,12 @@ class Image:
     path: str
 
 
+def derived_seed(*parts: object) -> int:
+    """A stable 63-bit seed from (seed, rank, iteration, ...): same inputs, same stream, on any machine."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def rank_key(seed: int, purpose: str, name: str) -> str:
     """A seeded, platform-independent sort key: sorting names by it is a seeded shuffle."""
     return hashlib.sha256(f"{seed}\x1f{purpose}\x1f{name}".encode()).hexdigest()

@@ -15,39 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from lafs.atomic import replacing
 from lafs.errors import StageError
+from lafs.tensor_files import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = ["ChangedCheckpointError", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
 class ChangedCheckpointError(StageError):
     """``last.pt`` belongs to a run with other params or inputs; the CLI prints the message, no traceback."""
-
-
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    with replacing(path, fsync=True) as tmp:
-        torch.save(state, tmp)
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError (or others) for unsafe / corrupt files
-        raise CheckpointError(
-            f"refusing to load {path}: not a plain-tensor checkpoint ({type(exc).__name__}: {exc}). "
-            "Only load checkpoints written by this project."
-        ) from exc
 
 
 def resume_state(

@@ -7,7 +7,6 @@ GPU with no wrapper script; inside torchrun it just joins the process group.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections.abc import Sequence
@@ -80,12 +79,6 @@ def all_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
-
-
-def derived_seed(*parts: object) -> int:
-    """A stable 63-bit seed from (seed, rank, iteration, ...): same inputs, same stream, on any machine."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def resolve_nproc(nproc_per_node: int | str) -> int:

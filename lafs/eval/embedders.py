@@ -284,7 +284,7 @@ def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
         return DlibEmbedder(batch_size=batch_size, workers=threads)
     if str(spec) in FLOOR_EMBEDDERS:
         return FLOOR_EMBEDDERS[str(spec)]()
-    from lafs.serving.load import ModelSpecError, is_model_reference, recogniser_file
+    from lafs.tracking import ModelSpecError, is_model_reference, recogniser_file
 
     if is_model_reference(str(spec)):  # models:/name@alias, runs:/..., a saved pyfunc: its ONNX recogniser
         try:

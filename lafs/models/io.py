@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
 from lafs.models.registry import create_model
+from lafs.tensor_files import load_checkpoint, save_checkpoint
 
 
 class ModelFileError(RuntimeError):

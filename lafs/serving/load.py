@@ -15,34 +15,11 @@ from pathlib import Path
 
 from lafs.config import LandmarksParams
 from lafs.serving.faces import FacePipeline, ServingConfig
+from lafs.tracking import ModelSpecError, pyfunc_dir
 
 PROJECT = "project"
 
-
-class ModelSpecError(ValueError):
-    """``--model`` names nothing usable; the message says what was looked for."""
-
-
-def _is_uri(spec: str) -> bool:
-    return "://" in spec or spec.startswith(("models:/", "runs:/"))
-
-
-def pyfunc_dir(spec: str) -> Path:
-    """Local folder of the pyfunc model ``spec`` (downloaded when it is a URI)."""
-    if not _is_uri(spec):
-        folder = Path(spec)
-        if not (folder / "MLmodel").is_file():
-            raise ModelSpecError(f"--model {spec}: no MLmodel file there; give models:/<name>@champion, runs:/<id>/"
-                                 f"model, a saved pyfunc folder, or {PROJECT!r} (this project's files)")
-        return folder
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
-    except (MlflowException, OSError) as exc:
-        raise ModelSpecError(f"--model {spec}: cannot download it ({exc}); check MLFLOW_TRACKING_URI and the "
-                             "name/alias/version") from None
+__all__ = ["PROJECT", "ModelSpecError", "from_project", "from_pyfunc", "load_pipeline", "pyfunc_dir"]
 
 
 def from_pyfunc(folder: Path, threads: int = 0) -> FacePipeline:
@@ -73,24 +50,6 @@ def from_project(root: Path, landmarks: LandmarksParams, threads: int = 0) -> Fa
                         threshold=serving.get("threshold"))
     detector = find_detector_file(find_pack(landmarks.models_root, landmarks.detector), landmarks.detector_file)
     return FacePipeline.from_files(detector, onnx, cfg, threads)
-
-
-def is_model_reference(spec: str) -> bool:
-    """A registry / run / artifact URI or a saved pyfunc folder (not a model file, not a built-in embedder)."""
-    return _is_uri(spec) or (Path(spec) / "MLmodel").is_file()
-
-
-def recogniser_file(spec: str) -> Path:
-    """The ONNX recogniser inside the served model ``spec``: what ``evaluate`` / ``cluster`` / ``compare`` embed
-    aligned faces with when given a registry URI."""
-    from mlflow.models import Model
-
-    folder = pyfunc_dir(spec)
-    artifacts = Model.load(str(folder)).flavors.get("python_function", {}).get("artifacts") or {}
-    if "recogniser" not in artifacts:
-        raise ModelSpecError(f"{spec} is not a served LAFS model (no recogniser artifact): register it with "
-                             "`lafs register`")
-    return folder / artifacts["recogniser"]["path"]
 
 
 def load_pipeline(spec: str, root: Path, landmarks: LandmarksParams, threads: int = 0) -> FacePipeline:

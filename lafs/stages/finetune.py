@@ -34,9 +34,9 @@ from lafs.config import FinetuneParams, read_yaml_mapping, resolved, update_sect
 from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augment
 from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
-from lafs.data.sampling import Image, fraction_count, generate_pairs, seeded_order
+from lafs.data.sampling import Image, derived_seed, fraction_count, generate_pairs, seeded_order
 from lafs.engine.checkpoint import resume_state, rng_state, save_checkpoint, set_rng_state
-from lafs.engine.distributed import derived_seed, resolve_device, under_torchrun
+from lafs.engine.distributed import resolve_device, under_torchrun
 from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, embed, frozen_copy
 from lafs.engine.preemption import Preempted, SigtermFlag
 from lafs.eval.verification import kfold_accuracy, pair_scores

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lafs.config import SSLParams, resolved
 from lafs.data.datasets import ResumableSampler, SSLFaces
 from lafs.data.images import file_sha256
+from lafs.data.sampling import derived_seed
 from lafs.data.views import DINOFaceViews, LAFSViews
 from lafs.engine import remote
 from lafs.engine.checkpoint import resume_state, save_checkpoint
@@ -31,7 +32,6 @@ from lafs.engine.distributed import (
     DistEnv,
     all_true,
     barrier,
-    derived_seed,
     init_distributed,
     ranks_in_sync,
     shutdown,
