@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from lafs.config import LandmarksParams
 from lafs.serving.faces import FacePipeline, ServingConfig
@@ -36,20 +37,32 @@ def from_pyfunc(folder: Path, threads: int = 0) -> FacePipeline:
                                    ServingConfig.read(artifacts["config"]), threads)
 
 
-def from_project(root: Path, landmarks: LandmarksParams, threads: int = 0) -> FacePipeline:
-    """The project's exported recogniser with its detector and evaluate's calibration."""
+def serving_config(landmarks: LandmarksParams, report: dict[str, Any]) -> ServingConfig:
+    """The served path's settings: the ``landmarks`` section's detector settings (the faces the model was trained
+    and evaluated on) and evaluate's calibration of the ONNX path (``eval.json`` ``serving``; the model's own
+    verification threshold and flip for an eval.json written before that section existed)."""
+    serving = report.get("serving") or {}
+    return ServingConfig(det_size=landmarks.det_size, det_thresh=landmarks.det_thresh, policy=landmarks.policy,
+                         min_face_px=landmarks.min_face_px,
+                         flip=bool(serving.get("flip", (report.get("model") or {}).get("flip", True))),
+                         threshold=serving.get("threshold", (report.get("verification") or {}).get("threshold")))
+
+
+def detector_file(landmarks: LandmarksParams) -> Path:
+    """The SCRFD file the ``landmarks`` section names."""
     from lafs.faces.detect import find_detector_file, find_pack
 
+    return find_detector_file(find_pack(landmarks.models_root, landmarks.detector), landmarks.detector_file)
+
+
+def from_project(root: Path, landmarks: LandmarksParams, threads: int = 0) -> FacePipeline:
+    """The project's exported recogniser with its detector and evaluate's calibration."""
     onnx, metrics = root / "models" / "model.onnx", root / "metrics" / "eval.json"
     if not onnx.is_file():
         raise ModelSpecError(f"{onnx} not found: run the pipeline (`make pipeline` or `dvc repro export`) or give "
                              "--model models:/<name>@champion")
-    serving = json.loads(metrics.read_text()).get("serving", {}) if metrics.is_file() else {}
-    cfg = ServingConfig(det_size=landmarks.det_size, det_thresh=landmarks.det_thresh, policy=landmarks.policy,
-                        min_face_px=landmarks.min_face_px, flip=bool(serving.get("flip", True)),
-                        threshold=serving.get("threshold"))
-    detector = find_detector_file(find_pack(landmarks.models_root, landmarks.detector), landmarks.detector_file)
-    return FacePipeline.from_files(detector, onnx, cfg, threads)
+    report = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    return FacePipeline.from_files(detector_file(landmarks), onnx, serving_config(landmarks, report), threads)
 
 
 def load_pipeline(spec: str, root: Path, landmarks: LandmarksParams, threads: int = 0) -> FacePipeline:

@@ -24,7 +24,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -99,8 +98,7 @@ class FaceModel(PythonModel):
                 raise bad_request("this model carries no calibrated threshold: it can embed, not verify")
             rows = []
             for i, (a, b) in enumerate(zip(model_input[IMAGE_A], model_input[IMAGE_B], strict=True)):
-                if a is None or b is None or (isinstance(a, float) and np.isnan(a)) or (
-                        isinstance(b, float) and np.isnan(b)):
+                if pd.isna(a) or pd.isna(b):
                     raise bad_request(f"row {i}: a pair needs both image_a and image_b")
                 score = self.pipeline.score(self._face(a, f"row {i} image_a"), self._face(b, f"row {i} image_b"))
                 rows.append({"score": score, "same": self.pipeline.same(score),

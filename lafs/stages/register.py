@@ -121,22 +121,16 @@ def dvc_lineage(lock: Path, stages: tuple[str, ...]) -> dict[str, str]:
 
 
 def served_model(landmarks: LandmarksParams, report: dict[str, Any], root: Path) -> registry.ServedModel:
-    """The served pyfunc's parts: the ``landmarks`` section's detector and settings (the faces the model was
-    trained and evaluated on), evaluate's calibration of the ONNX path (``eval.json`` ``serving``; the model's
-    verification threshold for an older eval.json) and a real photo of the project for the input example."""
+    """The served pyfunc's parts: the detector and settings of :func:`lafs.serving.load.serving_config` and a real
+    photo of the project for the input example."""
     from lafs.faces import FaceModelError
-    from lafs.faces.detect import find_detector_file, find_pack
-    from lafs.serving.faces import ServingConfig
+    from lafs.serving.load import detector_file, serving_config
 
     try:
-        detector = find_detector_file(find_pack(landmarks.models_root, landmarks.detector), landmarks.detector_file)
+        detector = detector_file(landmarks)
     except FaceModelError as exc:
         raise StageError(f"{exc} (register bundles the detector into the served model)") from None
-    serving = report.get("serving") or {}
-    cfg = ServingConfig(det_size=landmarks.det_size, det_thresh=landmarks.det_thresh, policy=landmarks.policy,
-                        min_face_px=landmarks.min_face_px,
-                        flip=bool(serving.get("flip", (report.get("model") or {}).get("flip", True))),
-                        threshold=serving.get("threshold", (report.get("verification") or {}).get("threshold")))
+    cfg = serving_config(landmarks, report)
     example, table = None, root / "data" / "landmarks.parquet"
     if table.is_file():
         import pandas as pd
@@ -157,7 +151,8 @@ def measured_on(report: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def _check_inputs(cfg: RegisterParams, paths: RegisterPaths) -> dict[str, float]:
+def _check_inputs(cfg: RegisterParams, paths: RegisterPaths) -> tuple[dict[str, Any], dict[str, float]]:
+    """``metrics/eval.json`` (as written, and its flat metrics) once the stage's inputs are all there."""
     needed = {paths.model: "finetune", paths.eval_metrics: "evaluate"}
     if cfg.register_onnx:
         needed[paths.onnx] = "export (or set register.register_onnx: false)"
@@ -165,18 +160,19 @@ def _check_inputs(cfg: RegisterParams, paths: RegisterPaths) -> dict[str, float]
         if not path.exists():
             raise StageError(f"{path} not found: run the {stage} stage first (`dvc repro register` runs them)")
     try:
-        metrics = registry.flatten_metrics(json.loads(paths.eval_metrics.read_text()))
+        report = json.loads(paths.eval_metrics.read_text())
     except json.JSONDecodeError as exc:
         raise StageError(f"{paths.eval_metrics} is not JSON ({exc}): rerun the evaluate stage") from None
+    metrics = registry.flatten_metrics(report)
     wanted = [cfg.primary_metric, *cfg.secondary_metrics]
     missing = [k for k in wanted if k not in metrics]
     if missing:
         raise StageError(f"{paths.eval_metrics} has no metric {missing} (it has {sorted(metrics)[:20]}...): "
                          "fix register.primary_metric / register.secondary_metrics")
-    return metrics
+    return report, metrics
 
 
-def _registration(cfg: RegisterParams, paths: RegisterPaths, metrics: dict[str, float],
+def _registration(cfg: RegisterParams, paths: RegisterPaths, report: dict[str, Any], metrics: dict[str, float],
                   model_file: dict[str, Any]) -> registry.Registration:
     onnx = paths.onnx if cfg.register_onnx else None
     tags = {
@@ -189,7 +185,7 @@ def _registration(cfg: RegisterParams, paths: RegisterPaths, metrics: dict[str, 
     }
     if onnx is not None:
         tags["onnx.md5"] = md5(onnx)
-    tags |= measured_on(json.loads(paths.eval_metrics.read_text()))
+    tags |= measured_on(report)
     # dvc.lock's evaluate entry names both files: the model it read (a dep) and the metrics it wrote (an out)
     evaluate = dvc_lineage(paths.dvc_lock, ("evaluate",))
     locked = (evaluate.get(f"dvc.evaluate.deps.{RegisterPaths.model}") == tags["model_file.md5"]
@@ -219,8 +215,8 @@ def run(cfg: RegisterParams, root: Path | RegisterPaths = Path("."), client: Mlf
     from lafs.models.io import load_model, read_model_file
 
     paths = root if isinstance(root, RegisterPaths) else RegisterPaths.under(Path(root))
-    metrics = _check_inputs(cfg, paths)
-    reg = _registration(cfg, paths, metrics, read_model_file(paths.model))
+    report, metrics = _check_inputs(cfg, paths)
+    reg = _registration(cfg, paths, report, metrics, read_model_file(paths.model))
     with registry.mlflow_errors(cfg):
         client = client or registry.client_for(cfg)
         same = {k: reg.tags[k] for k in ("model_file.md5", "eval.md5")}
@@ -230,7 +226,6 @@ def run(cfg: RegisterParams, root: Path | RegisterPaths = Path("."), client: Mlf
             log.info("%s v%s already holds these model and eval files: reusing it", cfg.model_name, version)
         else:
             if cfg.register_onnx:  # the served pyfunc runs the ONNX recogniser
-                report = json.loads(paths.eval_metrics.read_text())
                 reg = replace(reg, served=served_model(landmarks or LandmarksParams(), report, paths.root))
             version, reused = registry.register_version(cfg, load_model(paths.model), reg).version, False
         client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
