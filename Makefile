@@ -1,31 +1,23 @@
 # Two commands: `make test` and `make pipeline`. Both set up the venv first (fast when already done).
 #
 #   make setup                      .venv with python3.11 + `pip install -c constraints.txt -e '.[dev]'`
-#   make test                       ruff, then the whole pytest suite (slow end-to-end tests included)
-#   make pipeline                   Prefect flow lafs-pipeline: a task per dvc.yaml stage (DATA=lfw downloads LFW)
+#   make test                       ruff, mypy (strict: engine, models, losses), then the whole pytest suite
+#   make test-fast                  ruff, then the unit tier (no servers, stage runs or multi-process training)
+#   make pipeline                   Prefect flow lafs-pipeline: a task per dvc.yaml stage, params.yaml as it is
 #   make pipeline DATA=../shared/data/lfw MODELS=../shared/models     (offline: full LFW, View 1 from ../shared/data/lfw_views)
 #   make pipeline DATA=s3://bucket/faces SET='pretrain.epochs=1'            (AWS env / ingest.s3_endpoint_url)
 #   make pipeline DATA=../shared/data/lfw MODELS=../shared/models PROFILE=quality     (<= 60 min budget)
 #   make compare                    after a pipeline run: scratch vs DINO-face vs LAFS x full / few-shot data
-#   make clean                      caches, build files and params.local.yaml (keeps .venv, DVC cache, outputs)
+#   make clean                      caches and build files (keeps .venv, DVC cache, outputs)
 #
 # `make pipeline` runs flows/pipeline.py on embedded defaults (no servers: Prefect's temporary server, a local
 # sqlite MLflow store, DVC's local cache): one task per dvc.yaml stage in DVC's dependency order, each
 # `dvc repro --single-item <stage>`, so DVC decides what reruns; then `dvc metrics show`. Export
 # PREFECT_API_URL / MLFLOW_TRACKING_URI to use real servers (infra/local/services.py, infra/compose.yaml).
-# Overrides (DATA, MODELS, SET='k=v k2=v2') never edit tracked files: the flow writes them (with the code of
-# `lafs local-params`) into the untracked params.local.yaml, which lafs/config.py deep-merges over params.yaml,
-# and every dvc.yaml stage tracks its own section of BOTH files. Why the file is regenerated on every run with
-# every section present: DVC 3.67 fails `dvc repro` when a stage declares params from a file that is absent
-# ("dependency 'params.local.yaml' does not exist") or that lacks the declared key ("Parameters 'ingest' are
-# missing from 'params.local.yaml'"), even if the file is empty; with `ingest: {}` present it works, and DVC
-# compares values, not mtimes, so regenerating identical content leaves a second run a no-op, while a changed
-# DATA reruns ingest (the file is only written when its content changes).
-# Tracking the whole file instead (`- params.local.yaml:` without keys) also needs the file to exist and
-# reruns every stage when any section changes, so it is not used. DATA and MODELS are rewritten on every run
-# (an empty value removes the key: params.yaml's default applies); SET keys and keys you add to
-# params.local.yaml by hand stay until changed. Running `dvc repro` yourself on a fresh clone therefore needs
-# `make local-params` (or `make pipeline`) once.
+# Overrides are values in params.yaml, as `dvc exp run --set-param` sets them: DATA, MODELS, PROFILE and SET are
+# written there (comments kept, only when given, validated first) by lafs.params_edit, so `git diff params.yaml`,
+# `dvc params diff` and `dvc exp show` show what a run used, and a later plain `dvc repro` or
+# `dvc exp run -S key=value` starts from the same values. `git checkout params.yaml` returns to the defaults.
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -40,18 +32,18 @@ BIN := $(CURDIR)/$(VENV)/bin
 SETUP_HASH := $(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.setup-$(SETUP_HASH)
 
-# Pipeline inputs. DATA: a folder of <identity>/<image> subfolders, s3://bucket/prefix, or lfw (downloaded by
-# scikit-learn into $SCIKIT_LEARN_DATA, default ~/scikit_learn_data). MODELS: insightface model root for
-# the landmarks stage (empty = insightface's default ~/.insightface; a missing pack fails with instructions,
-# e.g. `insightface-cli model.download buffalo_s` and landmarks.detector=buffalo_s).
+# Pipeline inputs, set in params.yaml only when given. DATA (ingest.source): a folder of <identity>/<image>
+# subfolders, s3://bucket/prefix, or lfw (downloaded by scikit-learn into $SCIKIT_LEARN_DATA, default
+# ~/scikit_learn_data). MODELS (landmarks.models_root): insightface model root for the landmarks stage (null =
+# insightface's default ~/.insightface; a missing pack fails with instructions, e.g.
+# `insightface-cli model.download buffalo_s` and landmarks.detector=buffalo_s).
 # Plain `=`, not `?=`: a DATA variable lying around in the environment must not redirect the pipeline.
-DATA = lfw
+DATA =
 MODELS =
-# VIEWS: folder of LFW's protocol files (pairsDevTest.txt, peopleDevTrain.txt, ...) for split.protocol lfw_view1 /
-# lfw_view2; by default <DATA>_views when that folder exists (the shared layout: data/lfw + data/lfw_views), else
-# empty (null: the lfw source's own download).
+# With DATA: split.protocol_dir = <DATA>_views when that folder holds LFW's protocol files (the shared layout:
+# data/lfw + data/lfw_views), else null (the lfw source's own download).
 VIEWS = $(if $(wildcard $(DATA)_views/pairsDevTest.txt),$(DATA)_views,)
-# SET: space-separated dotted params for params.local.yaml (kept there until changed; an empty value removes one).
+# SET: space-separated dotted params set in params.yaml (kept there until changed; an empty value sets null).
 SET =
 # PROFILE: a named budget, i.e. SET values applied before SET. Default (empty): params.yaml, the <= 20 min CPU run.
 # quality (<= 60 min on 2 cores): the landmark net trains with the recogniser (the method's own setting), longer
@@ -73,13 +65,13 @@ export DVC_NO_ANALYTICS ?= 1
 # Embedded defaults for a one-machine pipeline run: local MLflow file store, Prefect's ephemeral server with
 # its state in the project, DVC's local cache (.dvc/cache, no remote needed). Only the pipeline gets them
 # (tests pick their own tmp stores); override any of them from the environment.
-pipeline local-params compare bench-serve: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
-pipeline local-params: export PREFECT_HOME ?= $(CURDIR)/.prefect
+pipeline compare bench-serve: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+pipeline: export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: help setup test pipeline local-params compare bench-serve clean
+.PHONY: help setup test test-fast pipeline compare bench-serve clean
 
 help:
-	@sed -n '1,10p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,11p' $(firstword $(MAKEFILE_LIST))
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,15 +85,18 @@ setup: $(STAMP)
 
 test: setup
 	ruff check .
-	pytest -q --timeout=1200
+	mypy
+	pytest -q --timeout=1200 --durations=15
 
-local-params: setup
-	lafs local-params --set 'ingest.source=$(DATA)' --set 'landmarks.models_root=$(MODELS)' \
-		--set 'split.protocol_dir=$(VIEWS)'
+# The unit tier: no server process, no pipeline stage run, no multi-process training (tests/conftest.py).
+test-fast: setup
+	ruff check .
+	mypy
+	pytest -q --timeout=300 -m 'not slow and not integration'
 
 pipeline: setup
-	python -m flows.pipeline --data '$(DATA)' --models '$(MODELS)' --set 'split.protocol_dir=$(VIEWS)' \
-		$(foreach s,$(PROFILE_$(PROFILE)) $(SET),--set '$(s)')
+	python -m flows.pipeline $(if $(DATA),--data '$(DATA)' --set 'split.protocol_dir=$(VIEWS)') \
+		$(if $(MODELS),--models '$(MODELS)') $(foreach s,$(PROFILE_$(PROFILE)) $(SET),--set '$(s)')
 	dvc metrics show
 
 # Not a dvc.yaml stage (it must not lengthen `dvc repro`): resumable, finished cells are skipped; the
@@ -111,11 +106,14 @@ compare: setup
 
 # Served champion vs the face_recognition library on 1,000 shared photos (benchmarks/serve.py; RESULTS.md).
 # face_recognition is installed here, not with the project: --no-deps, as its dlib requirement is dlib-bin's module.
+# SERVE_ARGS: e.g. '--workers 2 --concurrency 2' (server processes, requests in flight; RESULTS.md).
 SERVE_MODEL = models:/lafs-face@champion
+SERVE_ARGS =
 bench-serve: setup
 	python -m pip install --no-deps 'face-recognition==1.3.0'
-	python benchmarks/serve.py --model '$(SERVE_MODEL)' --data '$(DATA)' --out reports/serve_benchmark.json
+	python benchmarks/serve.py --model '$(SERVE_MODEL)' --data '$(or $(DATA),../shared/data/lfw)' \
+		--out reports/serve_benchmark.json $(SERVE_ARGS)
 
 clean:
 	find . \( -path ./$(VENV) -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
-	rm -rf .pytest_cache .ruff_cache build params.local.yaml data/.raw.partial
+	rm -rf .pytest_cache .ruff_cache build data/.raw.partial

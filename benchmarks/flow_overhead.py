@@ -26,11 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import TINY_RUN, copy_project  # noqa: E402 - the suite's project copy, not a second one
+from conftest import TINY_RUN, copy_project, set_run  # noqa: E402 - the suite's project copy, not a second one
 
 STAGES = ["ingest", "landmarks", "validate", "split"]
 
@@ -59,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flow-overhead-") as tmp:
         root, env = copy_project(Path(tmp))
         env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-        (root / "params.local.yaml").write_text(yaml.safe_dump(TINY_RUN))
+        set_run(root, TINY_RUN)
         flow = [sys.executable, "-m", "flows.pipeline", *(f"--stage={s}" for s in STAGES)]
         run([*flow, f"--data={args.shared / 'data' / 'lfw_subset'}", f"--models={args.shared / 'models'}"], root, env)
         services = [sys.executable, str(REPO / "infra" / "local" / "services.py"), "--state-dir", f"{tmp}/services"]

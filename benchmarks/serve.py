@@ -3,10 +3,12 @@
 Starts ``mlflow models serve`` for ``--model`` (a registered ``models:/<name>@champion``, a run URI or a saved
 pyfunc folder) on 127.0.0.1 and, in one run on the same ``--photos`` shared LFW photos:
 
-- embed: one HTTP request per photo (detection, alignment, ONNX recogniser with flip TTA), photos/s end to end;
+- embed: one HTTP request per photo (detection, alignment, ONNX recogniser with flip TTA), photos/s end to end,
+  with ``--concurrency`` requests in flight against ``--workers`` server processes;
 - verify: one HTTP request per pair (two photos), latency p50 / p95 over ``--pairs`` pairs;
 - ``face_recognition`` (dlib; ``face_locations`` with its default HOG detector, then ``face_encodings`` with its
-  default single jitter), photos/s on the same photos, in this process.
+  default single jitter), photos/s on the same photos, in ``--baseline-procs`` worker processes (default 1: dlib
+  runs single-threaded, as the library is used; 2 gives it the cores a 2-worker server has).
 
 ``face_recognition`` is not a project dependency: ``pip install --no-deps face-recognition`` (its dlib
 requirement is met by ``dlib-bin``, which installs the same module). Its model package imports
@@ -24,16 +26,18 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import types
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lafs.serving.server import mlflow_serve
 
 
 def pick_photos(data: Path, n: int) -> list[Path]:
@@ -49,24 +53,6 @@ def consecutive_pairs(photos: list[Path], n: int) -> list[tuple[Path, Path]]:
     return [(photos[i], photos[i + 1]) for i in range(min(n, len(photos) - 1))]
 
 
-def start_server(model: str, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"mlflow models serve exited: {log.read_text()[-2000:]}") from None
-            time.sleep(0.5)
-    os.killpg(proc.pid, 15)
-    raise SystemExit(f"mlflow models serve did not answer /ping in 180 s (log: {log})")
-
-
 def post(url: str, columns: list[str], row: list[str]) -> dict[str, Any]:
     body = json.dumps({"dataframe_split": {"columns": columns, "data": [row]}}).encode()
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
@@ -78,20 +64,24 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def served(model: str, photos: list[Path], pairs: list[tuple[Path, Path]], port: int, log: Path) -> dict[str, Any]:
-    proc = start_server(model, port, log)
-    url = f"http://127.0.0.1:{port}/invocations"
-    try:
-        for p in photos[:5]:  # warm-up: sessions, allocator
-            post(url, ["image"], [b64(p)])
-        errors = 0
-        start = time.perf_counter()
-        for p in photos:
+def served(model: str, photos: list[Path], pairs: list[tuple[Path, Path]], port: int, log: Path, workers: int,
+           concurrency: int) -> dict[str, Any]:
+    """Embed: one request per photo, ``concurrency`` in flight; verify: one pair request at a time (latency)."""
+    with mlflow_serve(model, port, log, workers=workers) as url:
+        url = f"{url}/invocations"
+
+        def embed(photo: Path) -> bool:
             try:
-                post(url, ["image"], [b64(p)])
+                post(url, ["image"], [b64(photo)])
+                return True
             except urllib.error.HTTPError:
-                errors += 1  # no face: a 400, counted (it still cost a request)
-        embed_s = time.perf_counter() - start
+                return False  # no face: a 400, counted (it still cost a request)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(embed, photos[:5 * concurrency]))  # warm-up: every worker's sessions and allocator
+            start = time.perf_counter()
+            answered = list(pool.map(embed, photos))
+            embed_s = time.perf_counter() - start
         latencies = []
         for a, b in pairs:
             t = time.perf_counter()
@@ -100,18 +90,16 @@ def served(model: str, photos: list[Path], pairs: list[tuple[Path, Path]], port:
             except urllib.error.HTTPError:
                 continue
             latencies.append((time.perf_counter() - t) * 1000)
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-    return {"photos": len(photos), "photos_per_s": len(photos) / embed_s, "ms_per_photo": embed_s * 1000 / len(photos),
-            "no_face_400": errors, "verify_pairs": len(latencies),
+    return {"photos": len(photos), "workers": workers, "concurrency": concurrency,
+            "photos_per_s": len(photos) / embed_s, "ms_per_photo": embed_s * 1000 / len(photos),
+            "no_face_400": answered.count(False), "verify_pairs": len(latencies),
             "verify_p50_ms": float(np.percentile(latencies, 50)), "verify_p95_ms": float(np.percentile(latencies, 95))}
 
 
 def _import_face_recognition() -> Any:
     if importlib.util.find_spec("face_recognition") is None:
         raise SystemExit("face_recognition is not installed: pip install --no-deps face-recognition")
-    if importlib.util.find_spec("pkg_resources") is None:
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
         models_dir = Path(importlib.util.find_spec("face_recognition_models").origin).parent
 
         def resource_filename(package: str, name: str) -> str:
@@ -123,21 +111,26 @@ def _import_face_recognition() -> Any:
     return face_recognition
 
 
-def face_recognition_lib(photos: list[Path]) -> dict[str, Any]:
+def _fr_photo(path: Path) -> bool:
+    """One photo through face_recognition with its defaults; whether a face was found."""
     fr = _import_face_recognition()
-    for p in photos[:5]:
-        fr.face_encodings(fr.load_image_file(p), fr.face_locations(fr.load_image_file(p)))
-    no_face = 0
-    start = time.perf_counter()
-    for p in photos:
-        image = fr.load_image_file(p)
-        boxes = fr.face_locations(image)  # defaults: HOG detector, upsample once
-        if not boxes:
-            no_face += 1
-        fr.face_encodings(image, known_face_locations=boxes)  # defaults: 1 jitter, the 5-point ("small") model
-    seconds = time.perf_counter() - start
-    return {"photos": len(photos), "photos_per_s": len(photos) / seconds, "ms_per_photo": seconds * 1000 / len(photos),
-            "no_face": no_face}
+    image = fr.load_image_file(path)
+    boxes = fr.face_locations(image)  # defaults: HOG detector, upsample once
+    fr.face_encodings(image, known_face_locations=boxes)  # defaults: 1 jitter, the 5-point ("small") model
+    return bool(boxes)
+
+
+def face_recognition_lib(photos: list[Path], procs: int = 1) -> dict[str, Any]:
+    """face_recognition's photos/s in ``procs`` processes (1: the library as it is used, dlib single-threaded)."""
+    from multiprocessing import get_context
+
+    with get_context("spawn").Pool(procs) as pool:
+        pool.map(_fr_photo, photos[:5 * procs])  # warm-up: imports and model loading in every process
+        start = time.perf_counter()
+        found = pool.map(_fr_photo, photos, chunksize=4)
+        seconds = time.perf_counter() - start
+    return {"photos": len(photos), "processes": procs, "photos_per_s": len(photos) / seconds,
+            "ms_per_photo": seconds * 1000 / len(photos), "no_face": found.count(False)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,17 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--port", type=int, default=5089)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the model server")
+    parser.add_argument("--concurrency", type=int, default=1, help="embed requests in flight at once")
     parser.add_argument("--out", type=Path, default=Path("serve.json"))
     parser.add_argument("--skip-baseline", action="store_true", help="do not run face_recognition")
+    parser.add_argument("--baseline-procs", type=int, default=1, help="face_recognition processes (1: as used)")
     args = parser.parse_args(argv)
 
     photos = pick_photos(args.data, args.photos)
     result: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                               "model": args.model}
     result["served"] = served(args.model, photos, consecutive_pairs(photos, args.pairs), args.port,
-                              args.out.with_suffix(".server.log"))
+                              args.out.with_suffix(".server.log"), args.workers, args.concurrency)
     if not args.skip_baseline:
-        result["face_recognition"] = face_recognition_lib(photos)
+        result["face_recognition"] = face_recognition_lib(photos, args.baseline_procs)
         result["throughput_ratio"] = result["served"]["photos_per_s"] / result["face_recognition"]["photos_per_s"]
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

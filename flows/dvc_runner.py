@@ -101,7 +101,7 @@ class StageRun:
 
 
 def describe_reasons(reasons: Sequence[Any]) -> str:
-    """``dvc status`` entries as one line: ``changed deps: data/raw, params.local.yaml; changed outs: ...``."""
+    """``dvc status`` entries as one line: ``changed deps: data/raw, params.yaml; changed outs: ...``."""
     def name(path: str, change: Any) -> str:  # params entries nest the changed keys: {"params.yaml": {"split": ..}}
         return f"{path} ({', '.join(sorted(change))})" if isinstance(change, dict) else path
 

@@ -5,10 +5,11 @@ unreachable, and a record of every run (parameters, per-stage result, logs) on t
 does not do: decide what reruns. Each task is ``dvc repro --single-item <stage>``, run one at a time (DVC
 locks the repo), with Prefect's task caching off, so DVC's lock file alone says whether a stage is stale.
 
-Overrides go the DVC way: they are written into the untracked ``params.local.yaml`` (through the same
-``lafs.cli.write_local_params`` as ``make pipeline``), which every stage tracks as params, so a changed value
-reruns exactly the stages that read it. The file is state, like ``params.yaml``: an override stays until it
-is changed or removed (an empty value removes a key). Run it::
+Overrides go the DVC way: they are set in ``params.yaml`` itself, comments kept, as ``dvc exp run
+--set-param`` does (:func:`lafs.params_edit.set_params`, also behind ``make pipeline`` and ``lafs set-params``);
+every stage tracks its own section, so a changed value reruns exactly the stages that read it, and
+``dvc params diff`` / ``dvc exp show`` list what a run changed. An override stays until it is changed (an empty
+value sets null) or ``git checkout params.yaml``. Run it::
 
     python -m flows.pipeline --data ../shared/data/lfw_subset --models ../shared/models --set pretrain.epochs=1
 """
@@ -41,8 +42,9 @@ from flows.dvc_runner import (
     select_stages,
 )
 from flows.dvc_runner import push as dvc_push
-from lafs.cli import parse_sets, write_local_params
-from lafs.config import OVERRIDE_FILE, PARAMS_FILE, read_yaml_mapping
+from lafs.cli import parse_sets
+from lafs.config import PARAMS_FILE
+from lafs.params_edit import set_params
 from lafs.tracking import flatten
 
 # Defaults for the retry policy of stage tasks: 3 retries after 10, 20, 40 s cover an MLflow server restart
@@ -71,11 +73,13 @@ def _with_attempt(exc: StageFailed) -> StageFailed:
 
 @task(name="apply-overrides", cache_policy=NO_CACHE)
 def apply_overrides(root: Path, sets: dict[str, Any]) -> dict[str, Any]:
-    """Write ``sets`` into params.local.yaml (validated against params.yaml first); return the file's content."""
-    path = root / OVERRIDE_FILE
-    changed = write_local_params(path, sets, params_file=root / PARAMS_FILE)
-    get_run_logger().info("%s %s", path, "rewritten" if changed else "unchanged")
-    return {"changed": changed, "params_local": read_yaml_mapping(path)}
+    """Set ``sets`` in params.yaml (validated before writing); return the values that changed, old -> new."""
+    changed = set_params(root / PARAMS_FILE, sets)
+    logger = get_run_logger()
+    for key, (old, new) in changed.items():
+        logger.info("%s: %s: %r -> %r", PARAMS_FILE, key, old, new)
+    logger.info("%s: %d value(s) changed", PARAMS_FILE, len(changed))
+    return {key: {"old": old, "new": new} for key, (old, new) in changed.items()}
 
 
 @task(name="discover-stages", cache_policy=NO_CACHE)
@@ -124,7 +128,7 @@ def _markdown(report: dict[str, Any]) -> str:
         if r["error"]:
             why = f"{why} — **{r['error']}**"
         rows.append(f"| `{r['stage']}` | {r['result']} | {r['attempts']} | {r['seconds']} | {why} |")
-    overrides = json.dumps({"requested": report["overrides"], "params.local.yaml": report["params_local"]},
+    overrides = json.dumps({"requested": report["overrides"], "changed in params.yaml": report["changed"]},
                            indent=2, sort_keys=True, default=str)
     notes = [f"- {note}" for note in report.get("notes", [])]
     return "\n".join([
@@ -145,7 +149,7 @@ def publish(report: dict[str, Any], key: str = REPORT_KEY) -> None:
 def new_report(flow_name: str, project: Path, sets: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
     """The report a flow fills in and publishes; secret-looking keys are dropped (lafs.tracking.flatten)."""
     return {"flow": flow_name, "status": "running", "root": str(project), "overrides": flatten(sets),
-            "params_local": flatten(applied["params_local"]), "stages": [], "notes": [], "push": "not requested"}
+            "changed": flatten(applied), "stages": [], "notes": [], "push": "not requested"}
 
 
 def run_stages(project: Path, order: Sequence[str], report: dict[str, Any], retries: int = RETRIES,
@@ -178,10 +182,10 @@ def pipeline(
     """Run the pipeline; return (and publish as artifacts) the per-stage report.
 
     Args:
-        overrides: dotted params, e.g. ``{"finetune.epochs": 1}``, written into params.local.yaml; an empty
-            value (``""`` / ``None``) removes the key so params.yaml's default applies again.
+        overrides: dotted params, e.g. ``{"finetune.epochs": 1}``, set in params.yaml; an empty value (``""`` /
+            ``None``) sets null.
         data: ``ingest.source`` (a folder, ``s3://bucket/prefix`` or ``lfw``), like ``make pipeline DATA=``;
-            None leaves params.local.yaml as it is, ``""`` removes the key.
+            None leaves params.yaml's value.
         models: ``landmarks.models_root`` (insightface root), like ``make pipeline MODELS=``; same rules.
         stages: run only these ``dvc.yaml`` stages (still in pipeline order, upstream not checked).
         push: ``dvc push`` the outputs at the end when a default DVC remote is configured.
@@ -224,7 +228,7 @@ def describe(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted param override written into params.local.yaml (repeatable; empty removes)")
+                        help="dotted param set in params.yaml (repeatable; empty sets null)")
     parser.add_argument("--data", default=None, help="ingest.source (make pipeline DATA=...)")
     parser.add_argument("--models", default=None, help="landmarks.models_root (make pipeline MODELS=...)")
     parser.add_argument("--stage", action="append", default=None, dest="stages", help="run only this stage")

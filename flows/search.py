@@ -69,7 +69,7 @@ def search(
     Args:
         n_trials: ``tune.n_trials`` (the study's total budget; raising it extends the same study).
         workers: processes sharing the study: the DVC-recorded one plus ``workers - 1`` helpers.
-        overrides: more dotted params for params.local.yaml (``tune.*``, ``finetune.*``); "" removes a key.
+        overrides: more dotted params set in params.yaml (``tune.*``, ``finetune.*``); "" sets null.
         then: stages run after tune through DVC (default ``["finetune"]``; add export, evaluate, register).
         root, retries, retry_delay_seconds: as in ``lafs-pipeline``.
     """

@@ -19,16 +19,7 @@ from typing import Any
 
 import yaml
 
-from lafs.config import (
-    OVERRIDE_FILE,
-    PARAMS_FILE,
-    ConfigError,
-    Params,
-    deep_merge,
-    load_params,
-    parse_params,
-    read_yaml_mapping,
-)
+from lafs.config import PARAMS_FILE, ConfigError, Params, load_params
 from lafs.faces import FaceModelError
 from lafs.stages import StageError
 from lafs.tracking import ModelSpecError
@@ -376,49 +367,12 @@ def parse_sets(items: Sequence[str], section: str | None = None) -> dict[str, An
     return out
 
 
-def write_local_params(
-    path: Path,
-    sets: dict[str, Any],
-    params_file: Path = Path(PARAMS_FILE),
-) -> bool:
-    """(Re)write the untracked override file so DVC can always read it; return whether it changed.
-
-    ``dvc.yaml`` stages track their section of this file, and DVC 3 fails a stage whose params file is
-    missing or lacks the tracked section, so every params section is written (``{}`` when empty). Keys in
-    ``sets`` are set (an empty value removes the key, falling back to params.yaml); other keys already in
-    the file are kept. The merged result is validated before writing, and the file is left untouched when
-    nothing changes.
-    """
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in read_yaml_mapping(path, missing_ok=True).items()}
-    for key, value in sets.items():
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        if value in ("", None):
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
-    for section in Params.model_fields:
-        if not isinstance(data.get(section), dict):
-            data[section] = {}
-    parse_params(deep_merge(read_yaml_mapping(params_file, missing_ok=True), data), f"{params_file} + {path}")
-    text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
-    header = "# Written by `make pipeline` / `lafs local-params`; untracked. Deep-merged over params.yaml.\n"
-    changed = not path.exists() or path.read_text() != header + text
-    if changed:
-        path.write_text(header + text)
-    return changed
-
-
 def _build_parser() -> argparse.ArgumentParser:
     from lafs import __version__
 
     parser = argparse.ArgumentParser(
         prog="lafs",
-        description="Run one LAFS pipeline stage (the same call dvc.yaml makes), or manage params.local.yaml.",
+        description="Run one LAFS pipeline stage (the same call dvc.yaml makes), or set values in params.yaml.",
     )
     parser.add_argument("--version", action="version", version=f"lafs {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -431,16 +385,13 @@ def _build_parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help=f"override a param (repeatable); {OVERRIDE_FILE} next to --params is merged first",
+            help="override a param for this call only (repeatable); `lafs set-params` changes params.yaml",
         )
         (spec.options or _root_out)(p)
-    p = sub.add_parser(
-        "local-params",
-        help=f"(re)write the untracked {OVERRIDE_FILE} (used by `make pipeline DATA=... MODELS=...`)",
-    )
+    p = sub.add_parser("set-params", help="set values in params.yaml, comments kept (what `dvc exp run "
+                                          "--set-param` does; make pipeline DATA=... MODELS=... calls it)")
     p.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
-    p.add_argument("--file", type=Path, default=None, help=f"default: {OVERRIDE_FILE} next to --params")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="empty VALUE removes KEY")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="empty VALUE sets null")
     _cluster_options(sub.add_parser("cluster", help="group aligned faces into identities with a model: "
                                                     "clusters.csv, cluster_metrics.json[, curated.txt]"))
     _embed_options(sub.add_parser("embed", help="detect, align and embed photos with a model: a Parquet row per "
@@ -453,10 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        if args.command == "local-params":
-            target = args.file or args.params.parent / OVERRIDE_FILE
-            changed = write_local_params(target, parse_sets(args.set), params_file=args.params)
-            print(f"{target}: {'written' if changed else 'unchanged'}")
+        if args.command == "set-params":
+            from lafs.params_edit import set_params
+
+            changed = set_params(args.params, parse_sets(args.set))
+            for key, (old, new) in changed.items():
+                print(f"{args.params}: {key}: {old!r} -> {new!r}")
+            print(f"{args.params}: {len(changed)} value(s) changed")
             return 0
         if args.command == "cluster":
             print(_cluster(args))

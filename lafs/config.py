@@ -1,14 +1,13 @@
 """params.yaml -> one frozen, validated model per stage.
 
-``params.yaml`` is the single source of defaults. An optional, untracked ``params.local.yaml`` is
-deep-merged on top (``make pipeline DATA=... MODELS=...`` writes it), so a run can be pointed at other
-data without editing tracked files; DVC tracks both files as params. Unknown keys and bad values raise
-:class:`ConfigError` naming the dotted key.
+``params.yaml`` is the one params file: DVC tracks its sections, and a run is pointed at other data or budgets
+by setting values in it (``dvc exp run --set-param``, or ``make pipeline DATA=...`` / the Prefect flows through
+:func:`lafs.params_edit.set_params`, which do the same). ``lafs <stage> --set`` overrides a value for one call
+only. Unknown keys and bad values raise :class:`ConfigError` naming the dotted key.
 """
 
 from __future__ import annotations
 
-import copy
 import types
 import typing
 import warnings
@@ -20,7 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
-OVERRIDE_FILE = "params.local.yaml"
+# Earlier versions deep-merged this untracked file over params.yaml; a leftover one is refused, never ignored.
+RETIRED_OVERRIDE_FILE = "params.local.yaml"
 
 
 class ConfigError(ValueError):
@@ -473,6 +473,9 @@ class TuneParams(Section):
     # Finetune params every trial runs with, over the finetune section (e.g. {epochs: 2}): a cheaper, lower-
     # fidelity trial than the final finetune; searched params cannot be fixed here.
     trial_overrides: dict[str, Choice] = Field(default_factory=dict)
+    # Stop each trial after this many epochs of its own schedule (truncated, not compressed: the LR schedule is
+    # the final finetune's, so early epochs rank settings as the full run will); null = run every epoch.
+    trial_epochs: int | None = Field(None, ge=1)
 
     @field_validator("search_space")
     @classmethod
@@ -647,17 +650,6 @@ class Params(BaseModel):
     compare: CompareParams = CompareParams()
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``override`` into a copy of ``base`` (override wins on leaves)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c=value`` in a nested dict (CLI / Prefect overrides)."""
     keys = dotted.split(".")
@@ -708,25 +700,19 @@ def update_section(section: SectionT, updates: Mapping[str, Any], source: str) -
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def load_params(
-    path: str | Path = PARAMS_FILE,
-    overrides: str | Path | None = OVERRIDE_FILE,
-    sets: dict[str, Any] | None = None,
-) -> Params:
-    """Load ``path``, merge the override file (if present) and ``a.b=value`` sets, validate."""
+def load_params(path: str | Path = PARAMS_FILE, sets: dict[str, Any] | None = None) -> Params:
+    """Load ``path`` with ``a.b=value`` sets applied (this call only), validated."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    retired = path.parent / RETIRED_OVERRIDE_FILE
+    if retired.exists():
+        raise ConfigError(f"{retired} is no longer read: set its values in {path.name} (`lafs set-params --set "
+                          "key=value` or `dvc exp run --set-param key=value`) and delete it")
     data = read_yaml_mapping(path)
-    sources = [str(path)]
-    if overrides is not None:
-        opath = path.parent / overrides if not Path(overrides).is_absolute() else Path(overrides)
-        if opath.exists():
-            data = deep_merge(data, read_yaml_mapping(opath))
-            sources.append(str(opath))
     for key, value in (sets or {}).items():
         set_dotted(data, key, value)
-    return parse_params(data, " + ".join(sources))
+    return parse_params(data, str(path))
 
 
 def resolved(params: BaseModel) -> dict[str, Any]:

@@ -323,7 +323,7 @@ class ServedModel:
 
     detector: Path
     config: ServingConfig
-    example_photo: Path | None  # a real photo for the input example (validated by loading the model back)
+    example_photos: tuple[Path, ...]  # real photos for the input example (validated by loading the model back)
 
 
 def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration,
@@ -375,7 +375,7 @@ def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration,
             from lafs.serving.pyfunc import log_model
 
             info = log_model("model", reg.served.detector, reg.onnx_file, reg.served.config,
-                             reg.served.example_photo, registered_model_name=cfg.model_name)
+                             reg.served.example_photos, registered_model_name=cfg.model_name)
         mlflow.log_artifact(str(reg.model_file), "source")
         mlflow.log_artifact(str(reg.eval_file), "eval")
         version = str(info.registered_model_version)

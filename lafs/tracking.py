@@ -1,7 +1,9 @@
 """MLflow adapter: one run per training, opened on rank 0 only, resumable by run id.
 
-Tracking URI: ``MLFLOW_TRACKING_URI`` from the environment, else the ``tracking_uri`` param, else a local
-sqlite store ``mlflow.db`` (MLflow 3 refuses new file stores) with artifacts in ``mlartifacts/`` beside it.
+Tracking URI: a stage's ``tracking_uri`` param when set (a value in params.yaml is tracked by DVC and wins over the
+environment, so ``dvc exp run -S finetune.tracking_uri=...`` does what it says), else ``MLFLOW_TRACKING_URI``
+from the environment (``make pipeline`` defaults it to the project's sqlite store), else a local sqlite store
+``mlflow.db`` (MLflow 3 refuses new file stores) with artifacts in ``mlartifacts/`` beside it.
 Params are the resolved, credential-free stage config (keys that look like secrets are dropped defensively).
 """
 
@@ -42,7 +44,8 @@ def metric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]
 
 
 def tracking_uri(param: str | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or param or f"sqlite:///{Path('mlflow.db').resolve()}"
+    """The param, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db`` (module docstring)."""
+    return param or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def _artifact_root(uri: str) -> str | None:

@@ -29,6 +29,20 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+# Test tiers: `make test-fast` runs `-m "not slow and not integration"` (unit tests: no server process, no
+# pipeline stage run, no multi-process training); `make test` runs everything. A test is integration when it
+# uses one of these fixtures (servers, a project built by real stages, detector runs over real photos) or is
+# marked so by hand (subprocess / DDP tests).
+INTEGRATION_FIXTURES = {"s3_endpoint", "mlflow_server", "prefect_api", "local_services", "tiny_project",
+                        "real_faces", "tracking"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -253,6 +267,13 @@ _COPY_SKIP_AT_ROOT = {
 _COPY_SKIP_ANYWHERE = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 
 
+def set_run(root: Path, run: dict[str, dict]) -> None:
+    """Set a nested run spec (TINY_RUN, E2E_RUN) in ``root``'s params.yaml."""
+    from lafs.params_edit import dotted, set_params
+
+    set_params(root / "params.yaml", dotted(run))
+
+
 def _copy_ignore(folder: str, names: list[str]) -> set[str]:
     skip = {n for n in names if n in _COPY_SKIP_ANYWHERE or n.endswith(".egg-info")}
     if Path(folder) == REPO:
@@ -294,7 +315,7 @@ def copy_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 # Every stage of dvc.yaml, scaled down to seconds: 16 identities x 3 photos, 2 verification folds, one short
-# epoch each. Written into a copy's params.local.yaml (keys added by hand survive `make pipeline`).
+# epoch each. Set in a copy's params.yaml (set_run), as `dvc exp run -S` / `make pipeline SET=...` would.
 TINY_RUN = {
     "ingest": {"max_identities": 16, "max_images_per_identity": 3},
     "validate": {"min_eval_identities": 4},

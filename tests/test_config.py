@@ -1,4 +1,5 @@
-"""params.yaml and its loader: every default parses, mistakes name their dotted key, overrides merge."""
+"""params.yaml and its loader: every default parses, mistakes name their dotted key, overrides are values set in
+params.yaml (comments kept, validated first)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lafs.cli import write_local_params
 from lafs.config import (
     ConfigError,
     IngestParams,
-    Params,
     SSLParams,
-    deep_merge,
     load_params,
     parse_params,
     set_dotted,
 )
+from lafs.params_edit import set_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_params_yaml_parses_and_is_small() -> None:
-    params = load_params(REPO / "params.yaml", overrides=None)
+    params = load_params(REPO / "params.yaml")
     assert params.ingest.source == "lfw"
     # The pretrain section is the scaled-down CPU recipe, not the official one.
     assert params.pretrain.model == params.finetune.model == "lafs_vit_mini"
@@ -66,24 +65,13 @@ def test_errors_name_the_dotted_key(data: dict, key: str, words: str) -> None:
     assert "params.yaml" in str(err.value)
 
 
-def test_override_file_is_deep_merged(tmp_path: Path) -> None:
+def test_sets_apply_to_one_load_and_a_leftover_override_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("ingest:\n  source: lfw\n  max_identities: 7\n")
-    (tmp_path / "params.local.yaml").write_text("ingest:\n  source: /data/faces\n")
-    params = load_params(tmp_path / "params.yaml")
-    assert params.ingest.source == "/data/faces"  # from the override
-    assert params.ingest.max_identities == 7  # kept from params.yaml
-    assert params.ingest.max_images_per_identity == IngestParams().max_images_per_identity  # model default
-    # --set wins over both files
     params = load_params(tmp_path / "params.yaml", sets={"ingest.max_identities": 3})
-    assert (params.ingest.source, params.ingest.max_identities) == ("/data/faces", 3)
-    # and the override file can be ignored
-    assert load_params(tmp_path / "params.yaml", overrides=None).ingest.source == "lfw"
-
-
-def test_override_file_errors_name_both_files(tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text("ingest:\n  source: lfw\n")
-    (tmp_path / "params.local.yaml").write_text("ingest:\n  max_images: 3\n")
-    with pytest.raises(ConfigError, match=r"params.local.yaml(.|\n)*ingest.max_images: unknown key"):
+    assert (params.ingest.source, params.ingest.max_identities) == ("lfw", 3)
+    assert load_params(tmp_path / "params.yaml").ingest.max_identities == 7
+    (tmp_path / "params.local.yaml").write_text("ingest:\n  source: /data/faces\n")
+    with pytest.raises(ConfigError, match=r"params\.local\.yaml is no longer read.*set-params"):
         load_params(tmp_path / "params.yaml")
 
 
@@ -99,16 +87,6 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_params(bad)
 
 
-def test_deep_merge_does_not_mutate_inputs() -> None:
-    base = {"a": {"b": 1, "c": {"d": 2}}, "x": [1]}
-    override = {"a": {"c": {"e": 3}}, "x": [2]}
-    merged = deep_merge(base, override)
-    assert merged == {"a": {"b": 1, "c": {"d": 2, "e": 3}}, "x": [2]}
-    assert base == {"a": {"b": 1, "c": {"d": 2}}, "x": [1]}
-    merged["a"]["c"]["d"] = 99
-    assert base["a"]["c"]["d"] == 2
-
-
 def test_set_dotted() -> None:
     data: dict = {"ingest": {"source": "lfw"}}
     set_dotted(data, "ingest.max_identities", 5)
@@ -118,33 +96,32 @@ def test_set_dotted() -> None:
         set_dotted(data, "ingest.source.x", 1)
 
 
-def test_local_params_always_hold_every_section(tmp_path: Path) -> None:
-    """What `make pipeline` writes: each section present (DVC needs it), make keys set, other keys kept."""
+def test_set_params_edits_params_yaml_in_place_keeping_comments(tmp_path: Path) -> None:
+    """What `make pipeline DATA=...` and the flows do (as `dvc exp run --set-param`): values set, comments and
+    every other line kept, null for an empty value, nothing written for a bad value or no change."""
     params_file = tmp_path / "params.yaml"
-    params_file.write_text((REPO / "params.yaml").read_text())
-    local = tmp_path / "params.local.yaml"
-    assert write_local_params(local, {"ingest.source": "/faces", "landmarks.models_root": ""}, params_file)
-    data = yaml.safe_load(local.read_text())
-    assert data["ingest"] == {"source": "/faces"}
-    assert data["landmarks"] == {}  # an empty MODELS leaves the section empty but present
-    assert set(data) == set(Params.model_fields)
-    assert all(isinstance(v, dict) for v in data.values())
+    original = (REPO / "params.yaml").read_text()
+    params_file.write_text(original)
+    changed = set_params(params_file, {"ingest.source": "/faces", "landmarks.models_root": "/models",
+                                       "finetune.crop_scale": [0.9, 1.0], "split.protocol_dir": ""})
+    assert changed["ingest.source"] == ("lfw", "/faces") and "split.protocol_dir" not in changed  # already null
+    text = params_file.read_text()
+    params = load_params(params_file)
+    assert (params.ingest.source, params.landmarks.models_root) == ("/faces", "/models")
+    assert params.finetune.crop_scale == (0.9, 1.0)
+    diff = [(a, b) for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b]
+    assert len(diff) == 3, diff  # one line per changed value, the rest (comments too) untouched
+    assert all(a.split("#")[1:] == b.split("#")[1:] for a, b in diff)  # inline comments kept
+    assert yaml.safe_load(text)["split"]["protocol_dir"] is None
 
-    # A hand-added key survives; the make key is rewritten; identical content leaves the file alone.
-    data["ingest"]["max_identities"] = 3
-    local.write_text(yaml.safe_dump(data))
-    write_local_params(local, {"ingest.source": "/other"}, params_file=params_file)
-    assert yaml.safe_load(local.read_text())["ingest"] == {"source": "/other", "max_identities": 3}
-    before = local.stat().st_mtime_ns
-    assert not write_local_params(local, {"ingest.source": "/other"}, params_file=params_file)
-    assert local.stat().st_mtime_ns == before
+    before = params_file.stat().st_mtime_ns
+    assert set_params(params_file, {"ingest.source": "/faces"}) == {}
+    assert params_file.stat().st_mtime_ns == before
+    set_params(params_file, {"landmarks.models_root": ""})
+    assert load_params(params_file).landmarks.models_root is None
 
-    # An empty value removes the key, so params.yaml's default applies again.
-    write_local_params(local, {"ingest.source": ""}, params_file=params_file)
-    assert yaml.safe_load(local.read_text())["ingest"] == {"max_identities": 3}
-    assert load_params(params_file).ingest.source == "lfw"
-
-    # A value the stage would reject fails before anything is written.
-    with pytest.raises(ConfigError, match=r"ingest\.max_identities"):
-        write_local_params(local, {"ingest.max_identities": 0}, params_file=params_file)
-    assert yaml.safe_load(local.read_text())["ingest"] == {"max_identities": 3}
+    for bad, match in (({"ingest.max_identities": 0}, r"ingest\.max_identities"),
+                       ({"ingest.max_idents": 3}, "unknown key"), ({"nosection.x": 1}, "no section 'nosection'")):
+        with pytest.raises(ConfigError, match=match):
+            set_params(params_file, bad)
+    assert load_params(params_file).ingest.max_identities is None  # untouched by the refused sets

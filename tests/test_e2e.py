@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from uuid import UUID
 
 import pytest
 import yaml
-from conftest import BIN, REPO, TINY_PROJECT, LocalServices, copy_project, process_group, sh
+from conftest import BIN, REPO, TINY_PROJECT, LocalServices, copy_project, process_group, set_run, sh
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +121,7 @@ def stack(local_services: LocalServices, tmp_path_factory: pytest.TempPathFactor
     local_services.ensure_running()
     tmp = tmp_path_factory.mktemp("e2e")
     root, project_env = copy_project(tmp)
-    (root / "params.local.yaml").write_text(yaml.safe_dump(E2E_RUN))
+    set_run(root, E2E_RUN)
     env = {**local_services.env, "PYTHONPATH": project_env["PYTHONPATH"], "PREFECT_HOME": str(tmp / "prefect"),
            "SCIKIT_LEARN_DATA": project_env["SCIKIT_LEARN_DATA"], "DVC_NO_ANALYTICS": "1",
            # fail fast while MLflow is down (its client otherwise retries for minutes): the flow retries
@@ -232,7 +231,6 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
     sh([*git, "commit", "-q", "-m", "e2e run"], root, env)
     clone = stack["tmp"] / "clone"
     sh(["git", "clone", "-q", str(root), str(clone)], stack["tmp"], env)
-    shutil.copy(root / "params.local.yaml", clone / "params.local.yaml")  # per machine, untracked
     sh([sys.executable, "-m", "dvc", "remote", "modify", "--local", "s3", "endpointurl",
         state["services"]["s3"]["url"]], clone, env)
     sh([sys.executable, "-m", "dvc", "pull", "-q"], clone, env)
@@ -290,7 +288,7 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
     for mv in client.search_model_versions(f"name='{model_name}'"):
         mlflow_text.append(json.dumps(mv.tags) + mv.source)
     files = [p.read_text(errors="replace") for p in (*local_services.state_dir.glob("*.log"), root / "dvc.lock",
-                                                     root / "params.local.yaml", root / ".dvc" / "config",
+                                                     root / "params.yaml", root / ".dvc" / "config",
                                                      root / ".dvc" / "config.local")]
     _secret_free(secret, worker_log, second.stdout, second.stderr, "\n".join(log.message for log in logs),
                  run_params, *mlflow_text, *files)

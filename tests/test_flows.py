@@ -19,7 +19,7 @@ from uuid import UUID
 import boto3
 import pytest
 import yaml
-from conftest import REPO, TINY_RUN, copy_project, free_port, start_moto_server
+from conftest import REPO, TINY_RUN, copy_project, free_port, set_run, start_moto_server
 
 from flows.dvc_runner import StageFailed, is_transient, pipeline_stages, select_stages, stage_status
 from flows.pipeline import REPORT_KEY, pipeline
@@ -64,7 +64,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, lfw_subs
     """A tiny real project after one flow run over the data stages: (root, report, flow-run id)."""
     tmp = tmp_path_factory.mktemp("flows")
     root, env = copy_project(tmp)
-    (root / "params.local.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    set_run(root, TINY_RUN)
     with pytest.MonkeyPatch.context() as mp:  # the stages run in subprocesses: they get the copy's env
         for key in ("PATH", "PYTHONPATH", "MLFLOW_TRACKING_URI"):
             mp.setenv(key, env[key])
@@ -128,10 +128,11 @@ def test_first_run_runs_every_stage_through_dvc(project):
     runs = _task_runs(run_id)
     assert {f"repro-{s}" for s in DATA_STAGES} <= set(runs)
     assert all(runs[f"repro-{s}"].state.is_completed() for s in DATA_STAGES)
-    # DATA/MODELS went the make-pipeline way: into params.local.yaml, beside the keys set by hand.
-    local = yaml.safe_load((root / "params.local.yaml").read_text())
-    assert local["ingest"]["source"] == report["overrides"]["ingest.source"]
-    assert local["ingest"]["max_identities"] == TINY_RUN["ingest"]["max_identities"]
+    # DATA/MODELS went the make-pipeline way: set in params.yaml, beside the values set before.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["ingest"]["source"] == report["overrides"]["ingest.source"]
+    assert report["changed"]["ingest.source.new"] == params["ingest"]["source"]
+    assert params["ingest"]["max_identities"] == TINY_RUN["ingest"]["max_identities"]
 
 
 def test_second_run_skips_every_stage(project, monkeypatch):
@@ -149,14 +150,14 @@ def test_override_reruns_only_the_stage_that_reads_it_and_is_recorded(project, m
 
     root, _, _ = project
     monkeypatch.setenv("PYTHONPATH", str(root))
-    seed = yaml.safe_load((root / "params.local.yaml").read_text())["split"].get("seed", 0) + 1
+    seed = yaml.safe_load((root / "params.yaml").read_text())["split"]["seed"] + 1
     report, run_id = _run(overrides={"split.seed": seed}, stages=DATA_STAGES, root=str(root), **FAST_RETRY)
     assert _results(report) == {**dict.fromkeys(DATA_STAGES, "skipped"), "split": "ran"}
     (why,) = [r["reasons"] for r in report["stages"] if r["stage"] == "split"]
-    assert why == [{"changed deps": {"params.local.yaml": {"split": "modified"}}}]
-    assert yaml.safe_load((root / "params.local.yaml").read_text())["split"]["seed"] == seed
+    assert why == [{"changed deps": {"params.yaml": {"split": "modified"}}}]
+    assert yaml.safe_load((root / "params.yaml").read_text())["split"]["seed"] == seed
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert lock["stages"]["split"]["params"]["params.local.yaml"]["split"]["seed"] == seed
+    assert lock["stages"]["split"]["params"]["params.yaml"]["split"]["seed"] == seed
 
     with _client() as client:
         assert client.read_flow_run(run_id).parameters["overrides"] == {"split.seed": seed}

@@ -474,8 +474,7 @@ def test_reject_fraction_over_threshold_fails_clearly(tmp_path: Path, faces: lis
 def test_cli_ingest_and_clean_errors(tmp_path: Path, faces: list[Path], capsys: pytest.CaptureFixture) -> None:
     src = make_folder(tmp_path / "src", faces[:4])
     params = tmp_path / "params.yaml"
-    params.write_text(f"ingest:\n  source: {src}\n  max_identities: 1\n")
-    (tmp_path / "params.local.yaml").write_text("ingest:\n  max_images_per_identity: 3\n")
+    params.write_text(f"ingest:\n  source: {src}\n  max_identities: 1\n  max_images_per_identity: 3\n")
     assert main(["ingest", "--params", str(params), "--out", str(tmp_path / "o")]) == 0
     assert "ingest: 3 images of 1 identities" in capsys.readouterr().out
     assert (

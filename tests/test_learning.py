@@ -39,7 +39,7 @@ def subset_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, s
         # the NME gate stays at params.yaml's default: this is the test that runs it unrelaxed
         "landmark_net": {"epochs": 3, "batch_size": 32, "threads": 2},
     })
-    default_gate = load_params(REPO / "params.yaml", overrides=None).landmark_net.max_nme
+    default_gate = load_params(REPO / "params.yaml").landmark_net.max_nme
     assert params.landmark_net.max_nme == LandmarkNetParams().max_nme == default_gate
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -70,7 +70,7 @@ def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_projec
     from lafs.stages import finetune
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    defaults = load_params(REPO / "params.yaml", overrides=None).finetune
+    defaults = load_params(REPO / "params.yaml").finetune
     cfg = FinetuneParams(**{**defaults.model_dump(), "init": "scratch", "epochs": 8, "batch_size": 32,
                             "num_workers": 0, "tuned_params": None, "val_fraction": 0.1, "val_folds": 4})
     paths = finetune.FinetunePaths.under(subset_project, tmp_path / "finetune")
@@ -120,7 +120,7 @@ def test_ssl_moves_the_teacher_away_from_its_initialisation(subset_project, tmp_
     from lafs.stages import pretrain
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    defaults = load_params(REPO / "params.yaml", overrides=None).pretrain
+    defaults = load_params(REPO / "params.yaml").pretrain
     cfg = defaults.model_copy(update={"epochs": 2, "batch_size": 16, "num_workers": 0, "nproc_per_node": 1,
                                       "device": "cpu"})
     with single_torch_thread():

@@ -1,8 +1,10 @@
 """End to end: `make pipeline DATA=... MODELS=...` in a fresh git+DVC copy of the project.
 
 Checks what a user relies on: the stages run and write their outputs, a second run is a no-op (DVC
-skips every stage, outputs untouched, `dvc status` clean) even though the Makefile rewrites
-params.local.yaml each time, a changed override reruns the stage, and `dvc metrics show` lists the metrics.
+skips every stage, outputs untouched, `dvc status` clean) even though the Makefile sets DATA/MODELS in
+params.yaml each time, a changed override reruns the stage, and `dvc metrics show` lists the metrics. And the
+DVC way without make: a fresh clone runs `dvc repro` on params.yaml alone and takes overrides from
+`dvc exp run --set-param`, which `dvc exp show` lists.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, TINY_RUN, copy_project, sh
+from conftest import BIN, TINY_RUN, copy_project, set_run, sh
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +36,7 @@ def test_make_pipeline_runs_then_is_a_noop(project: tuple[Path, dict[str, str]],
     data, models = shared / "data" / "lfw_subset", shared / "models"
     if not data.is_dir():
         pytest.fail(f"{data} missing")
-    # Keep the run small; keys added by hand survive the Makefile's rewrite of params.local.yaml.
-    (root / "params.local.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    set_run(root, TINY_RUN)  # keep the run small; values set before survive the Makefile's DATA/MODELS
     make = ["make", "-o", "setup", "pipeline", f"DATA={data}", f"MODELS={models}"]
     counts = {p.name: len(list(p.iterdir())) for p in sorted(data.iterdir()) if p.is_dir()}
     expected = sum(min(counts[n], 3) for n in [n for n in counts if counts[n] >= 2][:16])
@@ -51,11 +52,11 @@ def test_make_pipeline_runs_then_is_a_noop(project: tuple[Path, dict[str, str]],
     assert all((root / p).is_file() for p in manifest["path"])
     metrics = json.loads((root / "metrics/ingest.json").read_text())
     assert metrics["images"] == expected and metrics["rejected"] == 0
-    local = yaml.safe_load((root / "params.local.yaml").read_text())
-    assert local["ingest"] == {**TINY_RUN["ingest"], "source": str(data)}
-    assert local["landmarks"]["models_root"] == str(models)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["ingest"] == {**params["ingest"], **TINY_RUN["ingest"], "source": str(data)}
+    assert params["landmarks"]["models_root"] == str(models)
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert lock["stages"]["ingest"]["params"]["params.local.yaml"]["ingest"]["source"] == str(data)
+    assert lock["stages"]["ingest"]["params"]["params.yaml"]["ingest"]["source"] == str(data)
     assert "metrics/ingest.json" in first and "images" in first  # `dvc metrics show` output
 
     before = _mtimes(root)
@@ -70,10 +71,33 @@ def test_make_pipeline_runs_then_is_a_noop(project: tuple[Path, dict[str, str]],
     shown = json.loads(sh([str(BIN / "dvc"), "metrics", "show", "--json"], root, env))
     assert shown[""]["data"]["metrics/ingest.json"]["data"]["images"] == expected
 
-    # A different override reruns the stage; the make-owned key is rewritten.
-    (root / "params.local.yaml").write_text(
-        yaml.safe_dump({**TINY_RUN, "ingest": {**TINY_RUN["ingest"], "source": "/elsewhere", "max_identities": 12}})
-    )
+    # A different override reruns the stage; the make-owned key is set again.
+    set_run(root, {"ingest": {"source": "/elsewhere", "max_identities": 12}})
     third = sh(make, root, env)
     assert "Running stage 'ingest'" in third
     assert pd.read_parquet(root / "data/manifest.parquet")["identity"].nunique() == 12
+
+
+def test_fresh_clone_runs_dvc_repro_and_takes_overrides_from_dvc_exp_run(project, shared: Path) -> None:
+    """No set-up step between clone and `dvc repro`: params.yaml alone is a complete configuration, and
+    `dvc exp run --set-param` is how a run is pointed elsewhere (listed by `dvc exp show`)."""
+    root, env = project
+    data = shared / "data" / "lfw_subset"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    sh([*git, "add", "-A"], root, env)
+    sh([*git, "commit", "-q", "-m", "fresh"], root, env)
+    dvc = str(BIN / "dvc")
+    status = json.loads(sh([dvc, "status", "--json"], root, env))  # reads every stage's params
+    assert {"ingest", "landmarks", "finetune", "register"} <= set(status)  # all stale, none broken
+
+    sets = {"ingest.source": str(data), "ingest.max_identities": 3, "ingest.max_images_per_identity": 2}
+    out = sh([dvc, "exp", "run", "--name", "subset3", *(f"--set-param={k}={v}" for k, v in sets.items()), "ingest"],
+             root, env)
+    assert "Running stage 'ingest'" in out
+    manifest = pd.read_parquet(root / "data/manifest.parquet")
+    assert len(manifest) == 6 and manifest["identity"].nunique() == 3
+    shown = json.loads(sh([dvc, "exp", "show", "--json"], root, env))
+    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
+    (exp,) = [e for e in exps if e.get("name") == "subset3"]
+    values = exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["ingest"]
+    assert {f"ingest.{k}": v for k, v in values.items() if f"ingest.{k}" in sets} == sets

@@ -126,10 +126,10 @@ def test_register_params_validation() -> None:
     with pytest.raises(ValueError):
         RegisterParams(model_name="bad/name")
     params = Path(__file__).resolve().parents[1] / "params.yaml"
-    assert isinstance(load_params(params, overrides=None).register, RegisterParams)  # the shipped section
+    assert isinstance(load_params(params).register, RegisterParams)  # the shipped section
     bad = {"register.secondary_metrics": {"verification.eer": {"tolerance": -1}}}
     with pytest.raises(ConfigError, match=r"register\.secondary_metrics\.verification\.eer\.tolerance"):
-        load_params(params, overrides=None, sets=bad)
+        load_params(params, sets=bad)
 
 
 def test_dvc_lineage_reads_stage_hashes(tmp_path: Path) -> None:
@@ -271,18 +271,19 @@ def embeddings(model: torch.nn.Module, seed: int = 7) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def first(tracking: str, model_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """v1 of a fresh registered model, registered through ``lafs register`` from a git checkout with a dvc.lock,
-    an AWS secret in the environment and a password in the (unused) tracking_uri param; what it saw then."""
+    an AWS secret in the environment and a password in the tracking_uri param (the test server, with basic-auth
+    credentials it ignores: the param wins over MLFLOW_TRACKING_URI); what it saw then."""
     tag = uuid.uuid4().hex[:8]
     names = {"model_name": f"lafs-face-{tag}", "experiment": f"lafs-register-{tag}"}
     base = tmp_path_factory.mktemp("registry")
     secret, password = f"aws-{uuid.uuid4().hex}", f"pw-{uuid.uuid4().hex}"
     root = make_project(base / "v1", model_files["m0"], model_files["onnx"], eval_metrics(0.80, 0.20), git=True,
-                        tracking_uri=f"http://lafs:{password}@127.0.0.1:9", **names)
+                        tracking_uri=tracking.replace("http://", f"http://lafs:{password}@", 1), **names)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_SECRET_ACCESS_KEY", secret)  # the client never needs it: the server proxies artifacts
         code = register(root)
     name = names["model_name"]
-    return {**names, "base": base, "root": root, "code": code, "secrets": (secret, password),
+    return {**names, "base": base, "root": root, "code": code, "secrets": (secret, password), "uri": tracking,
             "champion": champion(name), "challenger": registry.alias_version(client(), name, "challenger").version,
             "promotion": promotion(root), "report": (root / "reports" / "promotion.md").read_text()}
 
@@ -310,7 +311,7 @@ def test_first_registration_becomes_champion_with_lineage_and_no_secrets(first: 
     assert mv.tags["promotion.decision"] == "promoted (first model)"
     run = client().get_run(mv.run_id)
     assert run.data.metrics["verification.tar_at_far.1e-03"] == pytest.approx(0.6)
-    assert run.data.params["register.tracking_uri"] == "http://***@127.0.0.1:9"
+    assert run.data.params["register.tracking_uri"] == first["uri"].replace("http://", "http://***@", 1)
     assert run.data.params["finetune.lr"] == "0.001"
     artifacts = {a.path for folder in ("onnx", "source", "eval") for a in client().list_artifacts(mv.run_id, folder)}
     assert artifacts == {"onnx/model.onnx", "source/model.pt", "eval/eval.json"}
@@ -540,3 +541,21 @@ def test_the_server_dying_before_the_alias_move_leaves_the_champion(tmp_path: Pa
         assert registry.rollback(mlflow, name).version == "1"
     finally:
         server.stop()
+
+
+def test_git_dirty_ignores_run_settings_but_not_code(tmp_path: Path) -> None:
+    """params.yaml (overrides, as dvc exp run -S writes them) and dvc.lock are pinned by dvc.lock hashes on the
+    version's tags; any other tracked change makes the tree dirty."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    for name in ("params.yaml", "dvc.lock", "code.py"):
+        (tmp_path / name).write_text("a: 1\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    assert register_stage.git_tags(tmp_path)["git.dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    (tmp_path / "dvc.lock").write_text("a: 2\n")
+    tags = register_stage.git_tags(tmp_path)
+    assert tags["git.dirty"] == "false" and tags["git.params_changed"] == "true"
+    (tmp_path / "code.py").write_text("a: 2\n")
+    assert register_stage.git_tags(tmp_path)["git.dirty"] == "true"

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,7 @@ from lafs.eval.onnx_embedder import OnnxEmbedder
 from lafs.eval.photos import FaceFinder
 from lafs.serving.faces import FacePipeline, ServingConfig
 from lafs.serving.pyfunc import FaceModel, save_model
+from lafs.serving.server import mlflow_serve
 
 THRESHOLD = 0.5
 
@@ -50,9 +50,9 @@ def pipeline(detector: Path, recogniser: Path) -> FacePipeline:
 
 @pytest.fixture(scope="module")
 def served(detector: Path, recogniser: Path, real_faces, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pyfunc saved as a folder, with a real photo as its input example (validated by MLflow on save)."""
+    """The pyfunc saved as a folder, with real photos as its input example (validated by MLflow on save)."""
     return save_model(tmp_path_factory.mktemp("served") / "model", detector, recogniser,
-                      ServingConfig(threshold=THRESHOLD), real_faces.files[0])
+                      ServingConfig(threshold=THRESHOLD), (real_faces.files[0], real_faces.files[1]))
 
 
 def b64(path: Path) -> str:
@@ -87,13 +87,18 @@ def test_pyfunc_answers_photos_and_pairs_and_refuses_bad_rows(pipeline, real_fac
     e = np.array(faces["embedding"].tolist())
     assert pairs["score"][1] == pytest.approx(float(e[0] @ e[1]), abs=1e-6)
     assert list(pairs["same"]) == [s > THRESHOLD for s in pairs["score"]]
+    mixed = model.predict(None, pd.DataFrame({"image": [b64(c), None], "image_a": [None, b64(a)],
+                                              "image_b": [None, b64(b)]}))
+    assert np.allclose(mixed["embedding"][0], e[1]) and mixed["score"][0] is None
+    assert mixed["score"][1] == pytest.approx(pairs["score"][0], abs=1e-6) and mixed["embedding"][1] is None
 
     from mlflow.exceptions import MlflowException
 
     bad = {"not base64": pd.DataFrame({"image": ["@@@"]}),
            "not_image": pd.DataFrame({"image": [base64.b64encode(b"<html>").decode()]}),
            "no_face": pd.DataFrame({"image": [b64(grey_photo(tmp_path / "grey.png"))]}),
-           "send either": pd.DataFrame({"photo": [b64(a)]}),
+           "unknown columns": pd.DataFrame({"photo": [b64(a)]}),
+           "give either": pd.DataFrame({"image": [b64(a)], "image_a": [b64(a)], "image_b": [b64(b)]}),
            "needs both": pd.DataFrame({"image_a": [b64(a), b64(a)], "image_b": [b64(b), None]})}
     for reason, frame in bad.items():
         with pytest.raises(MlflowException, match=reason) as info:
@@ -145,23 +150,7 @@ def _post(url: str, payload: object) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_photos_and_pairs_over_http(served, pipeline, real_faces, tmp_path):
-    port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_PROXY": "127.0.0.1"}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(served), "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "mlflow models serve did not come up in 120 s"
-                time.sleep(0.5)
+    with mlflow_serve(str(served), free_port(), tmp_path / "serve.log") as url:
         a, b, c = real_faces.files[0], real_faces.files[1], real_faces.files[2]
         status, body = _post(f"{url}/invocations", {"dataframe_split": {
             "columns": ["image_a", "image_b"], "data": [[b64(a), b64(b)], [b64(a), b64(c)]]}})
@@ -171,6 +160,11 @@ def test_mlflow_models_serve_answers_photos_and_pairs_over_http(served, pipeline
         served_scores = [p["score"] for p in body["predictions"]]
         assert np.allclose(served_scores, local["score"], atol=1e-5)
         assert [p["same"] for p in body["predictions"]] == list(local["same"])
+        status, body = _post(f"{url}/invocations", {"dataframe_split": {  # both shapes in one request
+            "columns": ["image", "image_a", "image_b"], "data": [[b64(c), None, None], [None, b64(a), b64(b)]]}})
+        assert status == 200, body
+        assert len(body["predictions"][0]["embedding"]) == 192 and body["predictions"][0]["score"] is None
+        assert body["predictions"][1]["score"] == pytest.approx(served_scores[0], abs=1e-5)
 
         bad = [{"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"GIF89a").decode()]]}},
                {"dataframe_split": {"columns": ["image"], "data": [[b64(grey_photo(tmp_path / "g.png"))]]}},
@@ -183,10 +177,6 @@ def test_mlflow_models_serve_answers_photos_and_pairs_over_http(served, pipeline
             assert body.get("message")
         status, body = _post(f"{url}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[b64(c)]]}})
         assert status == 200 and len(body["predictions"][0]["embedding"]) == 192  # still serving
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.slow
@@ -196,10 +186,12 @@ def test_serve_benchmark_measures_the_served_model(served, real_faces, tmp_path)
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"),
                            "--model", str(served), "--data", str(data), "--photos", "8", "--pairs", "4", "--port",
-                           str(free_port()), "--out", str(out), "--skip-baseline"],
+                           str(free_port()), "--out", str(out), "--skip-baseline", "--workers", "2",
+                           "--concurrency", "2"],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())["served"]
-    assert result["photos"] == 8 and result["photos_per_s"] > 0 and result["verify_pairs"] >= 3
+    assert result["photos"] == 8 and result["workers"] == 2 and result["photos_per_s"] > 0
+    assert result["no_face_400"] == 0 and result["verify_pairs"] >= 3
     assert 0 < result["verify_p50_ms"] <= result["verify_p95_ms"]

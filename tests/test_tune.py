@@ -405,3 +405,22 @@ def test_trial_overrides_fix_finetune_params_of_every_trial_but_not_searched_one
     objective.cfg, objective.finetune_cfg = cfg, FinetuneParams(**{**FINETUNE, "epochs": 6})
     trial = objective.trial_params({"lr": 0.002})
     assert (trial.epochs, trial.lr, trial.tuned_params) == (2, 0.002, None)
+
+
+def test_trial_epochs_truncate_each_trial_on_the_final_schedule(tiny_project, tmp_path, monkeypatch):
+    """tune.trial_epochs: every trial runs the first epochs of the finetune's own (3-epoch) schedule, not a
+    compressed one; its value is the best validation accuracy so far, and its run is closed as finished."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    root = _project(tmp_path, tiny_project, {})
+    tune = TuneParams(n_trials=2, trial_epochs=1, search_space={"m": {"low": 0.2, "high": 0.4}},
+                      sampler={"n_startup_trials": 1}, study_name="truncated")
+    run(tune, FinetuneParams(**{**FINETUNE, "epochs": 3, "warmup_epochs": 1}), TunePaths.under(root))
+    study = optuna.load_study(study_name="truncated", storage=storage_url(tune, TunePaths.under(root)))
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(t.user_attrs["epochs_run"] == 1 and t.value == t.intermediate_values[0] for t in trials)
+    client = mlflow.MlflowClient(uri)
+    for t in trials:
+        finetune_run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert finetune_run.info.status == "FINISHED" and finetune_run.data.params["epochs"] == "3"

@@ -10,9 +10,10 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from lafs.errors import StageError
@@ -71,7 +72,8 @@ def resume_state(
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a run draws from, as tensors / plain data (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
+    # The legacy tuple, get_state()'s runtime default; numpy's stub types the no-argument call as the dict form.
+    np_state = cast(tuple[str, npt.NDArray[np.uint32], int, int, float], np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
@@ -94,6 +96,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _flatten_python_state(s: tuple) -> tuple:
+def _flatten_python_state(s: tuple[Any, ...]) -> tuple[Any, ...]:
     version, internal, gauss = s
     return version, list(internal), gauss

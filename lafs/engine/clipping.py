@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -24,6 +26,7 @@ def cancel_last_layer_gradients(head: nn.Module, epoch: int, freeze_last_layer: 
     if epoch >= freeze_last_layer:
         return
     last = head.last_layer
-    params = [last] if isinstance(last, nn.Parameter) else list(last.parameters())
+    # A Parameter (PrototypeHead) or a module (DINOHead's weight-normalised Linear).
+    params = [last] if isinstance(last, nn.Parameter) else list(cast(nn.Module, last).parameters())
     for p in params:
         p.grad = None

@@ -8,8 +8,8 @@ from torch import nn
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    t_params = list(teacher.parameters())
-    s_params = list(student.parameters())
+    t_params: list[torch.Tensor] = list(teacher.parameters())
+    s_params: list[torch.Tensor] = list(student.parameters())
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

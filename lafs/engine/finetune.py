@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ def frozen_copy(net: nn.Module) -> nn.Module:
     return frozen
 
 
-def finetune_param_groups(model: FaceViT, head: nn.Module, cfg: FinetuneParams) -> list[dict]:
+def finetune_param_groups(model: FaceViT, head: nn.Module, cfg: FinetuneParams) -> list[dict[str, Any]]:
     """AdamW groups: the backbone's with layer-wise lr decay (``model.layer_id``, depth + 1 layers), the
     landmark net's decayed weights at ``landmark_weight_decay`` (official 'stn*' rule), the head at full lr.
 
@@ -61,7 +61,7 @@ def finetune_param_groups(model: FaceViT, head: nn.Module, cfg: FinetuneParams) 
     depth = len(model.blocks)
     groups = param_groups(model, cfg.layer_decay, model.layer_id, depth + 1)
     landmark_ids = {id(p) for p in model.landmark_net.parameters()} if model.landmark_net is not None else set()
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     for group in groups:
         decay = group["weight_decay_scale"] > 0
         parts = {False: [p for p in group["params"] if id(p) not in landmark_ids],
@@ -96,7 +96,7 @@ class FinetuneTrainer:
         anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
         if anchored and reference is None:
             raise ValueError("reg_weight > 0 needs the frozen reference landmark net (see frozen_copy)")
-        if self.frozen_landmarks:
+        if self.frozen_landmarks and model.landmark_net is not None:  # frozen_landmarks implies a landmark net
             model.landmark_net.requires_grad_(False)
         self.cfg, self.model = cfg, model
         self.device = next(model.parameters()).device
@@ -110,7 +110,7 @@ class FinetuneTrainer:
         self.autocast_dtype = torch.bfloat16 if resolve_dtype(cfg.dtype, self.device) == "bf16" else None
         self._params = nn.ModuleList([model, self.head])  # one module for per-parameter clipping
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[object]:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -122,7 +122,7 @@ class FinetuneTrainer:
         set_lr_wd(self.optimizer, lr, 1.0)  # groups hold absolute weight decays (finetune_param_groups)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         self.model.train()
-        if self.frozen_landmarks:
+        if self.frozen_landmarks and self.model.landmark_net is not None:
             self.model.landmark_net.eval()  # frozen means its batch-norm statistics too
         with self.autocast():
             if self.reference is not None:

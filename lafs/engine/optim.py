@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
 
 
 def param_groups(model: nn.Module, layer_decay: float = 1.0,
-                 layer_id: Callable[[str], int] | None = None, num_layers: int = 0) -> list[dict]:
+                 layer_id: Callable[[str], int] | None = None, num_layers: int = 0) -> list[dict[str, Any]]:
     """Groups with ``weight_decay_scale`` (0 or 1) and ``lr_scale`` (layer_decay ** (L - id)).
 
     The engine multiplies each group's lr by ``lr_scale`` every step; the official finetuning code
     stored the scale but never applied it.
     """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    groups: dict[tuple[int, int], dict] = {}
+    groups: dict[tuple[int, int], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -29,7 +31,7 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0,
     return list(groups.values())
 
 
-def set_lr_wd(optimizer, lr: float, wd: float) -> None:
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
         g["weight_decay"] = wd * g.get("weight_decay_scale", 1.0)

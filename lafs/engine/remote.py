@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 
@@ -18,7 +19,7 @@ def _split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def _client():
+def _client() -> Any:  # boto3 ships no type stubs
     import boto3
 
     return boto3.client("s3")

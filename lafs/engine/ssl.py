@@ -8,9 +8,9 @@ backbone call (DINO's MultiCropWrapper idea), so a step is 2 student + 1 teacher
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ class MultiViewNet(nn.Module):
 
     def forward(self, groups: list[ViewGroup]) -> torch.Tensor:
         feats = [self.backbone.encode(g.tokens, self.backbone.positions(g.index, g.size)) for g in groups]
-        return self.head(torch.cat(feats))
+        logits: torch.Tensor = self.head(torch.cat(feats))
+        return logits
 
 
 def _view_major(x: torch.Tensor) -> torch.Tensor:
@@ -91,12 +92,12 @@ class SSLTask(nn.Module):
         if cfg.method == "dino_face" or "global" in batch:
             glob, local = _view_major(batch["global"]), _view_major(batch["local"])
             patch = self.student.backbone.patch_size
-            student = [ViewGroup(patchify(glob, patch), None, tuple(glob.shape[-2:]))]
+            student = [ViewGroup(patchify(glob, patch), None, (glob.shape[-2], glob.shape[-1]))]
             if local.shape[0]:
-                student.append(ViewGroup(patchify(local, patch), None, tuple(local.shape[-2:])))
+                student.append(ViewGroup(patchify(local, patch), None, (local.shape[-2], local.shape[-1])))
             return student, student[:1]
         aug = _view_major(batch["augmented"])
-        size = tuple(aug.shape[-2:])
+        size = (aug.shape[-2], aug.shape[-1])
         with torch.no_grad():
             if self.landmark_net is not None:  # landmarks from the clean crop, pixels from the augmented one
                 landmarks = self.landmark_net(_view_major(batch["clean"])).float()
@@ -106,14 +107,14 @@ class SSLTask(nn.Module):
         n_glob = cfg.global_crops * batch["augmented"].shape[0]
         padding = self.student.backbone.padding_mode
         patch = self.student.backbone.patch_size
-        glob = ViewGroup(sample_patches(aug[:n_glob], landmarks[:n_glob], patch, padding), None, size)
-        student = [glob]
+        glob_views = ViewGroup(sample_patches(aug[:n_glob], landmarks[:n_glob], patch, padding), None, size)
+        student = [glob_views]
         if n_glob < aug.shape[0]:
             n_loc, k = aug.shape[0] - n_glob, landmarks.shape[1]
             idx = random_landmark_subset(n_loc, k, cfg.local_landmarks, aug.device, generator)
             pts = torch.gather(landmarks[n_glob:], 1, idx[..., None].expand(-1, -1, 2))
             student.append(ViewGroup(sample_patches(aug[n_glob:], pts, patch, padding), idx, size))
-        return student, [glob]
+        return student, [glob_views]
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_temp: float,
                 generator: torch.Generator | None = None,
@@ -141,7 +142,8 @@ def backbone_kwargs(cfg: SSLParams) -> dict[str, Any]:
 
 def build_ssl_task(cfg: SSLParams, landmark_net: nn.Module | None = None) -> SSLTask:
     """Student/teacher for ``cfg.method``; LAFS without ``landmark_net`` reads landmarks from the batch."""
-    backbone = create_model(cfg.model, **backbone_kwargs(cfg))
+    # cfg.model names a lafs_vit_* / dino_vit_* entry point, which builds a FaceViT.
+    backbone = cast(FaceViT, create_model(cfg.model, **backbone_kwargs(cfg)))
     if cfg.method == "pros":
         head: nn.Module = PrototypeHead(backbone.embed_dim, cfg.num_prototypes, cfg.hidden_dim,
                                         cfg.bottleneck_dim, cfg.head_layers)
@@ -173,7 +175,7 @@ class SSLTrainer:
         self.optimizer = torch.optim.AdamW(param_groups(task.student), lr=base_lr, **_fused(device))
         self.autocast_dtype = torch.bfloat16 if resolve_dtype(cfg.dtype, device) == "bf16" else None
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[object]:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -233,7 +235,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "fp32"
 
 
-def _fused(device: torch.device) -> dict[str, bool]:
+class _FusedKwargs(TypedDict, total=False):  # typed so that ``**`` into AdamW type-checks
+    fused: bool
+
+
+def _fused(device: torch.device) -> _FusedKwargs:
     # fused AdamW: one kernel over all parameters (CPU support since torch 2.4, CUDA long before).
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 

@@ -75,8 +75,9 @@ class OnnxEmbedder:
         out = []
         for start in batches(len(x_all), self.batch_size):
             x = x_all[start:start + self.batch_size]
-            emb = self._run(x)
-            if flip:
-                emb = emb + self._run(np.ascontiguousarray(x[..., ::-1]))
-            out.append(emb)
+            if flip:  # the faces and their mirrors in one run: one call's overhead, a larger batch
+                both = self._run(np.concatenate([x, x[..., ::-1]]))
+                out.append(both[:len(x)] + both[len(x):])
+            else:
+                out.append(self._run(x))
         return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))

@@ -28,6 +28,8 @@ def cross_view_cross_entropy(student_logp: torch.Tensor, teacher_p: torch.Tensor
 
 
 class DINOLoss(nn.Module):
+    center: torch.Tensor  # registered buffer
+
     def __init__(self, out_dim: int, num_views: int, num_teacher_views: int = 2, student_temp: float = 0.1,
                  center_momentum: float = 0.9) -> None:
         super().__init__()

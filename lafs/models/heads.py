@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers.weight_init import trunc_normal_
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -57,7 +57,8 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        logits: torch.Tensor = self.last_layer(x)
+        return logits
 
 
 class PrototypeHead(nn.Module):

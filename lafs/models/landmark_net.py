@@ -19,8 +19,11 @@ whole map dilutes (benchmarks/RESULTS.md, "Landmark network").
 
 from __future__ import annotations
 
+from typing import cast
+
 import timm
 import torch
+from timm.models import FeatureInfo
 from torch import nn
 from torch.nn import functional as F
 
@@ -66,7 +69,7 @@ class LandmarkNet(nn.Module):
         # Stages 2-4 of a 5-stage timm CNN are its stride-8, -16 and -32 outputs (MobileNetV3, EfficientNet, ...).
         self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
                                           out_indices=levels[heatmap_stride])
-        channels = self.backbone.feature_info.channels()
+        channels: list[int] = cast(FeatureInfo, self.backbone.feature_info).channels()  # features_only model
         self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
         self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                                   nn.Hardswish())

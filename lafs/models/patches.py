@@ -21,7 +21,8 @@ def _offsets(patch_size: int) -> tuple[int, ...]:
     return tuple(range(lo, lo + patch_size))
 
 
-def patch_offsets(patch_size: int, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
+def patch_offsets(patch_size: int, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(P, P, 2) pixel offsets (dx, dy) of a patch, row-major (p1 = row, p2 = column)."""
     o = torch.tensor(_offsets(patch_size), device=device, dtype=dtype)
     dy, dx = torch.meshgrid(o, o, indexing="ij")
@@ -75,7 +76,7 @@ def patchify(images: torch.Tensor, patch_size: int = 8) -> torch.Tensor:
     return x.reshape(b, gh * gw, patch_size * patch_size * c)
 
 
-def grid_points(height: int, width: int, patch_size: int = 8, device=None) -> torch.Tensor:
+def grid_points(height: int, width: int, patch_size: int = 8, device: torch.device | str | None = None) -> torch.Tensor:
     """(N, 2) centres (x, y) of the regular patch grid, row-major, matching ``patchify``'s order."""
     ys = torch.arange(height // patch_size, device=device) * patch_size + patch_size // 2
     xs = torch.arange(width // patch_size, device=device) * patch_size + patch_size // 2

@@ -7,11 +7,12 @@ the two methods differ only in where patches come from. Transformer blocks are t
 from __future__ import annotations
 
 from functools import cache
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, trunc_normal_
+from timm.layers.attention import Attention
+from timm.layers.weight_init import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -25,7 +26,7 @@ Embedding = Literal["cls", "tokens"]
 def _attention_class(head_dim: int) -> type[Attention]:
     """timm Attention with a fixed head width: the official 11 heads x 64 (704) do not divide 768."""
 
-    def __init__(self, dim: int, **kwargs) -> None:
+    def __init__(self: Attention, dim: int, **kwargs: Any) -> None:
         Attention.__init__(self, dim, attn_head_dim=head_dim, **kwargs)
 
     return type(f"Attention{head_dim}", (Attention,), {"__init__": __init__})
@@ -172,7 +173,7 @@ class FaceViT(nn.Module):
             raise ValueError(f"got {landmarks.shape[1]} landmarks, model expects {self.num_landmarks}; "
                              "pass `index` for a subset")
         tokens = sample_patches(images, landmarks, self.patch_size, self.padding_mode)
-        return tokens, self.positions(index, images.shape[-2:])
+        return tokens, self.positions(index, cast(tuple[int, int], images.shape[-2:]))  # torch.Size (H, W)
 
     # -- encoding -----------------------------------------------------------------------------------
     def features(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -180,7 +181,8 @@ class FaceViT(nn.Module):
         x = self.patch_embed(tokens) + pos
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = self.pos_drop(torch.cat((cls, x), dim=1))
-        return self.norm(self.blocks(x))
+        out: torch.Tensor = self.norm(self.blocks(x))
+        return out
 
     def encode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The normalised cls embedding (B, D) of any token set (a landmark subset too): what SSL trains."""
@@ -198,7 +200,8 @@ class FaceViT(nn.Module):
             return self.encode(tokens, pos)
         if tokens.shape[1] != self.num_positions:
             raise ValueError(f"embedding='tokens' projects all {self.num_positions} tokens, got {tokens.shape[1]}")
-        return self.embedding_head(self.features(tokens, pos)[:, 1:])
+        emb: torch.Tensor = self.embedding_head(self.features(tokens, pos)[:, 1:])
+        return emb
 
     def forward_with_landmarks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding and the landmarks the model's own landmark network placed (for the regulariser)."""

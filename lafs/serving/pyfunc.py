@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import shutil
 import tempfile
 from importlib import metadata
@@ -54,6 +55,16 @@ def signature() -> ModelSignature:
     return ModelSignature(inputs, outputs)
 
 
+def worker_threads() -> int:
+    """ONNX Runtime threads per serving process: ``LAFS_SERVE_THREADS`` if set, else the cores split among the
+    ``MLFLOW_MODELS_WORKERS`` uvicorn workers (``mlflow models serve --workers`` reads that variable), so that
+    workers do not oversubscribe the cores; 0 (ORT's default, every core) for a single worker."""
+    if os.environ.get("LAFS_SERVE_THREADS"):
+        return max(0, int(os.environ["LAFS_SERVE_THREADS"]))
+    workers = int(os.environ.get("MLFLOW_MODELS_WORKERS") or 1)
+    return 0 if workers <= 1 else max(1, (os.cpu_count() or 1) // workers)
+
+
 def bad_request(message: str) -> MlflowException:
     return MlflowException.invalid_parameter_value(message)
 
@@ -67,7 +78,7 @@ class FaceModel(PythonModel):
     def load_context(self, context: Any) -> None:
         a = context.artifacts
         cfg = ServingConfig.read(Path(a["config"]))
-        self.pipeline = FacePipeline.from_files(Path(a["detector"]), Path(a["recogniser"]), cfg)
+        self.pipeline = FacePipeline.from_files(Path(a["detector"]), Path(a["recogniser"]), cfg, worker_threads())
 
     def _face(self, value: Any, where: str) -> EmbeddedFace:
         if isinstance(value, bytes | bytearray):
@@ -89,23 +100,32 @@ class FaceModel(PythonModel):
             raise RuntimeError("FaceModel has no pipeline: load it with mlflow.pyfunc.load_model")
         if not isinstance(model_input, pd.DataFrame) or model_input.empty:
             raise bad_request("send a non-empty table: columns ['image'] or ['image_a', 'image_b']")
-        cols = {c for c in model_input.columns if model_input[c].notna().any()}
-        if cols == {IMAGE}:
-            return pd.DataFrame([self._face(v, f"row {i} image").row()
-                                 for i, v in enumerate(model_input[IMAGE])])
-        if cols == {IMAGE_A, IMAGE_B}:
-            if self.pipeline.cfg.threshold is None:
-                raise bad_request("this model carries no calibrated threshold: it can embed, not verify")
-            rows = []
-            for i, (a, b) in enumerate(zip(model_input[IMAGE_A], model_input[IMAGE_B], strict=True)):
-                if pd.isna(a) or pd.isna(b):
-                    raise bad_request(f"row {i}: a pair needs both image_a and image_b")
-                score = self.pipeline.score(self._face(a, f"row {i} image_a"), self._face(b, f"row {i} image_b"))
-                rows.append({"score": score, "same": self.pipeline.same(score),
-                             "threshold": self.pipeline.cfg.threshold})
-            return pd.DataFrame(rows)
-        raise bad_request(f"columns {sorted(map(str, model_input.columns))}: send either ['image'] (embed) or "
-                          "['image_a', 'image_b'] (verify), base64 photos")
+        unknown = sorted(map(str, set(model_input.columns) - {IMAGE, IMAGE_A, IMAGE_B}))
+        if unknown:
+            raise bad_request(f"unknown columns {unknown}: send ['image'] (embed) or ['image_a', 'image_b'] "
+                              "(verify), base64 photos")
+        rows = [self._row(i, {c: v for c, v in row.items() if not _missing(v)})
+                for i, row in enumerate(model_input.to_dict("records"))]
+        out = pd.DataFrame(rows)
+        return out.astype(object).where(out.notna(), None) if out.isna().any().any() else out
+
+    def _row(self, i: int, row: dict[str, Any]) -> dict[str, Any]:
+        """One request row: ``image`` -> its face, or ``image_a`` + ``image_b`` -> the pair's decision."""
+        if set(row) == {IMAGE}:
+            return self._face(row[IMAGE], f"row {i} image").row()
+        if not row.keys() & {IMAGE_A, IMAGE_B} or IMAGE in row:
+            raise bad_request(f"row {i}: give either image (embed) or image_a and image_b (verify)")
+        if set(row) != {IMAGE_A, IMAGE_B}:
+            raise bad_request(f"row {i}: a pair needs both image_a and image_b")
+        if self.pipeline.cfg.threshold is None:
+            raise bad_request("this model carries no calibrated threshold: it can embed, not verify")
+        score = self.pipeline.score(self._face(row[IMAGE_A], f"row {i} image_a"),
+                                    self._face(row[IMAGE_B], f"row {i} image_b"))
+        return {"score": score, "same": self.pipeline.same(score), "threshold": self.pipeline.cfg.threshold}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)  # null, NA or NaN
 
 
 def requirements() -> list[str]:
@@ -138,20 +158,28 @@ def write_artifacts(folder: Path, detector: Path, recogniser: Path, cfg: Serving
     return {name: str(folder / file) for name, file in ARTIFACTS.items()}
 
 
-def input_example(photo: Path) -> pd.DataFrame:
-    return pd.DataFrame({IMAGE: [base64.b64encode(photo.read_bytes()).decode()]})
+def input_example(photos: tuple[Path, ...], cfg: ServingConfig) -> pd.DataFrame | None:
+    """Both request shapes in one table: an ``image`` row (embed) and, for a calibrated model, an ``image_a`` +
+    ``image_b`` row (verify); logging runs it through the loaded model."""
+    if not photos:
+        return None
+    data = [base64.b64encode(p.read_bytes()).decode() for p in photos[:2]]
+    rows: list[dict[str, str | None]] = [{IMAGE: data[0], IMAGE_A: None, IMAGE_B: None}]
+    if len(data) == 2 and cfg.threshold is not None:
+        rows.append({IMAGE: None, IMAGE_A: data[0], IMAGE_B: data[1]})
+    return pd.DataFrame(rows)
 
 
 def _model_kwargs(tmp: Path, detector: Path, recogniser: Path, cfg: ServingConfig,
-                  example_photo: Path | None) -> dict[str, Any]:
+                  example_photos: tuple[Path, ...]) -> dict[str, Any]:
     artifacts = write_artifacts(tmp / "artifacts", detector, recogniser, cfg)
     definition = str(Path(__file__).with_name("served_model.py"))  # models from code: nothing pickled
     return {"python_model": definition, "artifacts": artifacts, "code_paths": [str(code_dir(tmp / "code"))],
             "signature": signature(), "pip_requirements": requirements(),
-            "input_example": input_example(example_photo) if example_photo is not None else None}
+            "input_example": input_example(example_photos, cfg)}
 
 
-def log_model(name: str, detector: Path, recogniser: Path, cfg: ServingConfig, example_photo: Path | None,
+def log_model(name: str, detector: Path, recogniser: Path, cfg: ServingConfig, example_photos: tuple[Path, ...],
               registered_model_name: str | None = None) -> Any:
     """Log the pyfunc in the active MLflow run (``mlflow.pyfunc.log_model``, which loads it back and runs the
     input example as serving would); its ModelInfo."""
@@ -159,14 +187,14 @@ def log_model(name: str, detector: Path, recogniser: Path, cfg: ServingConfig, e
 
     with tempfile.TemporaryDirectory(prefix="lafs-serving-") as tmp:
         return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
-                                       **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photo))
+                                       **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photos))
 
 
 def save_model(path: Path, detector: Path, recogniser: Path, cfg: ServingConfig,
-               example_photo: Path | None = None) -> Path:
+               example_photos: tuple[Path, ...] = ()) -> Path:
     """The same pyfunc as a local folder (``mlflow.pyfunc.save_model``): servable and usable as ``--model``."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="lafs-serving-") as tmp:
-        mlflow.pyfunc.save_model(str(path), **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photo))
+        mlflow.pyfunc.save_model(str(path), **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photos))
     return path

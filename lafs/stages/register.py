@@ -74,8 +74,14 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Run settings, not code: overrides are values set in params.yaml (dvc exp run -S) and every run rewrites
+# dvc.lock; both are pinned by the dvc.lock hashes tagged on the version, so they do not make a tree dirty.
+RUN_STATE_FILES = ("params.yaml", "dvc.lock")
+
+
 def git_tags(root: Path) -> dict[str, str]:
-    """``git.commit`` (``unknown`` outside a git checkout) and ``git.dirty`` (tracked files changed)."""
+    """``git.commit`` (``unknown`` outside a git checkout), ``git.dirty`` (tracked files other than
+    :data:`RUN_STATE_FILES` changed) and ``git.params_changed`` (params.yaml differs from the commit)."""
     def git(*args: str) -> str | None:
         try:
             proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
@@ -86,8 +92,14 @@ def git_tags(root: Path) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"git.commit": "unknown"}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit, "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 *(f":(exclude){f}" for f in RUN_STATE_FILES))
+    params = git("status", "--porcelain", "--untracked-files=no", "--", RUN_STATE_FILES[0])
+    return {"git.commit": commit, "git.dirty": _flag(status), "git.params_changed": _flag(params)}
+
+
+def _flag(git_output: str | None) -> str:
+    return "unknown" if git_output is None else str(bool(git_output)).lower()
 
 
 def dvc_lineage(lock: Path, stages: tuple[str, ...]) -> dict[str, str]:
@@ -121,8 +133,8 @@ def dvc_lineage(lock: Path, stages: tuple[str, ...]) -> dict[str, str]:
 
 
 def served_model(landmarks: LandmarksParams, report: dict[str, Any], root: Path) -> registry.ServedModel:
-    """The served pyfunc's parts: the detector and settings of :func:`lafs.serving.load.serving_config` and a real
-    photo of the project for the input example."""
+    """The served pyfunc's parts: the detector and settings of :func:`lafs.serving.load.serving_config` and two real
+    photos of the project for the input example."""
     from lafs.faces import FaceModelError
     from lafs.serving.load import detector_file, serving_config
 
@@ -131,13 +143,12 @@ def served_model(landmarks: LandmarksParams, report: dict[str, Any], root: Path)
     except FaceModelError as exc:
         raise StageError(f"{exc} (register bundles the detector into the served model)") from None
     cfg = serving_config(landmarks, report)
-    example, table = None, root / "data" / "landmarks.parquet"
+    examples, table = (), root / "data" / "landmarks.parquet"
     if table.is_file():
         import pandas as pd
 
-        first = pd.read_parquet(table, columns=["path"])["path"].head(1).tolist()
-        example = root / first[0] if first else None
-    return registry.ServedModel(detector, cfg, example)
+        examples = tuple(root / p for p in pd.read_parquet(table, columns=["path"])["path"].head(2))
+    return registry.ServedModel(detector, cfg, examples)
 
 
 def measured_on(report: dict[str, Any]) -> dict[str, str]:

@@ -88,6 +88,16 @@ class TrialFailed(Exception):
     counted toward ``n_trials`` (its message is the trial's ``error`` user attr)."""
 
 
+class _Truncated(Exception):
+    """``tune.trial_epochs`` epochs of the trial's schedule are done: the trial ends with its best so far."""
+
+    def __init__(self, history: list[float]) -> None:
+        super().__init__(f"stopped after {len(history)} epochs (tune.trial_epochs)")
+        self.best_val_accuracy = max(history)
+        self.best_epoch = history.index(self.best_val_accuracy)
+        self.epochs_run = len(history)
+
+
 class _Surplus(Exception):
     """Two workers started the last free slot at once; the later trial steps aside (FAIL, ``surplus`` attr)."""
 
@@ -201,7 +211,7 @@ def fingerprint(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths)
     search = resolved(cfg)
     base = {k: v for k, v in resolved(finetune_cfg).items() if k not in _OVERLAID}
     data = {key: search[key] for key in ("direction", "sampler", "pruner", "search_space", "enqueue",
-                                         "trial_overrides")}
+                                         "trial_overrides", "trial_epochs")}
     data |= {"finetune": base, "inputs": inputs}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -406,6 +416,7 @@ class _Objective:
         study.sampler = trial_sampler(self.cfg, trial.number)  # TPE reads the history from storage: only the RNG is new
         trial.set_user_attr("mlflow_run_id", None)  # a re-queued trial inherits the dead one's attrs
         run_id: str | None = None
+        history: list[float] = []  # validation accuracy per epoch
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             nonlocal run_id
@@ -420,6 +431,9 @@ class _Objective:
                 trial.set_user_attr("pruned_at_epoch", epoch)
                 raise optuna.TrialPruned(f"val_accuracy {value:.4f} after epoch {epoch}: pruned by the "
                                          f"{self.cfg.pruner.name} pruner")
+            history.append(value)
+            if self.cfg.trial_epochs is not None and len(history) >= self.cfg.trial_epochs:
+                raise _Truncated(history)
 
         out_dir = self.trial_dir(trial.number)
         try:
@@ -430,6 +444,8 @@ class _Objective:
                 summary = train(trial_cfg, trial_paths, on_epoch=on_epoch, parent_run_id=self.parent_run_id)
             except StageError as exc:  # the finetune refused (e.g. a diverged loss at this lr): a result too
                 raise TrialFailed(str(exc)) from None
+            except _Truncated as stop:  # tune.trial_epochs reached: the schedule's first epochs are the trial
+                summary = stop
         except optuna.TrialPruned:
             self.tracker.tag(run_id, {"optuna.state": "PRUNED", "pruned": "true"}, "KILLED")
             raise
@@ -441,7 +457,7 @@ class _Objective:
             _drop_checkpoints(out_dir)
         trial.set_user_attr("best_epoch", summary.best_epoch)
         trial.set_user_attr("epochs_run", summary.epochs_run)
-        self.tracker.tag(run_id, {"optuna.state": "COMPLETE"})
+        self.tracker.tag(run_id, {"optuna.state": "COMPLETE"}, "FINISHED" if isinstance(summary, _Truncated) else None)
         self.tracker.client.log_metric(self.parent_run_id, "trial_val_accuracy", summary.best_val_accuracy,
                                        step=trial.number)
         return float(summary.best_val_accuracy)
