@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "pretrain_step.py"
 KEYS = ("images_per_s", "step_ms", "peak_mem_mb", "gflops_per_image", "achieved_gflops")
@@ -36,6 +38,7 @@ def test_pretrain_step_reports_positive_finite_numbers(tmp_path) -> None:
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
 
+@pytest.mark.integration  # several processes / a real training run
 def test_loader_part_reports_loader_and_fed_throughput(tmp_path, lfw_subset) -> None:
     from PIL import Image
 

@@ -91,6 +91,7 @@ def test_export_stage_writes_onnx_and_parity_metrics(tmp_path, tiny_model_file, 
         export_stage.run(ExportParams(), root)
 
 
+@pytest.mark.integration  # several processes / a real training run
 def test_embeddings_benchmark_times_both_runtimes_side_by_side():
     cmd = [sys.executable, str(REPO / "benchmarks" / "eval.py"), "--part", "embeddings", "--batches", "1,4",
            "--threads", "1", "--images", "8", "--repeats", "1"]

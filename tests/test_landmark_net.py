@@ -57,6 +57,7 @@ def test_landmark_net_trains_and_saves_a_loadable_net(pipeline_data, monkeypatch
     assert torch.equal(state["flip_perm"][state["flip_perm"]], torch.arange(68))  # a real left/right involution
 
 
+@pytest.mark.integration  # several processes / a real training run
 def test_landmark_net_learns_beyond_the_mean_shape(pipeline_data, monkeypatch, tmp_path):
     """A short training (~120 steps on whole faces) must fit its own ~30 training faces clearly better than their
     mean shape does (measured: ~4% vs ~12% NME): fails if the net stops learning (a head that only reproduces its

@@ -143,6 +143,7 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
     return {**{f"s.{k}": v for k, v in state["student"].items()}, **{f"t.{k}": v for k, v in state["teacher"].items()}}
 
 
+@pytest.mark.integration  # several processes / a real training run
 def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path):
     cfg = {**TINY, "checkpoint_every": 1, "num_workers": 1}
     env = _env(tmp_path)
@@ -168,6 +169,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.integration  # several processes / a real training run
 def test_sigterm_writes_checkpoint_and_exits_cleanly(ssl_data, tmp_path):
     cfg = {**TINY, "checkpoint_every": 100, "epochs": 3}
     proc = subprocess.Popen(_script(ssl_data, "term", cfg), env=_env(tmp_path), stdout=subprocess.PIPE,
@@ -193,6 +195,7 @@ def test_resume_refuses_changed_params(ssl_data, monkeypatch, tmp_path):
         run(SSLParams(**{**TINY, "epochs": 1, "lr": 1e-3}), paths)
 
 
+@pytest.mark.integration  # several processes / a real training run
 def test_two_process_gloo_ddp_keeps_ranks_identical(ssl_data, tmp_path):
     cfg = {**TINY, "epochs": 1, "batch_size": 2}
     script = _script(ssl_data, "ddp", cfg)
@@ -223,6 +226,7 @@ def test_checkpoint_mirrored_to_s3_and_resumed_from_it(ssl_data, s3_endpoint, mo
     assert summary.resumed_from == 4 and summary.iterations == 4
 
 
+@pytest.mark.integration  # several processes / a real training run
 def test_two_node_run_through_the_cli_launcher(ssl_data, tmp_path):
     """Multi-node on one machine: two `lafs pretrain` launches (nnodes=2) meet at a c10d rendezvous on 127.0.0.1."""
     from conftest import free_port
