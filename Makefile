@@ -1,7 +1,7 @@
 # Two commands: `make test` and `make pipeline`. Both set up the venv first (fast when already done).
 #
 #   make setup                      .venv with python3.11 + `pip install -c constraints.txt -e '.[dev]'`
-#   make test                       ruff, mypy (strict: engine, models, losses), then the whole pytest suite
+#   make test                       ruff check + format, mypy (strict: engine, models, losses), every pytest tier
 #   make test-fast                  ruff, then the unit tier (no servers, stage runs or multi-process training)
 #   make pipeline                   Prefect flow lafs-pipeline: a task per dvc.yaml stage, params.yaml as it is
 #   make pipeline DATA=../shared/data/lfw MODELS=../shared/models     (offline: full LFW, View 1 from ../shared/data/lfw_views)
@@ -85,12 +85,14 @@ setup: $(STAMP)
 
 test: setup
 	ruff check .
+	ruff format --check .
 	mypy
 	pytest -q --timeout=1200 --durations=15
 
 # The unit tier: no server process, no pipeline stage run, no multi-process training (tests/conftest.py).
 test-fast: setup
 	ruff check .
+	ruff format --check .
 	mypy
 	pytest -q --timeout=300 -m 'not slow and not integration'
 

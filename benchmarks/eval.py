@@ -131,8 +131,10 @@ def bench_embeddings(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             for batch in (int(b) for b in args.batches.split(",")):
-                runtimes = {"torch": TorchEmbedder(model, batch_size=batch),
-                            "onnx": OnnxEmbedder(onnx, batch_size=batch, threads=threads)}
+                runtimes = {
+                    "torch": TorchEmbedder(model, batch_size=batch),
+                    "onnx": OnnxEmbedder(onnx, batch_size=batch, threads=threads),
+                }
                 best = {name: float("inf") for name in runtimes}
                 for embedder in runtimes.values():
                     embedder.embed_aligned(faces[:batch])  # warm-up: allocations, ORT graph optimisation
@@ -164,8 +166,10 @@ def _add_embeddings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=64, help="faces embedded per timed round (embeddings part)")
 
 
-PARTS: dict[str, Callable[[argparse.Namespace], Iterator[dict[str, Any]]]] = {"pairs": bench_pairs,
-                                                                               "embeddings": bench_embeddings}
+PARTS: dict[str, Callable[[argparse.Namespace], Iterator[dict[str, Any]]]] = {
+    "pairs": bench_pairs,
+    "embeddings": bench_embeddings,
+}
 ARG_ADDERS = (_add_pairs_args, _add_embeddings_args)
 
 

@@ -77,10 +77,19 @@ def main() -> None:
             subprocess.run([*services, "stop"], capture_output=True, env=env)
     base = statistics.median(times["dvc"])
     for name, values in times.items():
-        print(json.dumps({"variant": name, "stages": len(STAGES), "median_s": round(statistics.median(values), 2),
-                          "min_s": round(min(values), 2), "runs": [round(v, 2) for v in values],
-                          "ratio_to_dvc": round(statistics.median(values) / base, 2),
-                          "load_1min": round(os.getloadavg()[0], 1)}))
+        print(
+            json.dumps(
+                {
+                    "variant": name,
+                    "stages": len(STAGES),
+                    "median_s": round(statistics.median(values), 2),
+                    "min_s": round(min(values), 2),
+                    "runs": [round(v, 2) for v in values],
+                    "ratio_to_dvc": round(statistics.median(values) / base, 2),
+                    "load_1min": round(os.getloadavg()[0], 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -42,11 +42,16 @@ def _data(root: Path) -> dict:
     test_paths = sorted(set(pairs["path1"]) | set(pairs["path2"]))
     index = {p: i for i, p in enumerate(test_paths)}
     _, labels = np.unique(train["identity"].to_numpy(), return_inverse=True)
-    return {"x": read_faces([root / p for p in train["aligned_path"]]), "y": torch.as_tensor(labels),
-            "test": read_faces([root / p for p in test_paths]), "mean_shape": mean_shape,
-            "a": torch.as_tensor([index[p] for p in pairs["path1"]]),
-            "b": torch.as_tensor([index[p] for p in pairs["path2"]]),
-            "same": pairs["same"].to_numpy(), "folds": pairs["fold"].to_numpy()}
+    return {
+        "x": read_faces([root / p for p in train["aligned_path"]]),
+        "y": torch.as_tensor(labels),
+        "test": read_faces([root / p for p in test_paths]),
+        "mean_shape": mean_shape,
+        "a": torch.as_tensor([index[p] for p in pairs["path1"]]),
+        "b": torch.as_tensor([index[p] for p in pairs["path2"]]),
+        "same": pairs["same"].to_numpy(),
+        "folds": pairs["fold"].to_numpy(),
+    }
 
 
 def _to_input(faces: torch.Tensor) -> torch.Tensor:
@@ -58,7 +63,7 @@ def _augment(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if shift:
         dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=g).tolist()
-        x = F.pad(x, (shift,) * 4, mode="replicate")[:, :, dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+        x = F.pad(x, (shift,) * 4, mode="replicate")[:, :, dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
     return x
 
 
@@ -67,7 +72,7 @@ def _score(model: FaceViT, data: dict, landmarks: torch.Tensor, autocast) -> flo
     model.eval()
     out = []
     for i in range(0, len(data["test"]), 256):
-        x = _to_input(data["test"][i:i + 256])
+        x = _to_input(data["test"][i : i + 256])
         lm = landmarks.expand(len(x), -1, -1)
         with autocast():
             e = F.normalize(model(x, lm).float(), dim=-1) + F.normalize(model(x.flip(-1), lm).float(), dim=-1)
@@ -85,8 +90,10 @@ def curve(data: dict, variant: str, args: argparse.Namespace) -> list[dict[str, 
     head = create_margin_head("cosface", model.embedding_dim, int(data["y"].max()) + 1, args.s, args.m)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n != "pos_embed"]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1 or n == "pos_embed"]
-    opt = torch.optim.AdamW([{"params": decay + list(head.parameters()), "weight_decay": 0.05},
-                             {"params": rest, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay + list(head.parameters()), "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+        lr=args.lr,
+    )
     bf16 = args.dtype == "bf16"
 
     def autocast():
@@ -97,8 +104,14 @@ def curve(data: dict, variant: str, args: argparse.Namespace) -> list[dict[str, 
     landmarks = data["mean_shape"][None]
     for it in range(args.steps + 1):
         if it % args.eval_every == 0 and it:
-            rows.append({"step": it, "seconds": round(train_s, 1), "images": it * args.batch_size,
-                         "accuracy": round(_score(model, data, landmarks, autocast), 4)})
+            rows.append(
+                {
+                    "step": it,
+                    "seconds": round(train_s, 1),
+                    "images": it * args.batch_size,
+                    "accuracy": round(_score(model, data, landmarks, autocast), 4),
+                }
+            )
             print(json.dumps({"variant": variant, **rows[-1]}), flush=True)
         if it == args.steps:
             break
@@ -109,7 +122,7 @@ def curve(data: dict, variant: str, args: argparse.Namespace) -> list[dict[str, 
             group["lr"] = lr
         if pos + args.batch_size > len(order):
             order, pos = torch.randperm(len(data["x"]), generator=g), 0
-        idx = order[pos:pos + args.batch_size]
+        idx = order[pos : pos + args.batch_size]
         pos += args.batch_size
         x = _augment(_to_input(data["x"][idx]), args.shift, g)
         with autocast():
@@ -165,8 +178,9 @@ def main() -> None:
     curves = {v: curve(data, v, args) for v in args.variants.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     floors = {k: float(v) for k, v in (f.split("=") for f in args.floor)}
-    (args.out / "curves.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                      "curves": curves}, indent=1))
+    (args.out / "curves.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves}, indent=1)
+    )
     plot(curves, args.out / "curves.png", floors)
 
 

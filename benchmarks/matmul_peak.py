@@ -48,8 +48,9 @@ def matmul_gflops(dtype: str, n: int, repeats: int = 5, device: str = "cpu") -> 
     return 2.0 * n**3 / best / 1e9
 
 
-def measure_peak(dtype: str, device: str = "cpu", max_n: int = 4096, min_seconds: float = 0.5,
-                 repeats: int = 5) -> dict[str, Any]:
+def measure_peak(
+    dtype: str, device: str = "cpu", max_n: int = 4096, min_seconds: float = 0.5, repeats: int = 5
+) -> dict[str, Any]:
     """Grow n (256, 512, ...) until one product takes ``min_seconds`` or n reaches ``max_n``; report the best
     GFLOP/s over the sizes tried (small sizes under-use the cores, so the largest usually wins)."""
     import torch
@@ -64,8 +65,15 @@ def measure_peak(dtype: str, device: str = "cpu", max_n: int = 4096, min_seconds
         if n >= max_n or seconds >= min_seconds:
             break
         n *= 2
-    return {"dtype": dtype, "device": device, "peak_gflops": round(best, 3), "n": best_n, "tried": tried,
-            "threads": torch.get_num_threads(), "repeats": repeats}
+    return {
+        "dtype": dtype,
+        "device": device,
+        "peak_gflops": round(best, 3),
+        "n": best_n,
+        "tried": tried,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+    }
 
 
 def measure_peaks(device: str = "cpu", dtypes: tuple[str, ...] = DTYPES) -> dict[str, Any]:

@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="append every JSON line to this file")
     p.add_argument("--peak", action="store_true", help="also measure the fp32 and bf16 matmul peak in this run")
     p.add_argument("--no-flops", action="store_true", help="skip the extra FLOP-counting step")
-    p.add_argument("--official-repo", type=Path, default=None,
-                   help="checkout of szlbiubiubiu/LAFS_CVPR2024: also run its step at the same settings")
+    p.add_argument(
+        "--official-repo",
+        type=Path,
+        default=None,
+        help="checkout of szlbiubiubiu/LAFS_CVPR2024: also run its step at the same settings",
+    )
     p.add_argument("--official-only", action="store_true", help="with --official-repo: skip ours")
     p.add_argument("--rounds", type=int, default=1, help="alternate ours / official this many times")
     # Head / view overrides (tests use them to stay fast); the official defaults otherwise.
@@ -69,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-landmarks", type=int, default=None, help="landmarks K (official 196)")
     p.add_argument("--local-crops", type=int, default=None, help="local views (official 8)")
     p.add_argument("--local-landmarks", type=int, default=None, help="landmarks per local view (official 36)")
-    p.add_argument("--loader", type=Path, default=None, metavar="ALIGNED_DIR",
-                   help="also time the real data loader (SSLFaces + LAFS/DINO-face views, augmentations included) "
-                        "on the aligned faces under this folder: alone, and feeding the step")
+    p.add_argument(
+        "--loader",
+        type=Path,
+        default=None,
+        metavar="ALIGNED_DIR",
+        help="also time the real data loader (SSLFaces + LAFS/DINO-face views, augmentations included) "
+        "on the aligned faces under this folder: alone, and feeding the step",
+    )
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
     p.add_argument("--worker", choices=("ours", "official", "peak", "loader"), default=None, help=argparse.SUPPRESS)
     return p
@@ -81,7 +90,7 @@ def ssl_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """SSLParams fields set from the command line (everything else stays at the official defaults)."""
     model = args.model
     if args.method == "dino_face" and model.startswith("lafs_"):
-        model = "dino_" + model[len("lafs_"):]  # same transformer, regular patch grid
+        model = "dino_" + model[len("lafs_") :]  # same transformer, regular patch grid
     out: dict[str, Any] = {"method": args.method, "model": model, "dtype": args.dtype, "batch_size": args.batch}
     for key in ("out_dim", "num_landmarks", "local_crops", "local_landmarks"):
         if getattr(args, key) is not None:
@@ -113,9 +122,10 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     # torch 2.14 has no formula for the CPU flash-attention kernels that SDPA dispatches to on CPU, so attention
     # would count as zero for us (and not for the official einsum/bmm attention): reuse the generic SDPA ones.
     aten = torch.ops.aten
-    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
-                        (aten._scaled_dot_product_flash_attention_for_cpu_backward,
-                         flop_counter.sdpa_backward_flop)):
+    for op, formula in (
+        (aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+        (aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop),
+    ):
         flop_counter.flop_registry.setdefault(op, formula)
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -123,8 +133,9 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     return int(counter.get_total_flops()), by_op
 
 
-def time_steps(step: Callable[[int], Any], sync: Callable[[], None], warmup: int,
-               steps: int) -> tuple[list[float], list[float]]:
+def time_steps(
+    step: Callable[[int], Any], sync: Callable[[], None], warmup: int, steps: int
+) -> tuple[list[float], list[float]]:
     """Wall and process-CPU seconds of ``steps`` calls after ``warmup`` untimed ones (``step(i)`` gets a running
     index). CPU time is the steadier figure on a shared machine: other processes stretch wall time, not it."""
     for i in range(warmup):
@@ -140,8 +151,9 @@ def time_steps(step: Callable[[int], Any], sync: Callable[[], None], warmup: int
     return wall, cpu
 
 
-def measure(step: Callable[[int], Any], args: argparse.Namespace, device: Any, rss_start: float,
-            rss_setup: float) -> dict[str, Any]:
+def measure(
+    step: Callable[[int], Any], args: argparse.Namespace, device: Any, rss_start: float, rss_setup: float
+) -> dict[str, Any]:
     """Timing, peak memory and counted FLOPs of ``step`` (the FLOP count runs one extra, untimed step)."""
     import torch
 
@@ -185,9 +197,16 @@ def measure(step: Callable[[int], Any], args: argparse.Namespace, device: Any, r
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    return {"device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": torch.get_num_threads(),
-            "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def _batch_views(cfg: Any, batch: int, device: Any) -> dict[str, Any]:
@@ -200,8 +219,10 @@ def _batch_views(cfg: Any, batch: int, device: Any) -> dict[str, Any]:
         return (torch.rand(*shape, generator=gen) * 2 - 1).to(device)
 
     if cfg.method == "dino_face":
-        return {"global": rand(batch, cfg.global_crops, 3, 112, 112),
-                "local": rand(batch, cfg.local_crops, 3, cfg.local_size, cfg.local_size)}
+        return {
+            "global": rand(batch, cfg.global_crops, 3, 112, 112),
+            "local": rand(batch, cfg.local_crops, 3, cfg.local_size, cfg.local_size),
+        }
     views = cfg.global_crops + cfg.local_crops
     return {"clean": rand(batch, views, 3, 112, 112), "augmented": rand(batch, views, 3, 112, 112)}
 
@@ -232,11 +253,19 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         last.update(trainer.train_step(batch, EPOCH * ITERS_PER_EPOCH + i))
 
     result = measure(step, args, device, rss_start, rss_setup)
-    return {"impl": "ours", "method": cfg.method, "model": cfg.model, "out_dim": cfg.out_dim,
-            "num_landmarks": cfg.num_landmarks, "local_crops": cfg.local_crops,
-            "local_landmarks": cfg.local_landmarks,
-            "student_params_m": round(num_params(task.student) / 1e6, 2), "loss": round(last["loss"], 4),
-            **result, **environment(args)}
+    return {
+        "impl": "ours",
+        "method": cfg.method,
+        "model": cfg.model,
+        "out_dim": cfg.out_dim,
+        "num_landmarks": cfg.num_landmarks,
+        "local_crops": cfg.local_crops,
+        "local_landmarks": cfg.local_landmarks,
+        "student_params_m": round(num_params(task.student) / 1e6, 2),
+        "loss": round(last["loss"], 4),
+        **result,
+        **environment(args),
+    }
 
 
 def _loader(args: argparse.Namespace, cfg: Any) -> Any:
@@ -250,8 +279,14 @@ def _loader(args: argparse.Namespace, cfg: Any) -> Any:
     if len(paths) < 2 * args.batch:
         raise SystemExit(f"--loader {args.loader}: {len(paths)} images, need at least {2 * args.batch}")
     dataset = SSLFaces(paths, _views(cfg), None, seed=0)
-    return DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.loader_workers,
-                      persistent_workers=args.loader_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.loader_workers,
+        persistent_workers=args.loader_workers > 0,
+    )
 
 
 def run_loader(args: argparse.Namespace) -> dict[str, Any]:
@@ -287,10 +322,17 @@ def run_loader(args: argparse.Namespace) -> dict[str, Any]:
         trainer.train_step(next(stream), EPOCH * ITERS_PER_EPOCH + i)
 
     wall, _ = time_steps(fed_step, lambda: None, args.warmup, args.steps)
-    return {"impl": "loader", "method": cfg.method, "model": cfg.model, "loader_workers": args.loader_workers,
-            "images": len(loader.dataset), "loader_images_per_s": round(batches * args.batch / loader_s, 3),
-            "fed_step_ms": round(1000 * statistics.median(wall), 1),
-            "fed_images_per_s": round(args.batch / statistics.median(wall), 4), **environment(args)}
+    return {
+        "impl": "loader",
+        "method": cfg.method,
+        "model": cfg.model,
+        "loader_workers": args.loader_workers,
+        "images": len(loader.dataset),
+        "loader_images_per_s": round(batches * args.batch / loader_s, 3),
+        "fed_step_ms": round(1000 * statistics.median(wall), 1),
+        "fed_images_per_s": round(args.batch / statistics.median(wall), 4),
+        **environment(args),
+    }
 
 
 # ------------------------------------------------------------------------------ official harness
@@ -345,11 +387,21 @@ def _official_shims(device: Any, dtype: str) -> None:
 def _import_official(repo: Path) -> types.SimpleNamespace:
     """Import the official modules from ``repo`` (and ``repo/_deps`` for einops, if it was installed there)."""
     repo = repo.resolve()
-    missing = [f for f in ("lafs_train.py", "utils.py", "vision_transformer.py", "face_pre_pro/ViT_face.py",
-                           "face_pre_pro/mobilenet.py") if not (repo / f).is_file()]
+    missing = [
+        f
+        for f in (
+            "lafs_train.py",
+            "utils.py",
+            "vision_transformer.py",
+            "face_pre_pro/ViT_face.py",
+            "face_pre_pro/mobilenet.py",
+        )
+        if not (repo / f).is_file()
+    ]
     if missing:
-        raise SystemExit(f"--official-repo {repo}: missing {missing}; point it at a checkout of "
-                         "szlbiubiubiu/LAFS_CVPR2024")
+        raise SystemExit(
+            f"--official-repo {repo}: missing {missing}; point it at a checkout of szlbiubiubiu/LAFS_CVPR2024"
+        )
     for extra in (repo / "_deps", repo):
         if extra.is_dir():
             sys.path.insert(0, str(extra))
@@ -359,10 +411,17 @@ def _import_official(repo: Path) -> types.SimpleNamespace:
         from face_pre_pro.ViT_face import ViT_face_landmark_patch8, face_landmark_4simmin_glo_loc
         from vision_transformer import DINOHead
     except ImportError as exc:
-        raise SystemExit(f"cannot import the official code from {repo}: {exc} (einops is needed: "
-                         f"`pip install --target {repo}/_deps einops`)") from exc
-    return types.SimpleNamespace(train=lafs_train, utils=official_utils, ViT=ViT_face_landmark_patch8,
-                                 landmark=face_landmark_4simmin_glo_loc, DINOHead=DINOHead)
+        raise SystemExit(
+            f"cannot import the official code from {repo}: {exc} (einops is needed: "
+            f"`pip install --target {repo}/_deps einops`)"
+        ) from exc
+    return types.SimpleNamespace(
+        train=lafs_train,
+        utils=official_utils,
+        ViT=ViT_face_landmark_patch8,
+        landmark=face_landmark_4simmin_glo_loc,
+        DINOHead=DINOHead,
+    )
 
 
 def run_official(args: argparse.Namespace) -> dict[str, Any]:
@@ -391,20 +450,46 @@ def run_official(args: argparse.Namespace) -> dict[str, Any]:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
     torch.manual_seed(0)
     with contextlib.redirect_stdout(sys.stderr):  # their constructors print; keep stdout for the JSON line
-        landmarkcnn = off.landmark(loss_type="CosFace", GPU_ID=None, num_class=300, num_patches=196,
-                                   image_size=112, patch_size=8, dim=512, depth=12, heads=11, mlp_dim=2560,
-                                   dropout=0.1, emb_dropout=0.1).to(device)
+        landmarkcnn = off.landmark(
+            loss_type="CosFace",
+            GPU_ID=None,
+            num_class=300,
+            num_patches=196,
+            image_size=112,
+            patch_size=8,
+            dim=512,
+            depth=12,
+            heads=11,
+            mlp_dim=2560,
+            dropout=0.1,
+            emb_dropout=0.1,
+        ).to(device)
         landmarkcnn.eval()  # no stage-1 checkpoint was released: random weights, same cost
-        vit_kwargs = dict(loss_type="CosFace", GPU_ID=None, num_class=OFFICIAL_NUM_CLASS, image_size=112,
-                          patch_size=8, dim=size["embed_dim"], depth=size["depth"], heads=size["num_heads"],
-                          dim_head=size["head_dim"], num_patches=196, mlp_dim=size["mlp_dim"], dropout=0.1,
-                          emb_dropout=0.1, with_land=False, use_standcoord=False, Random_prob=False,
-                          shuffle=False)
+        vit_kwargs = dict(
+            loss_type="CosFace",
+            GPU_ID=None,
+            num_class=OFFICIAL_NUM_CLASS,
+            image_size=112,
+            patch_size=8,
+            dim=size["embed_dim"],
+            depth=size["depth"],
+            heads=size["num_heads"],
+            dim_head=size["head_dim"],
+            num_patches=196,
+            mlp_dim=size["mlp_dim"],
+            dropout=0.1,
+            emb_dropout=0.1,
+            with_land=False,
+            use_standcoord=False,
+            Random_prob=False,
+            shuffle=False,
+        )
         teacher = off.ViT(**vit_kwargs)
         student = off.ViT(**vit_kwargs)
         embed_dim = size["embed_dim"]
-        student = off.utils.MultiCropWrapper(student, off.DINOHead(embed_dim, cfg.out_dim, use_bn=False,
-                                                                   norm_last_layer=True))
+        student = off.utils.MultiCropWrapper(
+            student, off.DINOHead(embed_dim, cfg.out_dim, use_bn=False, norm_last_layer=True)
+        )
         teacher = off.utils.MultiCropWrapper(teacher, off.DINOHead(embed_dim, cfg.out_dim, False))
         student, teacher = student.to(device), teacher.to(device)
         teacher_without_ddp = teacher
@@ -414,33 +499,64 @@ def run_official(args: argparse.Namespace) -> dict[str, Any]:
             p.requires_grad = False
         for p in landmarkcnn.parameters():
             p.requires_grad = False
-        dino_loss = off.train.DINOLoss(cfg.out_dim, cfg.local_crops + 2, cfg.warmup_teacher_temp,
-                                       cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs).to(device)
+        dino_loss = off.train.DINOLoss(
+            cfg.out_dim,
+            cfg.local_crops + 2,
+            cfg.warmup_teacher_temp,
+            cfg.teacher_temp,
+            cfg.warmup_teacher_temp_epochs,
+            cfg.epochs,
+        ).to(device)
         optimizer = torch.optim.AdamW(off.utils.get_params_groups(student))
     # bf16 needs no loss scaling; a disabled scaler keeps their `fp16_scaler is not None` (autocast) branch.
     scaler = torch.amp.GradScaler(device.type, enabled=False) if args.dtype == "bf16" else None
     niter = 1  # one-batch loader: global iteration = epoch
-    lr_schedule = off.utils.cosine_scheduler(cfg.lr * args.batch / 256.0, cfg.min_lr, cfg.epochs, niter,
-                                             warmup_epochs=cfg.warmup_epochs)
+    lr_schedule = off.utils.cosine_scheduler(
+        cfg.lr * args.batch / 256.0, cfg.min_lr, cfg.epochs, niter, warmup_epochs=cfg.warmup_epochs
+    )
     wd_schedule = off.utils.cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter)
     momentum_schedule = off.utils.cosine_scheduler(cfg.momentum_teacher, 1, cfg.epochs, niter)
-    train_args = types.SimpleNamespace(epochs=cfg.epochs, clip_grad=cfg.clip_grad,
-                                       freeze_last_layer=cfg.freeze_last_layer)
+    train_args = types.SimpleNamespace(
+        epochs=cfg.epochs, clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer
+    )
     images = _official_images(args.batch, cfg.local_crops, device)
     rss_setup = rss_mb()
     last: dict[str, float] = {}
 
     def step(i: int) -> None:
         with contextlib.redirect_stdout(sys.stderr):
-            last.update(off.train.train_one_epoch(student, teacher, teacher_without_ddp, landmarkcnn, dino_loss,
-                                                  [(images, None)], optimizer, lr_schedule, wd_schedule,
-                                                  momentum_schedule, EPOCH, scaler, train_args))
+            last.update(
+                off.train.train_one_epoch(
+                    student,
+                    teacher,
+                    teacher_without_ddp,
+                    landmarkcnn,
+                    dino_loss,
+                    [(images, None)],
+                    optimizer,
+                    lr_schedule,
+                    wd_schedule,
+                    momentum_schedule,
+                    EPOCH,
+                    scaler,
+                    train_args,
+                )
+            )
 
     result = measure(step, args, device, rss_start, rss_setup)
-    return {"impl": "official", "method": "lafs", "model": cfg.model, "out_dim": cfg.out_dim, "num_landmarks": 196,
-            "local_crops": cfg.local_crops, "local_landmarks": OFFICIAL_LOCAL_LANDMARKS,
-            "student_params_m": round(num_params(student) / 1e6, 2), "loss": round(last["loss"], 4),
-            **result, **environment(args)}
+    return {
+        "impl": "official",
+        "method": "lafs",
+        "model": cfg.model,
+        "out_dim": cfg.out_dim,
+        "num_landmarks": 196,
+        "local_crops": cfg.local_crops,
+        "local_landmarks": OFFICIAL_LOCAL_LANDMARKS,
+        "student_params_m": round(num_params(student) / 1e6, 2),
+        "loss": round(last["loss"], 4),
+        **result,
+        **environment(args),
+    }
 
 
 def _official_images(batch: int, local_crops: int, device: Any) -> list[Any]:
@@ -549,8 +665,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         runner = {"ours": run_ours, "official": run_official, "peak": run_peak, "loader": run_loader}[args.worker]
         row = runner(args)
-        bad = [k for k in ("images_per_s", "step_ms", "gflops_per_image") if k in row
-               and not (isinstance(row[k], float | int) and math.isfinite(row[k]))]
+        bad = [
+            k
+            for k in ("images_per_s", "step_ms", "gflops_per_image")
+            if k in row and not (isinstance(row[k], float | int) and math.isfinite(row[k]))
+        ]
         if bad:
             raise SystemExit(f"non-finite measurement {bad}: {row}")
         print(json.dumps(row), flush=True)

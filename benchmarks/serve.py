@@ -64,8 +64,9 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def served(model: str, photos: list[Path], pairs: list[tuple[Path, Path]], port: int, log: Path, workers: int,
-           concurrency: int) -> dict[str, Any]:
+def served(
+    model: str, photos: list[Path], pairs: list[tuple[Path, Path]], port: int, log: Path, workers: int, concurrency: int
+) -> dict[str, Any]:
     """Embed: one request per photo, ``concurrency`` in flight; verify: one pair request at a time (latency)."""
     with mlflow_serve(model, port, log, workers=workers) as url:
         url = f"{url}/invocations"
@@ -78,7 +79,7 @@ def served(model: str, photos: list[Path], pairs: list[tuple[Path, Path]], port:
                 return False  # no face: a 400, counted (it still cost a request)
 
         with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(embed, photos[:5 * concurrency]))  # warm-up: every worker's sessions and allocator
+            list(pool.map(embed, photos[: 5 * concurrency]))  # warm-up: every worker's sessions and allocator
             start = time.perf_counter()
             answered = list(pool.map(embed, photos))
             embed_s = time.perf_counter() - start
@@ -90,10 +91,17 @@ def served(model: str, photos: list[Path], pairs: list[tuple[Path, Path]], port:
             except urllib.error.HTTPError:
                 continue
             latencies.append((time.perf_counter() - t) * 1000)
-    return {"photos": len(photos), "workers": workers, "concurrency": concurrency,
-            "photos_per_s": len(photos) / embed_s, "ms_per_photo": embed_s * 1000 / len(photos),
-            "no_face_400": answered.count(False), "verify_pairs": len(latencies),
-            "verify_p50_ms": float(np.percentile(latencies, 50)), "verify_p95_ms": float(np.percentile(latencies, 95))}
+    return {
+        "photos": len(photos),
+        "workers": workers,
+        "concurrency": concurrency,
+        "photos_per_s": len(photos) / embed_s,
+        "ms_per_photo": embed_s * 1000 / len(photos),
+        "no_face_400": answered.count(False),
+        "verify_pairs": len(latencies),
+        "verify_p50_ms": float(np.percentile(latencies, 50)),
+        "verify_p95_ms": float(np.percentile(latencies, 95)),
+    }
 
 
 def _import_face_recognition() -> Any:
@@ -125,12 +133,17 @@ def face_recognition_lib(photos: list[Path], procs: int = 1) -> dict[str, Any]:
     from multiprocessing import get_context
 
     with get_context("spawn").Pool(procs) as pool:
-        pool.map(_fr_photo, photos[:5 * procs])  # warm-up: imports and model loading in every process
+        pool.map(_fr_photo, photos[: 5 * procs])  # warm-up: imports and model loading in every process
         start = time.perf_counter()
         found = pool.map(_fr_photo, photos, chunksize=4)
         seconds = time.perf_counter() - start
-    return {"photos": len(photos), "processes": procs, "photos_per_s": len(photos) / seconds,
-            "ms_per_photo": seconds * 1000 / len(photos), "no_face": found.count(False)}
+    return {
+        "photos": len(photos),
+        "processes": procs,
+        "photos_per_s": len(photos) / seconds,
+        "ms_per_photo": seconds * 1000 / len(photos),
+        "no_face": found.count(False),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     photos = pick_photos(args.data, args.photos)
-    result: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                              "model": args.model}
-    result["served"] = served(args.model, photos, consecutive_pairs(photos, args.pairs), args.port,
-                              args.out.with_suffix(".server.log"), args.workers, args.concurrency)
+    result: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "model": args.model,
+    }
+    result["served"] = served(
+        args.model,
+        photos,
+        consecutive_pairs(photos, args.pairs),
+        args.port,
+        args.out.with_suffix(".server.log"),
+        args.workers,
+        args.concurrency,
+    )
     if not args.skip_baseline:
         result["face_recognition"] = face_recognition_lib(photos, args.baseline_procs)
         result["throughput_ratio"] = result["served"]["photos_per_s"] / result["face_recognition"]["photos_per_s"]

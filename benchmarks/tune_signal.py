@@ -28,8 +28,10 @@ def trials(root: Path, study_name: str) -> list[dict[str, Any]]:
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{root / 'models' / 'tune' / 'optuna.db'}")
-    return [{"number": t.number, "state": t.state.name, "val_accuracy": t.value, "params": t.params}
-            for t in study.get_trials(deepcopy=False)]
+    return [
+        {"number": t.number, "state": t.state.name, "val_accuracy": t.value, "params": t.params}
+        for t in study.get_trials(deepcopy=False)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     default_report, base = evaluate_on_test_pairs(paths.model, root, 64, flip)
     result = {
         "cpu": platform.processor() or platform.machine(),
-        "trials": study, "best_trial": tune["best_trial"], "best_params": tune["best_params"],
-        "tuned": {"params": tune["best_params"], "test": tuned_report,
-                  "best_val_accuracy": json.loads((root / "metrics" / "finetune.json").read_text()).get(
-                      "best_val_accuracy")},
-        "default": {"params": {k: getattr(default, k) for k in tune["best_params"]}, "test": default_report,
-                    "best_val_accuracy": summary.metrics().get("best_val_accuracy"), "train_seconds": seconds},
+        "trials": study,
+        "best_trial": tune["best_trial"],
+        "best_params": tune["best_params"],
+        "tuned": {
+            "params": tune["best_params"],
+            "test": tuned_report,
+            "best_val_accuracy": json.loads((root / "metrics" / "finetune.json").read_text()).get("best_val_accuracy"),
+        },
+        "default": {
+            "params": {k: getattr(default, k) for k in tune["best_params"]},
+            "test": default_report,
+            "best_val_accuracy": summary.metrics().get("best_val_accuracy"),
+            "train_seconds": seconds,
+        },
         "tuned_vs_default": paired_test(tuned, base),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     for t in study:
         print(f"trial {t['number']} {t['state']}: val {t['val_accuracy']} {t['params']}")
     d = result["tuned_vs_default"]
-    print(f"test accuracy tuned {tuned_report['accuracy_mean']:.4f} vs default {default_report['accuracy_mean']:.4f}: "
-          f"{d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], McNemar p {d['mcnemar_p']:.3g}")
+    print(
+        f"test accuracy tuned {tuned_report['accuracy_mean']:.4f} vs default {default_report['accuracy_mean']:.4f}: "
+        f"{d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], McNemar p {d['mcnemar_p']:.3g}"
+    )
     return 0
 
 

@@ -102,14 +102,19 @@ class StageRun:
 
 def describe_reasons(reasons: Sequence[Any]) -> str:
     """``dvc status`` entries as one line: ``changed deps: data/raw, params.yaml; changed outs: ...``."""
+
     def name(path: str, change: Any) -> str:  # params entries nest the changed keys: {"params.yaml": {"split": ..}}
         return f"{path} ({', '.join(sorted(change))})" if isinstance(change, dict) else path
 
     parts = []
     for entry in reasons:
         if isinstance(entry, dict):
-            parts += [f"{kind}: {', '.join(name(p, c) for p, c in sorted(what.items()))}"
-                      if isinstance(what, dict) else f"{kind}: {what}" for kind, what in entry.items()]
+            parts += [
+                f"{kind}: {', '.join(name(p, c) for p, c in sorted(what.items()))}"
+                if isinstance(what, dict)
+                else f"{kind}: {what}"
+                for kind, what in entry.items()
+            ]
         else:
             parts.append(str(entry))  # e.g. "changed command", "always changed"
     return "; ".join(parts) or "up to date"
@@ -160,8 +165,9 @@ def pipeline_stages(root: Path) -> list[str]:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
         position = {s: i for i, s in enumerate(stages)}
-        ordered = nx.lexicographical_topological_sort(graph.reverse(copy=True),
-                                                      key=lambda s: position.get(s, len(position)))
+        ordered = nx.lexicographical_topological_sort(
+            graph.reverse(copy=True), key=lambda s: position.get(s, len(position))
+        )
         return [_address(s, repo.root_dir) for s in ordered if s in position]
 
 
@@ -193,16 +199,25 @@ def _markers(stage: str) -> dict[str, Result]:
     }
 
 
-def run_streaming(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], echo: TextIO | None,
-                  watch: Sequence[str] = ()) -> tuple[int, str, set[str]]:
+def run_streaming(
+    cmd: Sequence[str], cwd: Path, env: Mapping[str, str], echo: TextIO | None, watch: Sequence[str] = ()
+) -> tuple[int, str, set[str]]:
     """Run ``cmd``, echoing its output line by line; return (exit code, last lines, the ``watch`` strings seen).
 
     The child stays in our process group so that stopping the flow (Ctrl-C, a worker cancelling the run)
     reaches it too; if we leave early anyway, it gets SIGTERM (``lafs pretrain`` checkpoints on it).
     """
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", bufsize=1)
+    proc = subprocess.Popen(
+        list(cmd),
+        cwd=cwd,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
     try:
         assert proc.stdout is not None
         seen: set[str] = set()
@@ -223,8 +238,9 @@ def run_streaming(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], echo: T
                 proc.wait()
 
 
-def repro_stage(root: Path, stage: str, env: Mapping[str, str] | None = None,
-                echo: TextIO | None = sys.stdout) -> StageRun:
+def repro_stage(
+    root: Path, stage: str, env: Mapping[str, str] | None = None, echo: TextIO | None = sys.stdout
+) -> StageRun:
     """``dvc repro --single-item <stage>``; raise :class:`TransientStageError` / :class:`StageFailed` on failure.
 
     ``--single-item``: only this stage, not its upstream; the flow walks the DAG itself, one task per stage.
@@ -232,8 +248,9 @@ def repro_stage(root: Path, stage: str, env: Mapping[str, str] | None = None,
     reasons = stage_status(root, stage)
     markers = _markers(stage)
     start = time.monotonic()
-    code, tail, seen = run_streaming(dvc_command("repro", "--single-item", stage), root, stage_env(env), echo,
-                                     watch=list(markers))
+    code, tail, seen = run_streaming(
+        dvc_command("repro", "--single-item", stage), root, stage_env(env), echo, watch=list(markers)
+    )
     seconds = round(time.monotonic() - start, 2)
     if code != 0:
         if is_transient(code, tail):

@@ -90,8 +90,13 @@ def discover_stages(root: Path, wanted: list[str] | None) -> list[str]:
     return order
 
 
-@task(name="dvc-repro", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=exponential_backoff(RETRY_DELAY_SECONDS), retry_condition_fn=retry_if_transient)
+@task(
+    name="dvc-repro",
+    cache_policy=NO_CACHE,
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(RETRY_DELAY_SECONDS),
+    retry_condition_fn=retry_if_transient,
+)
 def repro(root: Path, stage: str) -> dict[str, Any]:
     """One stage: ``dvc repro --single-item <stage>``; its output streams to stdout (and the worker's log)."""
     try:
@@ -99,13 +104,19 @@ def repro(root: Path, stage: str) -> dict[str, Any]:
     except StageFailed as exc:
         raise _with_attempt(exc) from None
     run.attempts = current_task_run.run_count
-    get_run_logger().info("stage %s: %s in %.1f s (dvc status before: %s)", stage, run.result, run.seconds,
-                describe_reasons(run.reasons))
+    get_run_logger().info(
+        "stage %s: %s in %.1f s (dvc status before: %s)", stage, run.result, run.seconds, describe_reasons(run.reasons)
+    )
     return run.as_dict()
 
 
-@task(name="dvc-push", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=exponential_backoff(RETRY_DELAY_SECONDS), retry_condition_fn=retry_if_transient)
+@task(
+    name="dvc-push",
+    cache_policy=NO_CACHE,
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(RETRY_DELAY_SECONDS),
+    retry_condition_fn=retry_if_transient,
+)
 def push_outputs(root: Path) -> str:
     """``dvc push`` to the default remote, if one is configured (else a warning: nothing to push to)."""
     logger = get_run_logger()
@@ -128,13 +139,30 @@ def _markdown(report: dict[str, Any]) -> str:
         if r["error"]:
             why = f"{why} — **{r['error']}**"
         rows.append(f"| `{r['stage']}` | {r['result']} | {r['attempts']} | {r['seconds']} | {why} |")
-    overrides = json.dumps({"requested": report["overrides"], "changed in params.yaml": report["changed"]},
-                           indent=2, sort_keys=True, default=str)
+    overrides = json.dumps(
+        {"requested": report["overrides"], "changed in params.yaml": report["changed"]},
+        indent=2,
+        sort_keys=True,
+        default=str,
+    )
     notes = [f"- {note}" for note in report.get("notes", [])]
-    return "\n".join([
-        f"# {report['flow']}: {report['status']}", "", *rows, "", *notes, "",
-        f"push: {report['push']}", "", "## Resolved overrides", "", "```json", overrides, "```",
-    ])
+    return "\n".join(
+        [
+            f"# {report['flow']}: {report['status']}",
+            "",
+            *rows,
+            "",
+            *notes,
+            "",
+            f"push: {report['push']}",
+            "",
+            "## Resolved overrides",
+            "",
+            "```json",
+            overrides,
+            "```",
+        ]
+    )
 
 
 def publish(report: dict[str, Any], key: str = REPORT_KEY) -> None:
@@ -142,18 +170,32 @@ def publish(report: dict[str, Any], key: str = REPORT_KEY) -> None:
     create_markdown_artifact(_markdown(report), key=key, description="stage results and overrides")
     create_table_artifact(
         [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in report["stages"]],
-        key=f"{key}-stages", description="one row per stage: ran / skipped / restored / failed",
+        key=f"{key}-stages",
+        description="one row per stage: ran / skipped / restored / failed",
     )
 
 
 def new_report(flow_name: str, project: Path, sets: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
     """The report a flow fills in and publishes; secret-looking keys are dropped (lafs.tracking.flatten)."""
-    return {"flow": flow_name, "status": "running", "root": str(project), "overrides": flatten(sets),
-            "changed": flatten(applied), "stages": [], "notes": [], "push": "not requested"}
+    return {
+        "flow": flow_name,
+        "status": "running",
+        "root": str(project),
+        "overrides": flatten(sets),
+        "changed": flatten(applied),
+        "stages": [],
+        "notes": [],
+        "push": "not requested",
+    }
 
 
-def run_stages(project: Path, order: Sequence[str], report: dict[str, Any], retries: int = RETRIES,
-               retry_delay_seconds: float = RETRY_DELAY_SECONDS) -> None:
+def run_stages(
+    project: Path,
+    order: Sequence[str],
+    report: dict[str, Any],
+    retries: int = RETRIES,
+    retry_delay_seconds: float = RETRY_DELAY_SECONDS,
+) -> None:
     """Run ``order`` one stage (one task) at a time, appending report rows; a failed stage stops the rest and
     its exception is re-raised (after its row is recorded)."""
     policy = {"retries": retries, "retry_delay_seconds": exponential_backoff(retry_delay_seconds)}
@@ -162,8 +204,9 @@ def run_stages(project: Path, order: Sequence[str], report: dict[str, Any], retr
         if state.is_failed():
             exc = state.result(raise_on_failure=False)
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            report["stages"].append(StageRun(stage, "failed", 0.0, attempts=getattr(exc, "attempts", 1),
-                                             error=first_line).as_dict())
+            report["stages"].append(
+                StageRun(stage, "failed", 0.0, attempts=getattr(exc, "attempts", 1), error=first_line).as_dict()
+            )
             raise exc if isinstance(exc, BaseException) else RuntimeError(f"stage {stage!r}: {first_line}")
         report["stages"].append(state.result())
 
@@ -218,8 +261,10 @@ def pipeline(
 def describe(report: dict[str, Any]) -> str:
     """One line per stage, for the terminal (``make pipeline``)."""
     lines = [f"{report['flow']} {report['status']}: {report['root']}"]
-    lines += [f"  {r['stage']:<14} {r['result']:<9} {r['seconds']:>8.1f} s  attempts={r['attempts']}"
-              for r in report["stages"]]
+    lines += [
+        f"  {r['stage']:<14} {r['result']:<9} {r['seconds']:>8.1f} s  attempts={r['attempts']}"
+        for r in report["stages"]
+    ]
     lines += [f"  {note}" for note in report["notes"]]
     lines.append(f"  push: {report['push']}")
     return "\n".join(lines)
@@ -227,8 +272,13 @@ def describe(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted param set in params.yaml (repeatable; empty sets null)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted param set in params.yaml (repeatable; empty sets null)",
+    )
     parser.add_argument("--data", default=None, help="ingest.source (make pipeline DATA=...)")
     parser.add_argument("--models", default=None, help="landmarks.models_root (make pipeline MODELS=...)")
     parser.add_argument("--stage", action="append", default=None, dest="stages", help="run only this stage")
@@ -237,9 +287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=RETRIES)
     parser.add_argument("--retry-delay", type=float, default=RETRY_DELAY_SECONDS, help="backoff base, seconds")
     args = parser.parse_args(argv)
-    return run_flow(lambda: pipeline(overrides=parse_sets(args.set), data=args.data, models=args.models,
-                                     stages=args.stages, push=args.push, root=args.root, retries=args.retries,
-                                     retry_delay_seconds=args.retry_delay), describe)
+    return run_flow(
+        lambda: pipeline(
+            overrides=parse_sets(args.set),
+            data=args.data,
+            models=args.models,
+            stages=args.stages,
+            push=args.push,
+            root=args.root,
+            retries=args.retries,
+            retry_delay_seconds=args.retry_delay,
+        ),
+        describe,
+    )
 
 
 if __name__ == "__main__":

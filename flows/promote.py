@@ -32,8 +32,14 @@ from lafs.cli import parse_sets
 REPORT_KEY = "lafs-promotion"
 
 
-def promote_args(model_name: str | None, version: str | None, alias: str | None, rollback: bool,
-                 overrides: dict[str, Any] | None, report: Path) -> list[str]:
+def promote_args(
+    model_name: str | None,
+    version: str | None,
+    alias: str | None,
+    rollback: bool,
+    overrides: dict[str, Any] | None,
+    report: Path,
+) -> list[str]:
     """The ``lafs promote`` command line; contradictory choices fail here, before MLflow is contacted."""
     if rollback and (version or alias):
         raise ValueError("rollback restores the previous champion: do not combine it with version or alias")
@@ -53,8 +59,13 @@ def promote_args(model_name: str | None, version: str | None, alias: str | None,
     return args
 
 
-@task(name="lafs-promote", cache_policy=NO_CACHE, retries=RETRIES,
-      retry_delay_seconds=exponential_backoff(RETRY_DELAY_SECONDS), retry_condition_fn=retry_if_transient)
+@task(
+    name="lafs-promote",
+    cache_policy=NO_CACHE,
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(RETRY_DELAY_SECONDS),
+    retry_condition_fn=retry_if_transient,
+)
 def run_promote(root: Path, args: list[str]) -> str:
     """``lafs promote ...``; its last output line (the decision) is the result."""
     code, tail, _ = run_streaming([sys.executable, "-m", "lafs", *args], root, stage_env(), echo=sys.stdout)
@@ -100,9 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. register.min_gain=0.01")
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
-    return run_flow(lambda: promote(model_name=args.model_name, version=args.version, alias=args.alias,
-                                    rollback=args.rollback, overrides=parse_sets(args.set), root=args.root),
-                    lambda result: result["decision"])
+    return run_flow(
+        lambda: promote(
+            model_name=args.model_name,
+            version=args.version,
+            alias=args.alias,
+            rollback=args.rollback,
+            overrides=parse_sets(args.set),
+            root=args.root,
+        ),
+        lambda result: result["decision"],
+    )
 
 
 if __name__ == "__main__":

@@ -86,8 +86,9 @@ def search(
     helpers = []
     try:
         if workers > 1 and stage_status(project, "tune"):
-            helpers = [tune_worker.with_options(task_run_name=f"tune-worker-{i}").submit(project, i)
-                       for i in range(1, workers)]
+            helpers = [
+                tune_worker.with_options(task_run_name=f"tune-worker-{i}").submit(project, i) for i in range(1, workers)
+            ]
         elif workers > 1:
             report["notes"].append("tune is up to date: no helper workers started")
         run_stages(project, ["tune"], report, retries, retry_delay_seconds)
@@ -112,8 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--then", action="append", default=None, help="stage after tune (repeatable)")
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
-    return run_flow(lambda: search(n_trials=args.n_trials, workers=args.workers, overrides=parse_sets(args.set),
-                                   then=args.then, root=args.root), describe)
+    return run_flow(
+        lambda: search(
+            n_trials=args.n_trials, workers=args.workers, overrides=parse_sets(args.set), then=args.then, root=args.root
+        ),
+        describe,
+    )
 
 
 if __name__ == "__main__":

@@ -77,20 +77,27 @@ def _landmark_net(params: Params, args: argparse.Namespace) -> str:
     from lafs.stages import landmark_net
 
     root = args.out
-    paths = landmark_net.LandmarkNetPaths(root, root / "data", root / "models" / "landmark_net.pt",
-                                          root / "metrics" / "landmark_net.json")
+    paths = landmark_net.LandmarkNetPaths(
+        root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"
+    )
     return landmark_net.run(params.landmark_net, paths).describe()
 
 
 def _pretrain_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("models/pretrain"),
-                        help="checkpoint directory: DIR/last.pt is the latest state, resumed automatically "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("models/pretrain"),
+        help="checkpoint directory: DIR/last.pt is the latest state, resumed automatically (default: %(default)s)",
+    )
     parser.add_argument("--root", type=Path, default=Path("."), help="project root holding data/ (default: .)")
     parser.add_argument("--checkpoint-uri", default=None, help="s3://bucket/prefix mirror of DIR/last.pt")
-    parser.add_argument("--restart-on-change", action="store_true",
-                        help="if DIR/last.pt was written with other params, set it aside and start over "
-                             "(dvc.yaml uses this: a params change means a new run)")
+    parser.add_argument(
+        "--restart-on-change",
+        action="store_true",
+        help="if DIR/last.pt was written with other params, set it aside and start over "
+        "(dvc.yaml uses this: a params change means a new run)",
+    )
 
 
 @stage("pretrain", "self-supervised pretraining (LAFS / DINO-face / ProS), torchrun-aware", _pretrain_options)
@@ -108,14 +115,21 @@ def _pretrain(params: Params, args: argparse.Namespace) -> str:
             raise StageError(f"torchrun with {nproc} process(es) x {cfg.nnodes} node(s) failed (see above)")
         return f"pretrained with {nproc} process(es) per node on {cfg.nnodes} node(s); checkpoints in {args.out}"
     root = args.root
-    paths = pretrain.PretrainPaths(root=root, data_dir=root / "data", out_dir=args.out,
-                                   landmark_net=root / "models" / "landmark_net.pt",
-                                   metrics=root / "metrics" / "pretrain.json")
+    paths = pretrain.PretrainPaths(
+        root=root,
+        data_dir=root / "data",
+        out_dir=args.out,
+        landmark_net=root / "models" / "landmark_net.pt",
+        metrics=root / "metrics" / "pretrain.json",
+    )
     return pretrain.run(cfg, paths, restart_on_change=args.restart_on_change).describe()
 
 
-@stage("tune", "Optuna search over the finetune params, one finetune run (an MLflow child run) per trial: "
-               "params/best_finetune.yaml, metrics/tune.json; rerun to resume, start several to share the study")
+@stage(
+    "tune",
+    "Optuna search over the finetune params, one finetune run (an MLflow child run) per trial: "
+    "params/best_finetune.yaml, metrics/tune.json; rerun to resume, start several to share the study",
+)
 def _tune(params: Params, args: argparse.Namespace) -> str:
     from lafs.stages import tune
 
@@ -123,18 +137,32 @@ def _tune(params: Params, args: argparse.Namespace) -> str:
 
 
 def _finetune_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("models/finetune"),
-                        help="output directory: DIR/model.pt is the best epoch's recogniser, DIR/last.pt the latest "
-                             "state, resumed automatically (default: %(default)s)")
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="project root holding data/, models/ and params/best_finetune.yaml (default: .)")
-    parser.add_argument("--restart-on-change", action="store_true",
-                        help="if DIR/last.pt was written with other params or inputs, set it aside and start over "
-                             "(dvc.yaml uses this)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("models/finetune"),
+        help="output directory: DIR/model.pt is the best epoch's recogniser, DIR/last.pt the latest "
+        "state, resumed automatically (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="project root holding data/, models/ and params/best_finetune.yaml (default: .)",
+    )
+    parser.add_argument(
+        "--restart-on-change",
+        action="store_true",
+        help="if DIR/last.pt was written with other params or inputs, set it aside and start over (dvc.yaml uses this)",
+    )
 
 
-@stage("finetune", "supervised finetuning (margin head, landmark regulariser) of the pretrained backbone: "
-                   "models/finetune/model.pt, metrics/finetune.json", _finetune_options)
+@stage(
+    "finetune",
+    "supervised finetuning (margin head, landmark regulariser) of the pretrained backbone: "
+    "models/finetune/model.pt, metrics/finetune.json",
+    _finetune_options,
+)
 def _finetune(params: Params, args: argparse.Namespace) -> str:
     from lafs.stages import finetune
 
@@ -143,15 +171,27 @@ def _finetune(params: Params, args: argparse.Namespace) -> str:
 
 
 def _compare_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("reports/comparison"),
-                        help="one folder per cell (a cell with a result.json is skipped: rerun to resume); the "
-                             "table is written to OUT.md (default: %(default)s)")
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="project root holding data/ and models/landmark_net.pt (default: .)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/comparison"),
+        help="one folder per cell (a cell with a result.json is skipped: rerun to resume); the "
+        "table is written to OUT.md (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="project root holding data/ and models/landmark_net.pt (default: .)",
+    )
 
 
-@stage("compare", "scratch vs DINO-face vs LAFS pretraining x full / few-shot finetuning at equal budgets: "
-                  "reports/comparison.md (not a DVC stage; `make compare`)", _compare_options)
+@stage(
+    "compare",
+    "scratch vs DINO-face vs LAFS pretraining x full / few-shot finetuning at equal budgets: "
+    "reports/comparison.md (not a DVC stage; `make compare`)",
+    _compare_options,
+)
 def _compare(params: Params, args: argparse.Namespace) -> str:
     from lafs.stages import compare
 
@@ -163,48 +203,76 @@ _simple_stage("export", "export models/finetune/model.pt to models/model.onnx an
 
 
 def _evaluate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="evaluate this model file (.pt), exported .onnx, models:/<name>@<alias> (or runs:/, a "
-                             "pyfunc folder), dlib_resnet, pixels or hog on "
-                             "--images/--pairs instead of the pipeline's finetuned model")
-    parser.add_argument("--images", type=Path, default=None, help="with --model: folder of <Identity>/<Identity>_NNNN "
-                                                                  "photos")
-    parser.add_argument("--pairs", type=Path, default=None, help="with --model: LFW pairs file (official or "
-                                                                 "fold-prefixed)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="with --model: output folder (metrics.json, evaluation.md, roc.png, scores.png, "
-                             "roc.csv); without: the project root (default: .)")
-    parser.add_argument("--no-floors", action="store_true",
-                        help="with --model: the model alone, without the evaluate.floors and evaluate.ceiling "
-                             "scored beside it (the pipeline form: set evaluate.floors / evaluate.ceiling)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="evaluate this model file (.pt), exported .onnx, models:/<name>@<alias> (or runs:/, a "
+        "pyfunc folder), dlib_resnet, pixels or hog on "
+        "--images/--pairs instead of the pipeline's finetuned model",
+    )
+    parser.add_argument(
+        "--images", type=Path, default=None, help="with --model: folder of <Identity>/<Identity>_NNNN photos"
+    )
+    parser.add_argument(
+        "--pairs", type=Path, default=None, help="with --model: LFW pairs file (official or fold-prefixed)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="with --model: output folder (metrics.json, evaluation.md, roc.png, scores.png, "
+        "roc.csv); without: the project root (default: .)",
+    )
+    parser.add_argument(
+        "--no-floors",
+        action="store_true",
+        help="with --model: the model alone, without the evaluate.floors and evaluate.ceiling "
+        "scored beside it (the pipeline form: set evaluate.floors / evaluate.ceiling)",
+    )
 
 
-@stage("evaluate", "verification, few-shot and latency of the finetuned model (metrics/eval.json, plots/), or of "
-                   "any --model on --images + --pairs", _evaluate_options)
+@stage(
+    "evaluate",
+    "verification, few-shot and latency of the finetuned model (metrics/eval.json, plots/), or of "
+    "any --model on --images + --pairs",
+    _evaluate_options,
+)
 def _evaluate(params: Params, args: argparse.Namespace) -> str:
     from lafs.stages import evaluate
 
     if args.model is None:
         if args.images is not None or args.pairs is not None:
-            raise ConfigError("--images/--pairs go with --model; the pipeline form reads evaluate.pairs / "
-                              "evaluate.images_root")
+            raise ConfigError(
+                "--images/--pairs go with --model; the pipeline form reads evaluate.pairs / evaluate.images_root"
+            )
         if args.no_floors:
-            raise ConfigError("--no-floors goes with --model; the pipeline form reads evaluate.floors / "
-                              "evaluate.ceiling (e.g. --set floors=[] --set ceiling=null)")
+            raise ConfigError(
+                "--no-floors goes with --model; the pipeline form reads evaluate.floors / "
+                "evaluate.ceiling (e.g. --set floors=[] --set ceiling=null)"
+            )
         paths = evaluate.EvaluatePaths(args.out or Path("."))
         return evaluate.run(params.evaluate, params.landmarks, paths).describe()
-    missing = [flag for flag, value in (("--images", args.images), ("--pairs", args.pairs), ("--out", args.out))
-               if value is None]
+    missing = [
+        flag
+        for flag, value in (("--images", args.images), ("--pairs", args.pairs), ("--out", args.out))
+        if value is None
+    ]
     if missing:
-        raise ConfigError(f"--model needs {', '.join(missing)} (e.g. lafs evaluate --model dlib_resnet --images "
-                          "../shared/data/lfw_subset --pairs ../shared/data/lfw_subset_pairs.txt --out /tmp/eval)")
-    return evaluate.run_model(params.evaluate, params.landmarks, args.model, args.images, args.pairs,
-                              args.out, baselines=not args.no_floors).describe()
+        raise ConfigError(
+            f"--model needs {', '.join(missing)} (e.g. lafs evaluate --model dlib_resnet --images "
+            "../shared/data/lfw_subset --pairs ../shared/data/lfw_subset_pairs.txt --out /tmp/eval)"
+        )
+    return evaluate.run_model(
+        params.evaluate, params.landmarks, args.model, args.images, args.pairs, args.out, baselines=not args.no_floors
+    ).describe()
 
 
-@stage("register", "log the evaluated model to the MLflow Model Registry (alias challenger) as a served pyfunc "
-                   "(detector + ONNX recogniser + threshold), run the promotion gate: metrics/promotion.json, "
-                   "reports/promotion.md")
+@stage(
+    "register",
+    "log the evaluated model to the MLflow Model Registry (alias challenger) as a served pyfunc "
+    "(detector + ONNX recogniser + threshold), run the promotion gate: metrics/promotion.json, "
+    "reports/promotion.md",
+)
 def _register(params: Params, args: argparse.Namespace) -> str:
     from lafs.stages import register
 
@@ -216,13 +284,18 @@ def _promote_options(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", default=None, help="version to run the gate for")
     which.add_argument("--alias", default="challenger", help="alias of the version to gate (default: %(default)s)")
-    which.add_argument("--rollback", action="store_true",
-                       help="make the previous champion (from the recorded history) champion again")
+    which.add_argument(
+        "--rollback", action="store_true", help="make the previous champion (from the recorded history) champion again"
+    )
     parser.add_argument("--report", type=Path, default=None, help="also write the decision as markdown here")
 
 
-@stage("promote", "run the promotion gate on demand (or --rollback) for a registered model; gate params come "
-                  "from the register section (--set min_gain=0.01)", _promote_options)
+@stage(
+    "promote",
+    "run the promotion gate on demand (or --rollback) for a registered model; gate params come "
+    "from the register section (--set min_gain=0.01)",
+    _promote_options,
+)
 def _promote(params: Params, args: argparse.Namespace) -> str:
     from lafs import registry
 
@@ -231,18 +304,30 @@ def _promote(params: Params, args: argparse.Namespace) -> str:
             args.report.parent.mkdir(parents=True, exist_ok=True)
             args.report.write_text(registry.report_markdown(decision))
 
-    return registry.promote_on_demand(params.register, args.model_name, args.version, args.alias,
-                                      roll_back=args.rollback, before_move=write_report).describe()
+    return registry.promote_on_demand(
+        params.register, args.model_name, args.version, args.alias, roll_back=args.rollback, before_move=write_report
+    ).describe()
 
 
 def _cluster_options(parser: argparse.ArgumentParser) -> None:
     """``lafs cluster``: on demand, not a DVC stage, so no params section (see lafs.stages.cluster)."""
-    parser.add_argument("--model", default=None, help="model file (.pt), exported .onnx, models:/<name>@<alias>, "
-                                                       "runs:/<id>/model, or dlib_resnet")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="CSV with aligned_path[,identity] (paths relative to --root) or a folder of aligned faces")
-    parser.add_argument("--embeddings", type=Path, default=None,
-                        help="precomputed (N, D) .npy instead of --model (rows in --images order, if given)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model file (.pt), exported .onnx, models:/<name>@<alias>, runs:/<id>/model, or dlib_resnet",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="CSV with aligned_path[,identity] (paths relative to --root) or a folder of aligned faces",
+    )
+    parser.add_argument(
+        "--embeddings",
+        type=Path,
+        default=None,
+        help="precomputed (N, D) .npy instead of --model (rows in --images order, if given)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder: clusters.csv, cluster_metrics.json")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--threshold", type=float, default=None, help="cosine similarity threshold")
@@ -250,29 +335,47 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-key", default="verification.threshold", help="dotted key (default: %(default)s)")
     parser.add_argument("--method", choices=["agglomerative", "hdbscan"], default="agglomerative")
     parser.add_argument("--min-cluster-size", type=int, default=2, help="HDBSCAN's (default: %(default)s)")
-    parser.add_argument("--curate-min-size", type=int, default=None,
-                        help="also write curated.txt: images in clusters of at least N faces, one per line")
+    parser.add_argument(
+        "--curate-min-size",
+        type=int,
+        default=None,
+        help="also write curated.txt: images in clusters of at least N faces, one per line",
+    )
     parser.add_argument("--root", type=Path, default=Path("."), help="base of CSV paths (default: .)")
-    parser.add_argument("--folder-identities", action="store_true",
-                        help="folder input: parent folder name is the identity (scores the clustering)")
+    parser.add_argument(
+        "--folder-identities",
+        action="store_true",
+        help="folder input: parent folder name is the identity (scores the clustering)",
+    )
     parser.add_argument("--flip", action="store_true", help="flip-sum embeddings")
     parser.add_argument("--batch-size", type=int, default=64)
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="project",
-                        help="models:/<name>@champion, models:/<name>/<version>, runs:/<id>/model, a saved pyfunc "
-                             "folder, or 'project': models/model.onnx + metrics/eval.json of --root (default)")
+    parser.add_argument(
+        "--model",
+        default="project",
+        help="models:/<name>@champion, models:/<name>/<version>, runs:/<id>/model, a saved pyfunc "
+        "folder, or 'project': models/model.onnx + metrics/eval.json of --root (default)",
+    )
     parser.add_argument("--root", type=Path, default=Path("."), help="project root for --model project (default: .)")
-    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE),
-                        help="landmarks section (detector) for --model project (default: %(default)s)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path(PARAMS_FILE),
+        help="landmarks section (detector) for --model project (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores)")
 
 
 def _embed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("photos", nargs="+", help="photo files, folders (searched recursively) or s3://bucket/prefix")
-    parser.add_argument("--out", type=Path, required=True, help="Parquet file: a row per face (photo, box, "
-                                                                "keypoints, det_score, embedding)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="Parquet file: a row per face (photo, box, keypoints, det_score, embedding)",
+    )
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible server for s3:// inputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_options(parser)
@@ -281,8 +384,12 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
 def _verify_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("photo_a", type=Path)
     parser.add_argument("photo_b", type=Path)
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="cosine above which the faces are the same person (default: the model's calibrated one)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="cosine above which the faces are the same person (default: the model's calibrated one)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     _model_options(parser)
 
@@ -298,8 +405,9 @@ def _embed(args: argparse.Namespace) -> int:
     """Exit status: 0 when every photo gave a face, else the number of rejected photos (at most 125)."""
     from lafs.serving.embed import embed_photos, list_photos
 
-    summary = embed_photos(_pipeline(args), list_photos(args.photos, args.s3_endpoint_url), args.out,
-                           progress=not args.no_progress)
+    summary = embed_photos(
+        _pipeline(args), list_photos(args.photos, args.s3_endpoint_url), args.out, progress=not args.no_progress
+    )
     print(summary.describe())
     return min(sum(summary.rejected.values()), 125)
 
@@ -325,13 +433,20 @@ def _verify(args: argparse.Namespace) -> int:
         same = pipeline.same(score)
     except ValueError as exc:
         raise StageError(str(exc)) from None
-    result = {"photo_a": str(args.photo_a), "photo_b": str(args.photo_b), "score": round(score, 6),
-              "threshold": pipeline.cfg.threshold, "same": same}
+    result = {
+        "photo_a": str(args.photo_a),
+        "photo_b": str(args.photo_b),
+        "score": round(score, 6),
+        "threshold": pipeline.cfg.threshold,
+        "same": same,
+    }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{'same person' if same else 'different people'}: score {score:.4f} "
-              f"{'>' if same else '<='} threshold {pipeline.cfg.threshold:.4f}")
+        print(
+            f"{'same person' if same else 'different people'}: score {score:.4f} "
+            f"{'>' if same else '<='} threshold {pipeline.cfg.threshold:.4f}"
+        )
     return 0 if same else 1
 
 
@@ -339,10 +454,20 @@ def _cluster(args: argparse.Namespace) -> str:
     from lafs.stages import cluster
 
     cfg = cluster.ClusterConfig(
-        model=args.model, images=args.images, embeddings=args.embeddings, threshold=args.threshold,
-        metrics=args.metrics, metrics_key=args.metrics_key, method=args.method,
-        min_cluster_size=args.min_cluster_size, curate_min_size=args.curate_min_size, root=args.root,
-        folder_identities=args.folder_identities, flip=args.flip, batch_size=args.batch_size)
+        model=args.model,
+        images=args.images,
+        embeddings=args.embeddings,
+        threshold=args.threshold,
+        metrics=args.metrics,
+        metrics_key=args.metrics_key,
+        method=args.method,
+        min_cluster_size=args.min_cluster_size,
+        curate_min_size=args.curate_min_size,
+        root=args.root,
+        folder_identities=args.folder_identities,
+        flip=args.flip,
+        batch_size=args.batch_size,
+    )
     return cluster.run(cfg, args.out).describe()
 
 
@@ -388,14 +513,25 @@ def _build_parser() -> argparse.ArgumentParser:
             help="override a param for this call only (repeatable); `lafs set-params` changes params.yaml",
         )
         (spec.options or _root_out)(p)
-    p = sub.add_parser("set-params", help="set values in params.yaml, comments kept (what `dvc exp run "
-                                          "--set-param` does; make pipeline DATA=... MODELS=... calls it)")
+    p = sub.add_parser(
+        "set-params",
+        help="set values in params.yaml, comments kept (what `dvc exp run "
+        "--set-param` does; make pipeline DATA=... MODELS=... calls it)",
+    )
     p.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="empty VALUE sets null")
-    _cluster_options(sub.add_parser("cluster", help="group aligned faces into identities with a model: "
-                                                    "clusters.csv, cluster_metrics.json[, curated.txt]"))
-    _embed_options(sub.add_parser("embed", help="detect, align and embed photos with a model: a Parquet row per "
-                                                "face, rejects listed with a reason"))
+    _cluster_options(
+        sub.add_parser(
+            "cluster",
+            help="group aligned faces into identities with a model: clusters.csv, cluster_metrics.json[, curated.txt]",
+        )
+    )
+    _embed_options(
+        sub.add_parser(
+            "embed",
+            help="detect, align and embed photos with a model: a Parquet row per face, rejects listed with a reason",
+        )
+    )
     _verify_options(sub.add_parser("verify", help="are two photos the same person? exit 0 same, 1 different"))
     return parser
 

@@ -60,17 +60,13 @@ class IngestParams(Section):
             if not source[len("s3://") :].split("/")[0]:
                 raise ValueError(f"ingest.source {source!r} names no bucket (expected s3://bucket/prefix)")
         elif "://" in source:
-            raise ValueError(
-                f"ingest.source {source!r}: only s3:// URLs, 'lfw' or a local folder path are supported"
-            )
+            raise ValueError(f"ingest.source {source!r}: only s3:// URLs, 'lfw' or a local folder path are supported")
         from PIL import Image
 
         Image.init()
         unknown = [f for f in self.formats if f not in Image.OPEN]
         if unknown:
-            raise ValueError(
-                f"ingest.formats: {unknown} are not PIL format names (use upper case, e.g. JPEG, PNG)"
-            )
+            raise ValueError(f"ingest.formats: {unknown} are not PIL format names (use upper case, e.g. JPEG, PNG)")
         return self
 
 
@@ -329,7 +325,8 @@ class FinetuneParams(Section):
             raise ValueError(f"finetune.warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
         if self.val_pairs_per_fold % 2:
             raise ValueError(
-                f"finetune.val_pairs_per_fold must be even (half same pairs), got {self.val_pairs_per_fold}")
+                f"finetune.val_pairs_per_fold must be even (half same pairs), got {self.val_pairs_per_fold}"
+            )
         return self
 
 
@@ -374,8 +371,10 @@ class RegisterParams(Section):
     @model_validator(mode="after")
     def _check_register(self) -> RegisterParams:
         if self.primary_metric in self.secondary_metrics:
-            raise ValueError(f"register.secondary_metrics repeats the primary metric {self.primary_metric!r}; "
-                             "remove it there (min_gain already governs it)")
+            raise ValueError(
+                f"register.secondary_metrics repeats the primary metric {self.primary_metric!r}; "
+                "remove it there (min_gain already governs it)"
+            )
         return self
 
 
@@ -404,8 +403,10 @@ class SearchDim(Section):
         if self.low is None or self.high is None:
             raise ValueError("give low and high (a range) or choices (a list)")
         if not self.low < self.high:
-            raise ValueError(f"low must be < high, got {self.low} .. {self.high} (a fixed value belongs in the "
-                             "finetune section, not the search space)")
+            raise ValueError(
+                f"low must be < high, got {self.low} .. {self.high} (a fixed value belongs in the "
+                "finetune section, not the search space)"
+            )
         if self.log and self.low <= 0:
             raise ValueError(f"log scale needs low > 0, got {self.low}")
         if self.log and self.step is not None:
@@ -495,11 +496,15 @@ class TuneParams(Section):
             for name, value in trial.items():
                 dim = self.search_space.get(name)
                 if dim is None:
-                    raise ValueError(f"enqueue[{n}].{name}: not in search_space (only searched params "
-                                     "can be enqueued; set fixed values in the finetune section)")
-                inside = (value in dim.choices if dim.choices is not None else
-                          isinstance(value, int | float) and not isinstance(value, bool)
-                          and dim.low <= value <= dim.high)
+                    raise ValueError(
+                        f"enqueue[{n}].{name}: not in search_space (only searched params "
+                        "can be enqueued; set fixed values in the finetune section)"
+                    )
+                inside = (
+                    value in dim.choices
+                    if dim.choices is not None
+                    else isinstance(value, int | float) and not isinstance(value, bool) and dim.low <= value <= dim.high
+                )
                 if not inside:
                     allowed = list(dim.choices) if dim.choices is not None else f"{dim.low} .. {dim.high}"
                     raise ValueError(f"enqueue[{n}].{name}: {value!r} is outside the search space ({allowed})")
@@ -537,8 +542,7 @@ def _check_search_dim(name: str, dim: SearchDim) -> None:
         try:
             accepts.validate_python(value)
         except ValidationError as exc:
-            raise ValueError(f"{name}: {value!r} is not a valid finetune.{name} "
-                             f"({exc.errors()[0]['msg']})") from None
+            raise ValueError(f"{name}: {value!r} is not a valid finetune.{name} ({exc.errors()[0]['msg']})") from None
 
 
 class ExportParams(Section):
@@ -584,8 +588,10 @@ class EvaluateParams(Section):
     @model_validator(mode="after")
     def _check_evaluate(self) -> EvaluateParams:
         if self.pairs != "split" and not self.images_root:
-            raise ValueError(f"evaluate.pairs is a pairs file ({self.pairs!r}): set evaluate.images_root to the "
-                             "folder of its <Identity>/<Identity>_NNNN photos")
+            raise ValueError(
+                f"evaluate.pairs is a pairs file ({self.pairs!r}): set evaluate.images_root to the "
+                "folder of its <Identity>/<Identity>_NNNN photos"
+            )
         if any(k < 1 for k in self.fewshot_k) or len(set(self.fewshot_k)) != len(self.fewshot_k):
             raise ValueError(f"evaluate.fewshot_k must be distinct integers >= 1, got {list(self.fewshot_k)}")
         budgets = self.latency_budgets_ms
@@ -617,8 +623,9 @@ class CompareParams(Section):
     @model_validator(mode="after")
     def _check_compare(self) -> CompareParams:
         if len(set(self.inits)) != len(self.inits) or len(set(self.fewshot_k)) != len(self.fewshot_k):
-            raise ValueError(f"compare.inits / fewshot_k must not repeat, got {list(self.inits)} / "
-                             f"{list(self.fewshot_k)}")
+            raise ValueError(
+                f"compare.inits / fewshot_k must not repeat, got {list(self.inits)} / {list(self.fewshot_k)}"
+            )
         if any(k < 1 for k in self.fewshot_k):
             raise ValueError(f"compare.fewshot_k must be >= 1, got {list(self.fewshot_k)}")
         return self
@@ -707,8 +714,10 @@ def load_params(path: str | Path = PARAMS_FILE, sets: dict[str, Any] | None = No
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
     retired = path.parent / RETIRED_OVERRIDE_FILE
     if retired.exists():
-        raise ConfigError(f"{retired} is no longer read: set its values in {path.name} (`lafs set-params --set "
-                          "key=value` or `dvc exp run --set-param key=value`) and delete it")
+        raise ConfigError(
+            f"{retired} is no longer read: set its values in {path.name} (`lafs set-params --set "
+            "key=value` or `dvc exp run --set-param key=value`) and delete it"
+        )
     data = read_yaml_mapping(path)
     for key, value in (sets or {}).items():
         set_dotted(data, key, value)

@@ -61,9 +61,16 @@ def export_onnx(module: nn.Module, path: str | Path, opset: int = 17) -> Path:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # The TorchScript exporter is deprecated in favour of dynamo's, which needs onnxscript (not installed).
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapper, (dummy * 2 - 1,), str(tmp), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            torch.onnx.export(
+                wrapper,
+                (dummy * 2 - 1,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
         onnx.checker.check_model(str(tmp))
         tmp.replace(path)
     except Exception as exc:
@@ -89,8 +96,9 @@ class Parity:
         return asdict(self)
 
 
-def parity(module: nn.Module, onnx_path: str | Path, faces: np.ndarray, batch_size: int = 5,
-           threads: int = 0) -> Parity:
+def parity(
+    module: nn.Module, onnx_path: str | Path, faces: np.ndarray, batch_size: int = 5, threads: int = 0
+) -> Parity:
     """Embed ``faces`` (N, 112, 112, 3) uint8 with both runtimes (no TTA) and compare them face by face.
 
     ``batch_size`` should differ from the traced batch (2) and leave a remainder, exercising the dynamic axis.
@@ -103,13 +111,20 @@ def parity(module: nn.Module, onnx_path: str | Path, faces: np.ndarray, batch_si
     if ref.shape != out.shape:
         raise ExportError(f"ONNX embeddings have shape {out.shape}, PyTorch {ref.shape}")
     cos = np.einsum("ij,ij->i", ref.astype(np.float64), out.astype(np.float64))
-    return Parity(images=len(faces), batch_size=batch_size, min_cosine=float(cos.min()),
-                  mean_cosine=float(cos.mean()), max_abs_diff=float(np.abs(ref - out).max()))
+    return Parity(
+        images=len(faces),
+        batch_size=batch_size,
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+        max_abs_diff=float(np.abs(ref - out).max()),
+    )
 
 
 def require_parity(check: Parity, min_cosine: float) -> None:
     """Raise :class:`ExportError` when the worst face's cosine is below ``min_cosine``."""
     if check.min_cosine < min_cosine:
-        raise ExportError(f"ONNX parity failed: the worst of {check.images} faces has cosine {check.min_cosine:.6f} "
-                          f"between PyTorch and ONNX Runtime, below the required {min_cosine} (max abs diff "
-                          f"{check.max_abs_diff:.2e}): an operator exports differently from eager PyTorch")
+        raise ExportError(
+            f"ONNX parity failed: the worst of {check.images} faces has cosine {check.min_cosine:.6f} "
+            f"between PyTorch and ONNX Runtime, below the required {min_cosine} (max abs diff "
+            f"{check.max_abs_diff:.2e}): an operator exports differently from eager PyTorch"
+        )

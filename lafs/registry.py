@@ -119,13 +119,20 @@ class Decision:
 
     @property
     def label(self) -> str:
-        return {"first": "promoted (first model)", "promote": "promoted", "reject": "rejected",
-                "noop": "already champion", "rollback": "rolled back"}[self.action]
+        return {
+            "first": "promoted (first model)",
+            "promote": "promoted",
+            "reject": "rejected",
+            "noop": "already champion",
+            "rollback": "rolled back",
+        }[self.action]
 
     def describe(self) -> str:
         against = f"champion v{self.champion}" if self.champion else "no champion"
-        return (f"{self.model_name} v{self.version} vs {against}: {self.label}; "
-                f"champion is v{self.champion_after}. {'; '.join(self.reasons)}")
+        return (
+            f"{self.model_name} v{self.version} vs {against}: {self.label}; "
+            f"champion is v{self.champion_after}. {'; '.join(self.reasons)}"
+        )
 
 
 def _fmt(value: float | None) -> str:
@@ -139,8 +146,9 @@ def _value(metrics: Mapping[str, float] | None, key: str) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def compare(challenger: Mapping[str, float], champion: Mapping[str, float] | None,
-            cfg: RegisterParams) -> tuple[bool, tuple[MetricCheck, ...], tuple[str, ...]]:
+def compare(
+    challenger: Mapping[str, float], champion: Mapping[str, float] | None, cfg: RegisterParams
+) -> tuple[bool, tuple[MetricCheck, ...], tuple[str, ...]]:
     """The promotion gate: ``(passes, checks, reasons)`` for flat (dotted-key) metrics of both versions.
 
     Primary: ``gain = challenger - champion`` (negated when lower is better) must be > 0 and >= ``min_gain``, so
@@ -163,19 +171,24 @@ def compare(challenger: Mapping[str, float], champion: Mapping[str, float] | Non
         reasons.append(f"no champion yet: the first registered model becomes champion ({key} {_fmt(new)})")
     elif old is None:
         checks.append(MetricCheck(key, rule, new, None, False, "champion has no value"))
-        reasons.append(f"the champion has no value for the primary metric {key}: they cannot be compared "
-                       "(promote by hand after checking, or change register.primary_metric)")
+        reasons.append(
+            f"the champion has no value for the primary metric {key}: they cannot be compared "
+            "(promote by hand after checking, or change register.primary_metric)"
+        )
     else:
         gain = sign * (new - old)
         ok = gain > 0 and gain >= cfg.min_gain
         checks.append(MetricCheck(key, rule, new, old, ok, f"gain {gain:+.6g}"))
         verdict = "improves on" if ok else "does not improve enough on"
-        reasons.append(f"{key} {_fmt(new)} {verdict} the champion's {_fmt(old)} "
-                       f"(gain {gain:+.6g}; needs > 0 and >= {cfg.min_gain:g})")
+        reasons.append(
+            f"{key} {_fmt(new)} {verdict} the champion's {_fmt(old)} "
+            f"(gain {gain:+.6g}; needs > 0 and >= {cfg.min_gain:g})"
+        )
     for skey, spec in cfg.secondary_metrics.items():
         ssign = 1.0 if spec.higher_is_better else -1.0
-        srule = (f"secondary: {'higher' if spec.higher_is_better else 'lower'} is better, "
-                 f"regression <= {spec.tolerance:g}")
+        srule = (
+            f"secondary: {'higher' if spec.higher_is_better else 'lower'} is better, regression <= {spec.tolerance:g}"
+        )
         snew, sold = _value(challenger, skey), _value(champion, skey)
         if champion is None:
             checks.append(MetricCheck(skey, srule, snew, None, True, "no champion yet"))
@@ -189,8 +202,10 @@ def compare(challenger: Mapping[str, float], champion: Mapping[str, float] | Non
             ok = regression <= spec.tolerance + 1e-12  # float noise must not block an equal metric
             checks.append(MetricCheck(skey, srule, snew, sold, ok, f"regression {regression:+.6g}"))
             if not ok:
-                reasons.append(f"{skey} regresses by {regression:.6g} ({_fmt(sold)} -> {_fmt(snew)}), more than "
-                               f"its tolerance {spec.tolerance:g}")
+                reasons.append(
+                    f"{skey} regresses by {regression:.6g} ({_fmt(sold)} -> {_fmt(snew)}), more than "
+                    f"its tolerance {spec.tolerance:g}"
+                )
     return all(c.passed for c in checks), tuple(checks), tuple(reasons)
 
 
@@ -199,9 +214,12 @@ TEST_SET_TAGS = ("protocol.name", "test_set.pairs_sha256", "test_set.faces_sha25
 PROVENANCE_LOCKED = "dvc.lock"
 
 
-def eligibility(challenger_tags: Mapping[str, str], challenger: Mapping[str, float],
-                champion_tags: Mapping[str, str] | None, cfg: RegisterParams) -> tuple[tuple[MetricCheck, ...],
-                                                                                         tuple[str, ...]]:
+def eligibility(
+    challenger_tags: Mapping[str, str],
+    challenger: Mapping[str, float],
+    champion_tags: Mapping[str, str] | None,
+    cfg: RegisterParams,
+) -> tuple[tuple[MetricCheck, ...], tuple[str, ...]]:
     """What must hold before metrics are compared at all: ``(checks, refusals)``; any refusal rejects.
 
     - the absolute floor (``min_margin_over_floor``): the primary metric above the best non-learned floor of the
@@ -216,26 +234,42 @@ def eligibility(challenger_tags: Mapping[str, str], challenger: Mapping[str, flo
         margin = _value(challenger, "margin_over_floor")
         ok = margin is not None and margin > cfg.min_margin_over_floor
         note = "no floor was scored" if margin is None else f"margin {margin:+.6g}"
-        checks.append(MetricCheck("margin_over_floor", f"absolute: > {cfg.min_margin_over_floor:g} over the best "
-                                  "non-learned floor", margin, None, ok, note))
+        checks.append(
+            MetricCheck(
+                "margin_over_floor",
+                f"absolute: > {cfg.min_margin_over_floor:g} over the best non-learned floor",
+                margin,
+                None,
+                ok,
+                note,
+            )
+        )
         if not ok:
-            refusals.append(f"below the absolute floor: {cfg.primary_metric} must beat the best non-learned floor of "
-                            f"the same evaluation by > {cfg.min_margin_over_floor:g} ({note}); never promoted")
+            refusals.append(
+                f"below the absolute floor: {cfg.primary_metric} must beat the best non-learned floor of "
+                f"the same evaluation by > {cfg.min_margin_over_floor:g} ({note}); never promoted"
+            )
     if challenger_tags.get("git.dirty") == "true" and not cfg.allow_dirty:
-        refusals.append("registered from a git tree with uncommitted changes to tracked files: commit them and "
-                        "rerun, or set register.allow_dirty: true")
+        refusals.append(
+            "registered from a git tree with uncommitted changes to tracked files: commit them and "
+            "rerun, or set register.allow_dirty: true"
+        )
     provenance = challenger_tags.get("provenance")
     if provenance != PROVENANCE_LOCKED and not cfg.allow_unlocked:
-        refusals.append(f"not a dvc.lock run (provenance: {provenance or 'unknown'}): the model / eval files are not "
-                        "the ones dvc.lock records; run `dvc repro` (or `make pipeline`), or set "
-                        "register.allow_unlocked: true")
+        refusals.append(
+            f"not a dvc.lock run (provenance: {provenance or 'unknown'}): the model / eval files are not "
+            "the ones dvc.lock records; run `dvc repro` (or `make pipeline`), or set "
+            "register.allow_unlocked: true"
+        )
     if champion_tags is not None and cfg.require_same_test_set:
         for key in TEST_SET_TAGS:
             new, old = challenger_tags.get(key), champion_tags.get(key)
             if new is None or new != old:
-                refusals.append(f"{key} differs (challenger {new or 'missing'}, champion {old or 'missing'}): they "
-                                "were scored on different test pairs, photos or protocol, so their metrics cannot "
-                                "be compared; re-evaluate one on the other's test set, or promote by hand")
+                refusals.append(
+                    f"{key} differs (challenger {new or 'missing'}, champion {old or 'missing'}): they "
+                    "were scored on different test pairs, photos or protocol, so their metrics cannot "
+                    "be compared; re-evaluate one on the other's test set, or promote by hand"
+                )
     return tuple(checks), tuple(refusals)
 
 
@@ -271,8 +305,10 @@ def get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"registered model {name!r} has no version {version}: list them with "
-                                f"MlflowClient().search_model_versions(\"name='{name}'\")") from None
+            raise RegistryError(
+                f"registered model {name!r} has no version {version}: list them with "
+                f"MlflowClient().search_model_versions(\"name='{name}'\")"
+            ) from None
         raise
 
 
@@ -326,8 +362,7 @@ class ServedModel:
     example_photos: tuple[Path, ...]  # real photos for the input example (validated by loading the model back)
 
 
-def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration,
-                     example_batch: int = 2) -> ModelVersion:
+def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration, example_batch: int = 2) -> ModelVersion:
     """Log the model in a new run and register it as a new version of ``cfg.model_name``; tag the version.
 
     One run holds three logged models: ``model``, the self-contained pyfunc that serves photos (detector +
@@ -363,29 +398,47 @@ def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration,
         mlflow.log_params(reg.params)
         mlflow.log_metrics(loggable(reg.metrics))
         mlflow.set_tags({k: v for k, v in reg.tags.items() if len(v) <= 5000})
-        info = mlflow.pytorch.log_model(model, name="pytorch",
-                                        registered_model_name=None if served else cfg.model_name,
-                                        signature=signature, input_example=example.numpy(),
-                                        pip_requirements=requirements, serialization_format="pt2",
-                                        validate_serving_input=cfg.validate_serving_input)
+        info = mlflow.pytorch.log_model(
+            model,
+            name="pytorch",
+            registered_model_name=None if served else cfg.model_name,
+            signature=signature,
+            input_example=example.numpy(),
+            pip_requirements=requirements,
+            serialization_format="pt2",
+            validate_serving_input=cfg.validate_serving_input,
+        )
         if reg.onnx_file is not None:
             _log_onnx(reg.onnx_file, signature)
             mlflow.log_artifact(str(reg.onnx_file), "onnx")
         if served:
             from lafs.serving.pyfunc import log_model
 
-            info = log_model("model", reg.served.detector, reg.onnx_file, reg.served.config,
-                             reg.served.example_photos, registered_model_name=cfg.model_name)
+            info = log_model(
+                "model",
+                reg.served.detector,
+                reg.onnx_file,
+                reg.served.config,
+                reg.served.example_photos,
+                registered_model_name=cfg.model_name,
+            )
         mlflow.log_artifact(str(reg.model_file), "source")
         mlflow.log_artifact(str(reg.eval_file), "eval")
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-        tags = {**reg.tags, **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in loggable(reg.metrics).items()},
-                "registration.run_id": run.info.run_id, "served.flavor": "pyfunc" if served else "pytorch"}
+        tags = {
+            **reg.tags,
+            **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in loggable(reg.metrics).items()},
+            "registration.run_id": run.info.run_id,
+            "served.flavor": "pyfunc" if served else "pytorch",
+        }
         if served:
             cfg_served = reg.served.config
-            tags |= {"serving.threshold": repr(cfg_served.threshold), "serving.flip": str(cfg_served.flip),
-                     "serving.detector": reg.served.detector.name}
+            tags |= {
+                "serving.threshold": repr(cfg_served.threshold),
+                "serving.flip": str(cfg_served.flip),
+                "serving.detector": reg.served.detector.name,
+            }
         for key, value in tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
     return client.get_model_version(cfg.model_name, version)
@@ -399,10 +452,13 @@ def _log_onnx(path: Path, signature: Any) -> None:
     from mlflow.types import Schema, TensorSpec
 
     inputs = Schema([TensorSpec(signature.inputs.numpy_types()[0], (-1, 3, 112, 112), "images")])
-    outputs = Schema([TensorSpec(signature.outputs.numpy_types()[0], signature.outputs.inputs[0].shape,
-                                 "embedding")])
-    mlflow.onnx.log_model(onnx.load(str(path)), name="recogniser_onnx", signature=ModelSignature(inputs, outputs),
-                          pip_requirements=["onnxruntime", "onnx", "mlflow"])
+    outputs = Schema([TensorSpec(signature.outputs.numpy_types()[0], signature.outputs.inputs[0].shape, "embedding")])
+    mlflow.onnx.log_model(
+        onnx.load(str(path)),
+        name="recogniser_onnx",
+        signature=ModelSignature(inputs, outputs),
+        pip_requirements=["onnxruntime", "onnx", "mlflow"],
+    )
 
 
 # ------------------------------------------------------------------------------------------ history, promote
@@ -420,8 +476,9 @@ def read_history(client: MlflowClient, name: str) -> list[dict[str, Any]]:
     try:
         history = json.loads(raw)
     except json.JSONDecodeError:
-        raise RegistryError(f"registered model {name!r}: tag {HISTORY_TAG} is not JSON; fix or delete it "
-                            "(rollback needs it)") from None
+        raise RegistryError(
+            f"registered model {name!r}: tag {HISTORY_TAG} is not JSON; fix or delete it (rollback needs it)"
+        ) from None
     return history if isinstance(history, list) else []
 
 
@@ -439,8 +496,15 @@ def _latest_entry(history: list[dict[str, Any]], version: str) -> dict[str, Any]
 
 def _record_champion_change(client: MlflowClient, decision: Decision, previous: str | None) -> None:
     history = read_history(client, decision.model_name)
-    history.append({"version": decision.version, "previous": previous, "replaced": decision.champion,
-                    "action": decision.action, "at": decision.at})
+    history.append(
+        {
+            "version": decision.version,
+            "previous": previous,
+            "replaced": decision.champion,
+            "action": decision.action,
+            "at": decision.at,
+        }
+    )
     client.set_registered_model_tag(decision.model_name, HISTORY_TAG, _history_json(history))
     client.set_registered_model_tag(decision.model_name, PREVIOUS_TAG, decision.champion or "none")
 
@@ -448,8 +512,13 @@ def _record_champion_change(client: MlflowClient, decision: Decision, previous: 
 BeforeMove = Callable[[Decision], None]
 
 
-def promote(client: MlflowClient, cfg: RegisterParams, version: str, name: str | None = None,
-            before_move: BeforeMove | None = None) -> Decision:
+def promote(
+    client: MlflowClient,
+    cfg: RegisterParams,
+    version: str,
+    name: str | None = None,
+    before_move: BeforeMove | None = None,
+) -> Decision:
     """Run the gate for ``version`` against the current champion, record the decision, and move ``champion``
     if it passes.
 
@@ -467,18 +536,22 @@ def promote(client: MlflowClient, cfg: RegisterParams, version: str, name: str |
         champion_metrics = version_metrics(client, champion) if champion is not None else None
         challenger_metrics = version_metrics(client, challenger)
         passed, checks, reasons = compare(challenger_metrics, champion_metrics, cfg)
-        floor_checks, refusals = eligibility(challenger.tags or {}, challenger_metrics,
-                                             None if champion is None else champion.tags or {}, cfg)
+        floor_checks, refusals = eligibility(
+            challenger.tags or {}, challenger_metrics, None if champion is None else champion.tags or {}, cfg
+        )
         if refusals:
             passed, reasons = False, (*refusals, *reasons)
         checks = (*checks, *floor_checks)
         action = ("first" if champion is None else "promote") if passed else "reject"
         decision = Decision(name, version, champion.version if champion else None, action, reasons, checks)
-        for key, value in {"promotion.decision": decision.label, "promotion.refused": str(bool(refusals)).lower(),
-                           "promotion.reason": "; ".join(decision.reasons)[:5000],
-                           "promotion.compared_to": decision.champion or "none",
-                           "promotion.primary_metric": cfg.primary_metric,
-                           "promotion.time": decision.at}.items():
+        for key, value in {
+            "promotion.decision": decision.label,
+            "promotion.refused": str(bool(refusals)).lower(),
+            "promotion.reason": "; ".join(decision.reasons)[:5000],
+            "promotion.compared_to": decision.champion or "none",
+            "promotion.primary_metric": cfg.primary_metric,
+            "promotion.time": decision.at,
+        }.items():
             client.set_model_version_tag(name, version, key, value)
         if decision.promoted:
             _record_champion_change(client, decision, previous=decision.champion)
@@ -498,14 +571,21 @@ def rollback(client: MlflowClient, name: str, before_move: BeforeMove | None = N
     entry = _latest_entry(history, current.version)
     target = entry.get("previous") if entry else None
     if target is None:
-        raise RegistryError(f"champion v{current.version} of {name!r} has no recorded predecessor in the "
-                            f"{HISTORY_TAG} tag: nothing to roll back to (promote a version with `lafs promote "
-                            "--version V` instead)")
+        raise RegistryError(
+            f"champion v{current.version} of {name!r} has no recorded predecessor in the "
+            f"{HISTORY_TAG} tag: nothing to roll back to (promote a version with `lafs promote "
+            "--version V` instead)"
+        )
     target = str(target)
     get_version(client, name, target)  # still exists
     restored = _latest_entry(history, target)
-    decision = Decision(name, target, current.version, "rollback",
-                        (f"rolled back from v{current.version} to the previous champion v{target}",))
+    decision = Decision(
+        name,
+        target,
+        current.version,
+        "rollback",
+        (f"rolled back from v{current.version} to the previous champion v{target}",),
+    )
     client.set_model_version_tag(name, current.version, "champion.rolled_back_at", decision.at)
     client.set_model_version_tag(name, target, "champion.restored_at", decision.at)
     _record_champion_change(client, decision, previous=restored.get("previous") if restored else None)
@@ -526,13 +606,21 @@ def mlflow_errors(cfg: RegisterParams) -> Iterator[None]:
         yield
     except MlflowException as exc:
         where = redact_uri(tracking_uri(cfg.tracking_uri))
-        raise RegistryError(f"MLflow at {where} failed: {redact_uri(str(exc))}. The champion alias is moved only "
-                            "as the last step; check the server and rerun (`lafs promote` reruns the gate)") from exc
+        raise RegistryError(
+            f"MLflow at {where} failed: {redact_uri(str(exc))}. The champion alias is moved only "
+            "as the last step; check the server and rerun (`lafs promote` reruns the gate)"
+        ) from exc
 
 
-def promote_on_demand(cfg: RegisterParams, name: str | None = None, version: str | None = None,
-                      alias: str = CHALLENGER, roll_back: bool = False, before_move: BeforeMove | None = None,
-                      client: MlflowClient | None = None) -> Decision:
+def promote_on_demand(
+    cfg: RegisterParams,
+    name: str | None = None,
+    version: str | None = None,
+    alias: str = CHALLENGER,
+    roll_back: bool = False,
+    before_move: BeforeMove | None = None,
+    client: MlflowClient | None = None,
+) -> Decision:
     """``lafs promote``: the gate for ``version`` (or the version ``alias`` names), or a rollback."""
     name = name or cfg.model_name
     with mlflow_errors(cfg):
@@ -566,13 +654,19 @@ def report_markdown(decision: Decision) -> str:
         *[f"- {r}" for r in decision.reasons],
     ]
     if decision.checks:
-        lines += ["", "## Metrics", "",
-                  f"| metric | rule | challenger v{decision.version} | champion {champ} | change | passed | note |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Metrics",
+            "",
+            f"| metric | rule | challenger v{decision.version} | champion {champ} | change | passed | note |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for c in decision.checks:
             change = "n/a" if c.change is None else f"{c.change:+.6g}"
-            lines.append(f"| {c.key} | {c.rule} | {_fmt(c.challenger)} | {_fmt(c.champion)} | {change} | "
-                         f"{'yes' if c.passed else '**no**'} | {c.note} |")
+            lines.append(
+                f"| {c.key} | {c.rule} | {_fmt(c.challenger)} | {_fmt(c.champion)} | {change} | "
+                f"{'yes' if c.passed else '**no**'} | {c.note} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -585,6 +679,8 @@ def promotion_metrics(decision: Decision) -> dict[str, Any]:
         "challenger_version": int(decision.version),
         "champion_version": int(decision.champion_after) if decision.champion_after else None,
         "compared_to": int(decision.champion) if decision.champion else None,
-        "primary_metric": {"challenger": primary.challenger if primary else None,
-                           "champion": primary.champion if primary else None},
+        "primary_metric": {
+            "challenger": primary.challenger if primary else None,
+            "champion": primary.champion if primary else None,
+        },
     }

@@ -39,8 +39,11 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def metric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric leaves of a nested report under dotted keys, as floats: what MLflow can store as metrics and
     the promotion gate compares. Booleans, strings, lists, None and non-finite numbers are not metrics."""
-    return {k: float(v) for k, v in flatten(data, prefix).items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in flatten(data, prefix).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def tracking_uri(param: str | None = None) -> str:
@@ -68,9 +71,18 @@ def ensure_experiment(name: str, uri: str) -> str:
 class RunLogger:
     """No-op unless ``enabled`` (rank 0), so training code logs unconditionally."""
 
-    def __init__(self, enabled: bool, experiment: str, run_name: str, params: Mapping[str, Any],
-                 run_id: str | None = None, uri: str | None = None, tags: Mapping[str, str] | None = None,
-                 system_metrics: bool = True, parent_run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        experiment: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        run_id: str | None = None,
+        uri: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        system_metrics: bool = True,
+        parent_run_id: str | None = None,
+    ) -> None:
         """``parent_run_id`` nests a new run under that run (tag ``mlflow.parentRunId``: Optuna trials,
         comparison cells); the parent may be the active run of this process or one opened elsewhere."""
         self.enabled = enabled
@@ -86,9 +98,14 @@ class RunLogger:
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_id=ensure_experiment(experiment, uri))
         nest = parent_run_id is not None and run_id is None  # a resumed run already carries its parent tag
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                               log_system_metrics=system_metrics, tags=dict(tags or {}),
-                               nested=parent_run_id is not None, parent_run_id=parent_run_id if nest else None)
+        run = mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else run_name,
+            log_system_metrics=system_metrics,
+            tags=dict(tags or {}),
+            nested=parent_run_id is not None,
+            parent_run_id=parent_run_id if nest else None,
+        )
         self.run_id = run.info.run_id
         if run_id is None:  # a resumed run already holds its params (MLflow refuses changed values)
             mlflow.log_params(flatten(params))
@@ -112,7 +129,7 @@ class RunLogger:
             return
         client = self._mlflow.MlflowClient()
         for start in range(0, len(self._pending), MAX_BATCH_METRICS):
-            client.log_batch(self.run_id, metrics=self._pending[start:start + MAX_BATCH_METRICS])
+            client.log_batch(self.run_id, metrics=self._pending[start : start + MAX_BATCH_METRICS])
         self._pending, self._steps = [], set()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -139,8 +156,10 @@ def pyfunc_dir(spec: str) -> Path:
     if not _is_uri(spec):
         folder = Path(spec)
         if not (folder / "MLmodel").is_file():
-            raise ModelSpecError(f"--model {spec}: no MLmodel file there; give models:/<name>@champion, runs:/<id>/"
-                                 "model, a saved pyfunc folder, or 'project' (this project's files)")
+            raise ModelSpecError(
+                f"--model {spec}: no MLmodel file there; give models:/<name>@champion, runs:/<id>/"
+                "model, a saved pyfunc folder, or 'project' (this project's files)"
+            )
         return folder
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -148,8 +167,9 @@ def pyfunc_dir(spec: str) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
     except (MlflowException, OSError) as exc:
-        raise ModelSpecError(f"--model {spec}: cannot download it ({exc}); check MLFLOW_TRACKING_URI and the "
-                             "name/alias/version") from None
+        raise ModelSpecError(
+            f"--model {spec}: cannot download it ({exc}); check MLFLOW_TRACKING_URI and the name/alias/version"
+        ) from None
 
 
 def is_model_reference(spec: str) -> bool:
@@ -165,6 +185,7 @@ def recogniser_file(spec: str) -> Path:
     folder = pyfunc_dir(spec)
     artifacts = Model.load(str(folder)).flavors.get("python_function", {}).get("artifacts") or {}
     if "recogniser" not in artifacts:
-        raise ModelSpecError(f"{spec} is not a served LAFS model (no recogniser artifact): register it with "
-                             "`lafs register`")
+        raise ModelSpecError(
+            f"{spec} is not a served LAFS model (no recogniser artifact): register it with `lafs register`"
+        )
     return folder / artifacts["recogniser"]["path"]

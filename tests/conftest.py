@@ -33,8 +33,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # pipeline stage run, no multi-process training); `make test` runs everything. A test is integration when it
 # uses one of these fixtures (servers, a project built by real stages, detector runs over real photos) or is
 # marked so by hand (subprocess / DDP tests).
-INTEGRATION_FIXTURES = {"s3_endpoint", "mlflow_server", "prefect_api", "local_services", "tiny_project",
-                        "real_faces", "tracking"}
+INTEGRATION_FIXTURES = {
+    "s3_endpoint",
+    "mlflow_server",
+    "prefect_api",
+    "local_services",
+    "tiny_project",
+    "real_faces",
+    "tracking",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -154,8 +161,13 @@ class MlflowServer:
             self.proc.wait(timeout=10)
 
 
-def start_mlflow_server(workdir: Path, artifacts: str | None = None, env: dict[str, str] | None = None,
-                        db: Path | None = None, timeout: float = 120.0) -> MlflowServer:
+def start_mlflow_server(
+    workdir: Path,
+    artifacts: str | None = None,
+    env: dict[str, str] | None = None,
+    db: Path | None = None,
+    timeout: float = 120.0,
+) -> MlflowServer:
     """Start ``mlflow server`` on a free 127.0.0.1 port with a sqlite backend (``db``, default in
     ``workdir``), artifacts proxied to ``artifacts`` (default ``workdir/artifacts``); poll ``/health``.
 
@@ -170,8 +182,20 @@ def start_mlflow_server(workdir: Path, artifacts: str | None = None, env: dict[s
     artifacts = artifacts or (workdir / "artifacts").as_uri()
     port = free_port()
     log = workdir / f"mlflow-server-{port}.log"
-    cmd = [exe, "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", artifacts,
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        exe,
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with log.open("w") as out:  # the child keeps its own descriptor
         # Job execution (huey consumers for GenAI jobs: 8 extra processes) is not used by this project.
         server_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
@@ -181,8 +205,10 @@ def start_mlflow_server(workdir: Path, artifacts: str | None = None, env: dict[s
     while not server.healthy():
         if proc.poll() is not None or time.monotonic() > deadline:
             server.stop()
-            pytest.fail(f"mlflow server did not become healthy on port {port} (exit code {proc.poll()}):\n"
-                        f"{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"mlflow server did not become healthy on port {port} (exit code {proc.poll()}):\n"
+                f"{log.read_text()[-3000:]}"
+            )
         time.sleep(0.5)
     return server
 
@@ -198,8 +224,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) ->
 
     bucket = "mlflow-artifacts"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), f"s3://{bucket}/artifacts",
-                                 env={"MLFLOW_S3_ENDPOINT_URL": s3_endpoint})
+    server = start_mlflow_server(
+        tmp_path_factory.mktemp("mlflow"), f"s3://{bucket}/artifacts", env={"MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    )
     try:
         yield server
     finally:
@@ -225,10 +252,25 @@ TINY_PROJECT = {
     "ingest": {"max_identities": 16, "max_images_per_identity": 4},
     "split": {"protocol": "generated", "test_fraction": 0.25, "folds": 2, "pairs_per_fold": 8, "fewshot_k": [1, 2]},
     "landmark_net": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_nme": 10.0},
-    "pretrain": {"method": "lafs", "model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small",
-                 "num_landmarks": 68, "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "epochs": 1,
-                 "batch_size": 8, "local_crops": 2, "local_landmarks": 12, "num_workers": 0, "nproc_per_node": 1,
-                 "device": "cpu", "dtype": "fp32", "warmup_epochs": 0, "warmup_teacher_temp_epochs": 1},
+    "pretrain": {
+        "method": "lafs",
+        "model": "lafs_vit_tiny",
+        "landmark_net": "landmark_net_mnv3_small",
+        "num_landmarks": 68,
+        "out_dim": 64,
+        "hidden_dim": 32,
+        "bottleneck_dim": 16,
+        "epochs": 1,
+        "batch_size": 8,
+        "local_crops": 2,
+        "local_landmarks": 12,
+        "num_workers": 0,
+        "nproc_per_node": 1,
+        "device": "cpu",
+        "dtype": "fp32",
+        "warmup_epochs": 0,
+        "warmup_teacher_temp_epochs": 1,
+    },
 }
 
 
@@ -242,18 +284,34 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, sha
     from lafs.stages import ingest, landmark_net, landmarks, pretrain, split
 
     root = tmp_path_factory.mktemp("tiny_project")
-    params = parse_params({**TINY_PROJECT, "ingest": {**TINY_PROJECT["ingest"], "source": str(lfw_subset)},
-                           "landmarks": {"models_root": str(shared / "models")}})
+    params = parse_params(
+        {
+            **TINY_PROJECT,
+            "ingest": {**TINY_PROJECT["ingest"], "source": str(lfw_subset)},
+            "landmarks": {"models_root": str(shared / "models")},
+        }
+    )
     with pytest.MonkeyPatch.context() as mp, single_torch_thread():
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")  # the stages' runs: a throwaway store
         ingest.run(params.ingest, root)
         landmarks.run(params.landmarks, root)
         split.run(params.split, root)
-        landmark_net.run(params.landmark_net, landmark_net.LandmarkNetPaths(
-            root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"))
-        pretrain.run(params.pretrain, pretrain.PretrainPaths(
-            root, root / "data", root / "models" / "pretrain", root / "models" / "landmark_net.pt",
-            root / "metrics" / "pretrain.json"))
+        landmark_net.run(
+            params.landmark_net,
+            landmark_net.LandmarkNetPaths(
+                root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"
+            ),
+        )
+        pretrain.run(
+            params.pretrain,
+            pretrain.PretrainPaths(
+                root,
+                root / "data",
+                root / "models" / "pretrain",
+                root / "models" / "landmark_net.pt",
+                root / "metrics" / "pretrain.json",
+            ),
+        )
     return root
 
 
@@ -261,8 +319,24 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, sha
 BIN = Path(sys.executable).parent
 # Workspace outputs and machine state that must not leak from the checkout into a copy.
 _COPY_SKIP_AT_ROOT = {
-    ".venv", ".git", ".dvc", "data", "metrics", "models", "plots", "reports", "params", "mlruns", "mlflow.db",
-    "mlartifacts", ".prefect", ".services", "params.local.yaml", "dvc.lock", "build", "optuna.db",
+    ".venv",
+    ".git",
+    ".dvc",
+    "data",
+    "metrics",
+    "models",
+    "plots",
+    "reports",
+    "params",
+    "mlruns",
+    "mlflow.db",
+    "mlartifacts",
+    ".prefect",
+    ".services",
+    "params.local.yaml",
+    "dvc.lock",
+    "build",
+    "optuna.db",
 }
 _COPY_SKIP_ANYWHERE = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 
@@ -321,8 +395,17 @@ TINY_RUN = {
     "validate": {"min_eval_identities": 4},
     "split": {"protocol": "generated", "test_fraction": 0.4, "folds": 2, "pairs_per_fold": 6},
     "landmark_net": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_nme": 10.0},
-    "pretrain": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "epochs": 1,
-                 "batch_size": 4, "local_crops": 2, "local_landmarks": 12, "num_workers": 0, "nproc_per_node": 1},
+    "pretrain": {
+        "out_dim": 64,
+        "hidden_dim": 32,
+        "bottleneck_dim": 16,
+        "epochs": 1,
+        "batch_size": 4,
+        "local_crops": 2,
+        "local_landmarks": 12,
+        "num_workers": 0,
+        "nproc_per_node": 1,
+    },
     "finetune": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0},
     "tune": {"n_trials": 1},  # the enqueued baseline only
     "register": {"min_margin_over_floor": None},  # one epoch on 48 faces cannot be asked to beat a floor
@@ -391,9 +474,14 @@ def real_faces(lfw_subset: Path, shared: Path):
     photos = [load_rgb(f) for f in files]
     found = [finder.find(p) for p in photos]
     assert all(f.detected for f in found), "SCRFD should find every one of these LFW faces"
-    return SimpleNamespace(files=files, photos=photos, boxes=np.stack([f.box for f in found]),
-                           kps=np.stack([f.kps for f in found]), aligned=np.stack([f.aligned for f in found]),
-                           identities=[f.parent.name for f in files])
+    return SimpleNamespace(
+        files=files,
+        photos=photos,
+        boxes=np.stack([f.box for f in found]),
+        kps=np.stack([f.kps for f in found]),
+        aligned=np.stack([f.aligned for f in found]),
+        identities=[f.parent.name for f in files],
+    )
 
 
 # --- infra/local/services.py: the compose roles (S3, MLflow, Prefect) as local processes ---------------------
@@ -411,8 +499,14 @@ class LocalServices:
         self.state_dir, self.base_env = state_dir, env
 
     def run(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, str(SERVICES_SCRIPT), "--state-dir", str(self.state_dir), *args],
-                              cwd=REPO, env=env or self.base_env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(SERVICES_SCRIPT), "--state-dir", str(self.state_dir), *args],
+            cwd=REPO,
+            env=env or self.base_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if check:
             what = f"services.py {shlex.join(args)} -> {proc.returncode}"
             assert proc.returncode == 0, f"{what}\n{proc.stdout}{proc.stderr}"
@@ -443,10 +537,14 @@ def service_env() -> dict[str, str]:
     import secrets
 
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "PREFECT_API_URL"}
-    env.update(AWS_ACCESS_KEY_ID=f"lafs-test-{secrets.token_hex(4)}", AWS_SECRET_ACCESS_KEY=secrets.token_urlsafe(24),
-               AWS_DEFAULT_REGION="us-east-1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               # no cron runs from deployments registered by tests
-               PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+    env.update(
+        AWS_ACCESS_KEY_ID=f"lafs-test-{secrets.token_hex(4)}",
+        AWS_SECRET_ACCESS_KEY=secrets.token_urlsafe(24),
+        AWS_DEFAULT_REGION="us-east-1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # no cron runs from deployments registered by tests
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+    )
     return env
 
 
@@ -476,8 +574,11 @@ def local_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSe
         services.run("start")
         yield services
     finally:
-        groups = {role: info["pid"] for role, info in services.state()["services"].items()} \
-            if (services.state_dir / "services.json").exists() else {}
+        groups = (
+            {role: info["pid"] for role, info in services.state()["services"].items()}
+            if (services.state_dir / "services.json").exists()
+            else {}
+        )
         services.run("stop", check=False)
         left = {role: [p.pid for p in process_group(pid)] for role, pid in groups.items() if process_group(pid)}
         assert not left, f"services.py stop left processes behind: {left}"

@@ -17,9 +17,29 @@ KEYS = ("images_per_s", "step_ms", "peak_mem_mb", "gflops_per_image", "achieved_
 
 
 def _run(*extra: str) -> list[dict]:
-    cmd = [sys.executable, str(SCRIPT), "--model", "lafs_vit_tiny", "--batch", "2", "--steps", "1", "--warmup", "1",
-           "--threads", "2", "--out-dim", "64", "--num-landmarks", "16", "--local-crops", "2",
-           "--local-landmarks", "4", *extra]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        "lafs_vit_tiny",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "2",
+        "--out-dim",
+        "64",
+        "--num-landmarks",
+        "16",
+        "--local-crops",
+        "2",
+        "--local-landmarks",
+        "4",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

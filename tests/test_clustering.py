@@ -44,6 +44,7 @@ def _partition(labels: np.ndarray) -> set[frozenset[int]]:
 
 # ---- brute-force references ----
 
+
 def _brute_prf(true: np.ndarray, pred: np.ndarray) -> tuple[float | None, float | None, float | None]:
     """Loop over all pairs; a noise point (-1) shares a cluster with nobody."""
     tp = pp = ap = 0
@@ -60,8 +61,11 @@ def _brute_nmi(true: np.ndarray, pred: np.ndarray) -> float:
     """I(T; P) / mean(H(T), H(P)) from counts (sklearn's default arithmetic normalisation); noise = singletons."""
     pred = np.array([c if c != NOISE else -1 - i for i, c in enumerate(pred.tolist())])
     n = len(true)
-    ct, cp, joint = Counter(true.tolist()), Counter(pred.tolist()), Counter(zip(true.tolist(), pred.tolist(),
-                                                                                  strict=True))
+    ct, cp, joint = (
+        Counter(true.tolist()),
+        Counter(pred.tolist()),
+        Counter(zip(true.tolist(), pred.tolist(), strict=True)),
+    )
     mi = sum(c / n * math.log(c * n / (ct[t] * cp[p])) for (t, p), c in joint.items())
     h_t = -sum(c / n * math.log(c / n) for c in ct.values())
     h_p = -sum(c / n * math.log(c / n) for c in cp.values())
@@ -90,6 +94,7 @@ def _brute_average_linkage(x: np.ndarray, threshold: float) -> set[frozenset[int
 
 # ---- metrics ----
 
+
 @pytest.mark.parametrize("seed", range(6))
 def test_pairwise_prf_and_nmi_match_brute_force(seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -108,8 +113,7 @@ def test_pairwise_known_answers() -> None:
     true = np.array([0, 0, 0, 1, 1, 2])
     assert pairwise_prf(true, true) == {"precision": 1.0, "recall": 1.0, "f": 1.0}
     # One cluster of everything: all 4 same-identity pairs found among 15 predicted pairs.
-    assert pairwise_prf(true, np.zeros(6, int)) == pytest.approx({"precision": 4 / 15, "recall": 1.0,
-                                                                   "f": 8 / 19})
+    assert pairwise_prf(true, np.zeros(6, int)) == pytest.approx({"precision": 4 / 15, "recall": 1.0, "f": 8 / 19})
     # All singletons (or all noise): no predicted pair -> precision undefined, recall 0, F 0.
     for pred in (np.arange(6), np.full(6, NOISE)):
         assert pairwise_prf(true, pred) == {"precision": None, "recall": 0.0, "f": 0.0}
@@ -121,12 +125,19 @@ def test_relabel_by_size_and_report_counts() -> None:
     labels = relabel_by_size(np.array([7, 3, 3, NOISE, 9, 3, 7, 5]))
     np.testing.assert_array_equal(labels, [1, 0, 0, NOISE, 2, 0, 1, 3])  # size order, ties by first appearance
     report = cluster_report(labels)
-    assert report == {"images": 8, "clusters": 4, "singletons": 2, "noise": 1, "largest_cluster": 3,
-                      "images_in_groups": 5}
+    assert report == {
+        "images": 8,
+        "clusters": 4,
+        "singletons": 2,
+        "noise": 1,
+        "largest_cluster": 3,
+        "images_in_groups": 5,
+    }
     assert curated([f"f{i}" for i in range(8)], labels, 2) == ["f0", "f1", "f2", "f5", "f6"]
 
 
 # ---- clustering ----
+
 
 def test_separated_identities_are_recovered_exactly() -> None:
     emb, labels = _clustered(8, 6, noise=0.15)
@@ -193,6 +204,7 @@ def test_threshold_from_metrics(tmp_path: Path) -> None:
 
 # ---- the command ----
 
+
 def _read_clusters(path: Path) -> list[tuple[str, int]]:
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
@@ -204,12 +216,26 @@ def test_cli_on_precomputed_embeddings(tmp_path: Path, capsys: pytest.CaptureFix
     emb, labels = _clustered(6, 5, noise=0.15, seed=5)
     emb[-1] = np.random.default_rng(6).normal(size=16) * 5  # one face of identity 5 looks like nobody else
     np.save(tmp_path / "emb.npy", emb)
-    pd.DataFrame({"aligned_path": [f"data/aligned/p{i:02d}.png" for i in range(30)],
-                  "identity": [f"id{lab}" for lab in labels]}).to_csv(tmp_path / "faces.csv", index=False)
+    pd.DataFrame(
+        {"aligned_path": [f"data/aligned/p{i:02d}.png" for i in range(30)], "identity": [f"id{lab}" for lab in labels]}
+    ).to_csv(tmp_path / "faces.csv", index=False)
     (tmp_path / "eval.json").write_text(json.dumps({"verification": {"threshold": 0.5}}))
     out = tmp_path / "out"
-    code = main(["cluster", "--embeddings", str(tmp_path / "emb.npy"), "--images", str(tmp_path / "faces.csv"),
-                 "--metrics", str(tmp_path / "eval.json"), "--out", str(out), "--curate-min-size", "3"])
+    code = main(
+        [
+            "cluster",
+            "--embeddings",
+            str(tmp_path / "emb.npy"),
+            "--images",
+            str(tmp_path / "faces.csv"),
+            "--metrics",
+            str(tmp_path / "eval.json"),
+            "--out",
+            str(out),
+            "--curate-min-size",
+            "3",
+        ]
+    )
     assert code == 0
     assert "clustered 30 faces into 7 clusters" in capsys.readouterr().out
     rows = _read_clusters(out / "clusters.csv")
@@ -230,8 +256,10 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "3 rows but" in capsys.readouterr().err
     assert main([*args, "--metrics", str(tmp_path / "nope.json")]) == 1
     assert "run `lafs evaluate` first" in capsys.readouterr().err
-    assert main(["cluster", "--images", str(tmp_path / "faces.csv"), "--threshold", "0.5", "--out",
-                 str(tmp_path / "o")]) == 1
+    assert (
+        main(["cluster", "--images", str(tmp_path / "faces.csv"), "--threshold", "0.5", "--out", str(tmp_path / "o")])
+        == 1
+    )
     assert "give --model" in capsys.readouterr().err
 
 
@@ -267,8 +295,26 @@ def test_cli_clusters_real_faces_with_a_real_recogniser(aligned_faces: tuple[Pat
 
     root, faces_csv = aligned_faces
     out = tmp_path / "out"
-    assert main(["cluster", "--model", "dlib_resnet", "--images", str(faces_csv), "--root", str(root),
-                 "--threshold", "0.9", "--out", str(out), "--curate-min-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "cluster",
+                "--model",
+                "dlib_resnet",
+                "--images",
+                str(faces_csv),
+                "--root",
+                str(root),
+                "--threshold",
+                "0.9",
+                "--out",
+                str(out),
+                "--curate-min-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "cluster_metrics.json").read_text())
     assert metrics["images"] == 20 and metrics["identities"] == 5 and metrics["model"] == "dlib_resnet"
     emb = np.load(out / "embeddings.npy")
@@ -280,15 +326,43 @@ def test_cli_clusters_real_faces_with_a_real_recogniser(aligned_faces: tuple[Pat
     report = verification_report(pair_scores(emb[i], emb[j]), identities[i] == identities[j])
     (tmp_path / "eval.json").write_text(json.dumps({"verification": report}))
     at_operating_point = tmp_path / "op"
-    assert main(["cluster", "--embeddings", str(out / "embeddings.npy"), "--images", str(faces_csv),
-                 "--metrics", str(tmp_path / "eval.json"), "--out", str(at_operating_point)]) == 0
+    assert (
+        main(
+            [
+                "cluster",
+                "--embeddings",
+                str(out / "embeddings.npy"),
+                "--images",
+                str(faces_csv),
+                "--metrics",
+                str(tmp_path / "eval.json"),
+                "--out",
+                str(at_operating_point),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((at_operating_point / "cluster_metrics.json").read_text())
     assert metrics["threshold"] == report["threshold"]
     assert metrics["pairwise"]["f"] >= 0.8 and metrics["nmi"] >= 0.8, metrics
     # Reclustering the saved embeddings at the first threshold reproduces the first run exactly, without the model.
     again = tmp_path / "again"
-    assert main(["cluster", "--embeddings", str(out / "embeddings.npy"), "--images", str(faces_csv),
-                 "--threshold", "0.9", "--out", str(again)]) == 0
+    assert (
+        main(
+            [
+                "cluster",
+                "--embeddings",
+                str(out / "embeddings.npy"),
+                "--images",
+                str(faces_csv),
+                "--threshold",
+                "0.9",
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
     assert _read_clusters(again / "clusters.csv") == _read_clusters(out / "clusters.csv")
 
 
@@ -301,8 +375,23 @@ def test_cli_on_a_folder_with_a_model_file(aligned_faces: tuple[Path, Path], tmp
     root, _ = aligned_faces
     model_path = save_model(create_model("dino_vit_tiny"), "dino_vit_tiny", {}, tmp_path / "model.pt")
     out = tmp_path / "out"
-    assert main(["cluster", "--model", str(model_path), "--images", str(root / "data" / "aligned"),
-                 "--folder-identities", "--threshold", "0.5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "cluster",
+                "--model",
+                str(model_path),
+                "--images",
+                str(root / "data" / "aligned"),
+                "--folder-identities",
+                "--threshold",
+                "0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _read_clusters(out / "clusters.csv")
     files = sorted((root / "data" / "aligned").rglob("*.png"))
     assert [p for p, _ in rows] == [str(f) for f in files]

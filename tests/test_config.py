@@ -102,8 +102,15 @@ def test_set_params_edits_params_yaml_in_place_keeping_comments(tmp_path: Path) 
     params_file = tmp_path / "params.yaml"
     original = (REPO / "params.yaml").read_text()
     params_file.write_text(original)
-    changed = set_params(params_file, {"ingest.source": "/faces", "landmarks.models_root": "/models",
-                                       "finetune.crop_scale": [0.9, 1.0], "split.protocol_dir": ""})
+    changed = set_params(
+        params_file,
+        {
+            "ingest.source": "/faces",
+            "landmarks.models_root": "/models",
+            "finetune.crop_scale": [0.9, 1.0],
+            "split.protocol_dir": "",
+        },
+    )
     assert changed["ingest.source"] == ("lfw", "/faces") and "split.protocol_dir" not in changed  # already null
     text = params_file.read_text()
     params = load_params(params_file)
@@ -120,8 +127,11 @@ def test_set_params_edits_params_yaml_in_place_keeping_comments(tmp_path: Path) 
     set_params(params_file, {"landmarks.models_root": ""})
     assert load_params(params_file).landmarks.models_root is None
 
-    for bad, match in (({"ingest.max_identities": 0}, r"ingest\.max_identities"),
-                       ({"ingest.max_idents": 3}, "unknown key"), ({"nosection.x": 1}, "no section 'nosection'")):
+    for bad, match in (
+        ({"ingest.max_identities": 0}, r"ingest\.max_identities"),
+        ({"ingest.max_idents": 3}, "unknown key"),
+        ({"nosection.x": 1}, "no section 'nosection'"),
+    ):
         with pytest.raises(ConfigError, match=match):
             set_params(params_file, bad)
     assert load_params(params_file).ingest.max_identities is None  # untouched by the refused sets

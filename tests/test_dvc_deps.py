@@ -71,8 +71,11 @@ def test_every_lafs_stage_depends_on_the_code_it_runs():
         module = module_file(f"lafs.stages.{cmd[1]}")
         assert module is not None, f"stage {name}: no module lafs/stages/{cmd[1]}.py"
         deps = [str(d) for d in stage.get("deps", [])]
-        lacking = sorted(f.relative_to(REPO).as_posix() for f in closure(module)
-                         if f != PACKAGE / "__init__.py" and not covered(f, deps))
+        lacking = sorted(
+            f.relative_to(REPO).as_posix()
+            for f in closure(module)
+            if f != PACKAGE / "__init__.py" and not covered(f, deps)
+        )
         if lacking:
             missing[name] = lacking
     assert not missing, f"dvc.yaml deps miss modules the stage imports: {missing}"

@@ -45,9 +45,20 @@ pytestmark = pytest.mark.slow
 REGISTRY_STAGES = ("tune", "finetune", "export", "evaluate", "register")
 # TINY_PROJECT (20 identities x <= 5 photos) for the data and pretraining stages, and the training, export,
 # evaluation and registry stages scaled to seconds: one Optuna trial (the enqueued baseline), one epoch.
-FINETUNE = {"model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small", "num_landmarks": 68, "epochs": 1,
-            "warmup_epochs": 0, "batch_size": 8, "num_workers": 0, "device": "cpu", "dtype": "fp32",
-            "val_folds": 2, "val_pairs_per_fold": 8, "s": 16.0}
+FINETUNE = {
+    "model": "lafs_vit_tiny",
+    "landmark_net": "landmark_net_mnv3_small",
+    "num_landmarks": 68,
+    "epochs": 1,
+    "warmup_epochs": 0,
+    "batch_size": 8,
+    "num_workers": 0,
+    "device": "cpu",
+    "dtype": "fp32",
+    "val_folds": 2,
+    "val_pairs_per_fold": 8,
+    "s": 16.0,
+}
 E2E_RUN = {
     **TINY_PROJECT,
     "validate": {"min_eval_identities": 4},
@@ -103,16 +114,20 @@ def _report_rows(url: str, flow_run_id: UUID) -> dict[str, str]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with prefect(url) as client:
-        (table,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["lafs-pipeline-report-stages"]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        (table,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["lafs-pipeline-report-stages"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            )
+        )
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     return {r["stage"]: r["result"] for r in rows}
 
 
 @pytest.fixture(scope="module")
-def stack(local_services: LocalServices, tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path,
-          shared: Path) -> Iterator[dict[str, Any]]:
+def stack(
+    local_services: LocalServices, tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, shared: Path
+) -> Iterator[dict[str, Any]]:
     """The project copy, deployed to the local Prefect server, with a process worker running."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     missing = [s for s in REGISTRY_STAGES if s not in stages]
@@ -122,22 +137,41 @@ def stack(local_services: LocalServices, tmp_path_factory: pytest.TempPathFactor
     tmp = tmp_path_factory.mktemp("e2e")
     root, project_env = copy_project(tmp)
     set_run(root, E2E_RUN)
-    env = {**local_services.env, "PYTHONPATH": project_env["PYTHONPATH"], "PREFECT_HOME": str(tmp / "prefect"),
-           "SCIKIT_LEARN_DATA": project_env["SCIKIT_LEARN_DATA"], "DVC_NO_ANALYTICS": "1",
-           # fail fast while MLflow is down (its client otherwise retries for minutes): the flow retries
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_NUM_THREADS": "2"}
+    env = {
+        **local_services.env,
+        "PYTHONPATH": project_env["PYTHONPATH"],
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "SCIKIT_LEARN_DATA": project_env["SCIKIT_LEARN_DATA"],
+        "DVC_NO_ANALYTICS": "1",
+        # fail fast while MLflow is down (its client otherwise retries for minutes): the flow retries
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "OMP_NUM_THREADS": "2",
+    }
     local_services.run("dvc-remote", "--repo", str(root))
     prefect_cli = str(BIN / "prefect")
     sh([prefect_cli, "work-pool", "create", "lafs-process", "--type", "process", "--overwrite"], root, env)
     sh([prefect_cli, "--no-prompt", "deploy", "--all"], root, env, timeout=300)
     log = tmp / "worker.log"
     with log.open("w") as out:
-        worker = subprocess.Popen([prefect_cli, "worker", "start", "--pool", "lafs-process", "--type", "process"],
-                                  cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [prefect_cli, "worker", "start", "--pool", "lafs-process", "--type", "process"],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        yield {"root": root, "env": env, "tmp": tmp, "worker_log": log, "data": str(lfw_subset),
-               "models": str(shared / "models")}
+        yield {
+            "root": root,
+            "env": env,
+            "tmp": tmp,
+            "worker_log": log,
+            "data": str(lfw_subset),
+            "models": str(shared / "models"),
+        }
     finally:
         os.killpg(worker.pid, signal.SIGINT)  # a Prefect worker shuts down on Ctrl-C (it ignores SIGTERM here)
         try:
@@ -204,8 +238,11 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: url}):
-        flow_run = run_deployment("lafs-pipeline/nightly", timeout=0, parameters={
-            "data": stack["data"], "models": stack["models"], "push": True, **RETRY})
+        flow_run = run_deployment(
+            "lafs-pipeline/nightly",
+            timeout=0,
+            parameters={"data": stack["data"], "models": stack["models"], "push": True, **RETRY},
+        )
     events: list[str] = []
     chaos = threading.Thread(target=_kill_and_restart_mlflow, args=(local_services, url, flow_run.id, events))
     chaos.start()
@@ -223,16 +260,34 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
 
     # --- outputs on the DVC remote; a fresh clone pulls them back ---------------------------------------------
     state = local_services.state()
-    s3 = boto3.client("s3", endpoint_url=state["services"]["s3"]["url"], region_name="us-east-1",
-                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=state["services"]["s3"]["url"],
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
     assert s3.list_objects_v2(Bucket=state["buckets"]["dvc"]).get("KeyCount", 0) > 0
     git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost"]
     sh([*git, "add", "-A"], root, env)
     sh([*git, "commit", "-q", "-m", "e2e run"], root, env)
     clone = stack["tmp"] / "clone"
     sh(["git", "clone", "-q", str(root), str(clone)], stack["tmp"], env)
-    sh([sys.executable, "-m", "dvc", "remote", "modify", "--local", "s3", "endpointurl",
-        state["services"]["s3"]["url"]], clone, env)
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "remote",
+            "modify",
+            "--local",
+            "s3",
+            "endpointurl",
+            state["services"]["s3"]["url"],
+        ],
+        clone,
+        env,
+    )
     sh([sys.executable, "-m", "dvc", "pull", "-q"], clone, env)
     assert "Data and pipelines are up to date" in sh([sys.executable, "-m", "dvc", "status"], clone, env)
     for out in ("models/finetune/model.pt", "models/model.onnx", "data/landmarks.parquet", "models/landmark_net.pt"):
@@ -245,8 +300,17 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
     first_metrics = json.loads((root / "metrics/eval.json").read_text())
 
     # --- run 2: `python -m flows.pipeline` with a worse model; the gate keeps the champion ------------------
-    cmd = [sys.executable, "-m", "flows.pipeline", "--retries", "2", "--retry-delay", "5",
-           *(f"--set={k}={_yaml(v)}" for k, v in WORSE.items()), *(f"--stage={s}" for s in AFTER_TUNE)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.pipeline",
+        "--retries",
+        "2",
+        "--retry-delay",
+        "5",
+        *(f"--set={k}={_yaml(v)}" for k, v in WORSE.items()),
+        *(f"--stage={s}" for s in AFTER_TUNE),
+    ]
     second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=FLOW_TIMEOUT)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     worse_metrics = json.loads((root / "metrics/eval.json").read_text())
@@ -269,8 +333,11 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
     assert _task_runs(url, gate.id)["lafs-promote"].state.is_completed()
     assert client.get_model_version_by_alias(model_name, "champion").version == champion.version
     with prefect(url) as pclient:
-        (decision,) = pclient.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["lafs-promotion"]), flow_run_id=ArtifactFilterFlowRunId(any_=[gate.id])))
+        (decision,) = pclient.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["lafs-promotion"]), flow_run_id=ArtifactFilterFlowRunId(any_=[gate.id])
+            )
+        )
     assert "rejected" in decision.data and f"v{challenger.version}" in decision.data
 
     # --- no credential anywhere ------------------------------------------------------------------------------
@@ -287,11 +354,26 @@ def test_full_pipeline_through_prefect_on_local_services(stack, local_services):
             mlflow_text.append(json.dumps({**run.data.params, **run.data.tags}))
     for mv in client.search_model_versions(f"name='{model_name}'"):
         mlflow_text.append(json.dumps(mv.tags) + mv.source)
-    files = [p.read_text(errors="replace") for p in (*local_services.state_dir.glob("*.log"), root / "dvc.lock",
-                                                     root / "params.yaml", root / ".dvc" / "config",
-                                                     root / ".dvc" / "config.local")]
-    _secret_free(secret, worker_log, second.stdout, second.stderr, "\n".join(log.message for log in logs),
-                 run_params, *mlflow_text, *files)
+    files = [
+        p.read_text(errors="replace")
+        for p in (
+            *local_services.state_dir.glob("*.log"),
+            root / "dvc.lock",
+            root / "params.yaml",
+            root / ".dvc" / "config",
+            root / ".dvc" / "config.local",
+        )
+    ]
+    _secret_free(
+        secret,
+        worker_log,
+        second.stdout,
+        second.stderr,
+        "\n".join(log.message for log in logs),
+        run_params,
+        *mlflow_text,
+        *files,
+    )
     assert mlflow_text and logs
 
 
@@ -307,8 +389,9 @@ def test_search_flow_shares_one_study_between_two_workers(stack):
     if not (root / "models/pretrain/teacher_backbone.pt").exists():
         pytest.fail("needs the trained project of test_full_pipeline_through_prefect_on_local_services (run both)")
     with temporary_settings({PREFECT_API_URL: url}):
-        run = run_deployment("lafs-search/weekly", timeout=0,
-                             parameters={"n_trials": 2, "workers": 2, "then": [], **RETRY})
+        run = run_deployment(
+            "lafs-search/weekly", timeout=0, parameters={"n_trials": 2, "workers": 2, "then": [], **RETRY}
+        )
     finished = _wait_for_flow_run(url, run.id, FLOW_TIMEOUT)
     assert finished.state.is_completed(), f"{finished.state}\n{stack['worker_log'].read_text()[-6000:]}"
     runs = _task_runs(url, run.id)

@@ -92,8 +92,9 @@ def test_dlib_resnet_on_photos_ranks_the_same_person_first(real_faces):
     assert isinstance(dlib_net, DlibEmbedder) and isinstance(dlib_net, PhotoEmbedder)
     emb = dlib_net.embed_photos(real_faces.photos, real_faces.boxes, keypoints=real_faces.kps)
     pooled = DlibEmbedder(batch_size=5, workers=2)  # the network in 2 spawned processes: same vectors, same order
-    np.testing.assert_allclose(pooled.embed_photos(real_faces.photos, real_faces.boxes, keypoints=real_faces.kps),
-                               emb, atol=1e-6)
+    np.testing.assert_allclose(
+        pooled.embed_photos(real_faces.photos, real_faces.boxes, keypoints=real_faces.kps), emb, atol=1e-6
+    )
     # keypoints re-place the box in dlib's convention: a different chip than the raw SCRFD box gives
     raw_box = dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:2])
     assert np.einsum("ij,ij->i", raw_box, emb[:2]).min() < 0.9999
@@ -105,8 +106,9 @@ def test_dlib_resnet_on_photos_ranks_the_same_person_first(real_faces):
         other = [j for j in range(len(ids)) if j != i]
         nearest = other[int(np.argmax(sims[i, other]))]
         assert ids[nearest] == ids[i], f"{real_faces.files[i]} matched {real_faces.files[nearest]}"
-    flipped = dlib_net.embed_photos(real_faces.photos[:2], real_faces.boxes[:2], flip=True,
-                                    keypoints=real_faces.kps[:2])
+    flipped = dlib_net.embed_photos(
+        real_faces.photos[:2], real_faces.boxes[:2], flip=True, keypoints=real_faces.kps[:2]
+    )
     assert np.einsum("ij,ij->i", flipped, emb[:2]).min() < 0.99999
     # the aligned-crop fallback keeps the protocol: 128-d unit vectors from 112 px crops
     assert dlib_net.embed_aligned(real_faces.aligned[:2]).shape == (2, 128)

@@ -26,9 +26,20 @@ from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, build_ssl_task
 from lafs.models import create_model
 from lafs.stages import StageError
 
-TINY = {"num_landmarks": 68, "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "num_prototypes": 32,
-        "local_crops": 2, "local_landmarks": 12, "epochs": 2, "batch_size": 2, "warmup_epochs": 1,
-        "warmup_teacher_temp_epochs": 1, "dtype": "fp32"}
+TINY = {
+    "num_landmarks": 68,
+    "out_dim": 64,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+    "num_prototypes": 32,
+    "local_crops": 2,
+    "local_landmarks": 12,
+    "epochs": 2,
+    "batch_size": 2,
+    "warmup_epochs": 1,
+    "warmup_teacher_temp_epochs": 1,
+    "dtype": "fp32",
+}
 
 
 def _cfg(method: str = "lafs", **kw) -> SSLParams:
@@ -39,10 +50,14 @@ def _cfg(method: str = "lafs", **kw) -> SSLParams:
 def _batch(method: str, b: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if method == "dino_face":
-        return {"global": torch.rand(b, 2, 3, 112, 112, generator=g) * 2 - 1,
-                "local": torch.rand(b, 2, 3, 48, 48, generator=g) * 2 - 1}
-    return {"clean": torch.rand(b, 4, 3, 112, 112, generator=g) * 2 - 1,
-            "augmented": torch.rand(b, 4, 3, 112, 112, generator=g) * 2 - 1}
+        return {
+            "global": torch.rand(b, 2, 3, 112, 112, generator=g) * 2 - 1,
+            "local": torch.rand(b, 2, 3, 48, 48, generator=g) * 2 - 1,
+        }
+    return {
+        "clean": torch.rand(b, 4, 3, 112, 112, generator=g) * 2 - 1,
+        "augmented": torch.rand(b, 4, 3, 112, 112, generator=g) * 2 - 1,
+    }
 
 
 def _landmark_net() -> nn.Module:
@@ -156,8 +171,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     task = build_ssl_task(_cfg("lafs"), _landmark_net())
     trainer = SSLTrainer(task, iters_per_epoch=2)
     trainer.train_step(_batch("lafs"), 2)
-    save_checkpoint({**trainer.state_dict(), "rng": rng_state(), "config": task.cfg.model_dump(mode="json"),
-                     "iteration": 3}, tmp_path / "last.pt")
+    save_checkpoint(
+        {**trainer.state_dict(), "rng": rng_state(), "config": task.cfg.model_dump(mode="json"), "iteration": 3},
+        tmp_path / "last.pt",
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
     state = load_checkpoint(tmp_path / "last.pt")
@@ -219,8 +236,17 @@ def test_resume_state_resumes_refuses_or_sets_aside_a_changed_checkpoint(tmp_pat
     assert last.exists()
     # a DDP rank other than 0: waits at the barrier, decides "start over", leaves the file to rank 0
     waited = []
-    assert resume_state(last, {**config, "lr": 2e-3}, inputs, **{**kwargs, "restart_on_change": True},
-                        set_aside=False, before_set_aside=lambda: waited.append(1)) is None
+    assert (
+        resume_state(
+            last,
+            {**config, "lr": 2e-3},
+            inputs,
+            **{**kwargs, "restart_on_change": True},
+            set_aside=False,
+            before_set_aside=lambda: waited.append(1),
+        )
+        is None
+    )
     assert waited == [1] and last.exists()
     assert resume_state(last, {**config, "lr": 2e-3}, inputs, **{**kwargs, "restart_on_change": True}) is None
     assert not last.exists() and load_checkpoint(tmp_path / "last.previous.pt")["iteration"] == 7

@@ -75,9 +75,11 @@ def small_folder(tmp_path_factory, lfw_subset) -> tuple[Path, Path, int]:
         lines += [f"{fold}\t{n}\t{int(stems[n][0])}\t{int(stems[n][1])}" for n in group]
         a, b, c = group
         last = ("No_Face", 1) if fold == 1 else (names[0], int(stems[names[0]][1]))
-        lines += [f"{fold}\t{a}\t{int(stems[a][0])}\t{b}\t{int(stems[b][0])}",
-                  f"{fold}\t{b}\t{int(stems[b][1])}\t{c}\t{int(stems[c][0])}",
-                  f"{fold}\t{c}\t{int(stems[c][1])}\t{last[0]}\t{last[1]}"]
+        lines += [
+            f"{fold}\t{a}\t{int(stems[a][0])}\t{b}\t{int(stems[b][0])}",
+            f"{fold}\t{b}\t{int(stems[b][1])}\t{c}\t{int(stems[c][0])}",
+            f"{fold}\t{c}\t{int(stems[c][1])}\t{last[0]}\t{last[1]}",
+        ]
     pairs = root / "pairs.txt"
     pairs.write_text("# fold-prefixed, as shared/data/lfw_subset_pairs.txt\n" + "\n".join(lines) + "\n")
     return images, pairs, len(lines)
@@ -86,10 +88,27 @@ def small_folder(tmp_path_factory, lfw_subset) -> tuple[Path, Path, int]:
 def test_cli_evaluates_a_model_file_on_a_photo_folder(small_folder, tiny_model_file, shared, tmp_path):
     images, pairs, n_pairs = small_folder
     out = tmp_path / "out"
-    code = main(["evaluate", "--params", str(REPO / "params.yaml"), "--model", str(tiny_model_file),
-                 "--images", str(images), "--pairs", str(pairs), "--out", str(out),
-                 "--set", f"landmarks.models_root={shared / 'models'}", "--set", "latency_images=3",
-                 "--set", "latency_warmup=1"])
+    code = main(
+        [
+            "evaluate",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--model",
+            str(tiny_model_file),
+            "--images",
+            str(images),
+            "--pairs",
+            str(pairs),
+            "--out",
+            str(out),
+            "--set",
+            f"landmarks.models_root={shared / 'models'}",
+            "--set",
+            "latency_images=3",
+            "--set",
+            "latency_warmup=1",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     v = metrics["verification"]
@@ -102,10 +121,17 @@ def test_cli_evaluates_a_model_file_on_a_photo_folder(small_folder, tiny_model_f
     rows = _report_rows(out / "evaluation.md")
     assert list(rows) == ["model.pt", "pixels", "hog", "dlib_resnet"]
     assert [r[0] for r in rows.values()] == ["model", "floor", "floor", "ceiling"]
-    assert rows["hog"][1] == f"{metrics['floors']['hog']['accuracy_mean']:.4f} +- " \
-                             f"{metrics['floors']['hog']['accuracy_std']:.4f}"
-    assert metrics["faces"] == {"images": 13, "detected": 12, "missed": 1, "missed_policy": "centre_crop",
-                                "pairs_with_missed_face": 1}
+    assert (
+        rows["hog"][1] == f"{metrics['floors']['hog']['accuracy_mean']:.4f} +- "
+        f"{metrics['floors']['hog']['accuracy_std']:.4f}"
+    )
+    assert metrics["faces"] == {
+        "images": 13,
+        "detected": 12,
+        "missed": 1,
+        "missed_policy": "centre_crop",
+        "pairs_with_missed_face": 1,
+    }
     assert metrics["model"]["embed_dim"] == 192 and metrics["model"]["flip"] is True
     lat = metrics["latency"]
     assert lat["threads"] == 1 and lat["images"] == 3 and set(lat["candidates"]) == {"torch"}
@@ -119,8 +145,22 @@ def test_cli_refuses_missing_images_and_incomplete_flags(small_folder, tiny_mode
     bad = tmp_path / "pairs.txt"
     bad.write_text(pairs.read_text() + "2\tNobody_Here\t1\t2\n")
     base = ["evaluate", "--params", str(REPO / "params.yaml"), "--set", f"landmarks.models_root={shared / 'models'}"]
-    assert main([*base, "--model", str(tiny_model_file), "--images", str(images), "--pairs", str(bad),
-                 "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                *base,
+                "--model",
+                str(tiny_model_file),
+                "--images",
+                str(images),
+                "--pairs",
+                str(bad),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "Nobody_Here/Nobody_Here_0001" in capsys.readouterr().err
     assert main([*base, "--model", "dlib_resnet", "--images", str(images)]) == 1
     assert "--model needs --pairs, --out" in capsys.readouterr().err
@@ -137,10 +177,31 @@ def test_cli_no_floors_evaluates_the_model_alone(small_folder, shared, tmp_path)
     and the floors / ceiling blocks are empty, their margins null."""
     images, pairs, _ = small_folder
     out = tmp_path / "out"
-    assert main(["evaluate", "--params", str(REPO / "params.yaml"), "--model", "hog", "--no-floors",
-                 "--images", str(images), "--pairs", str(pairs), "--out", str(out),
-                 "--set", f"landmarks.models_root={shared / 'models'}", "--set", "latency_images=2",
-                 "--set", "latency_warmup=0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--params",
+                str(REPO / "params.yaml"),
+                "--model",
+                "hog",
+                "--no-floors",
+                "--images",
+                str(images),
+                "--pairs",
+                str(pairs),
+                "--out",
+                str(out),
+                "--set",
+                f"landmarks.models_root={shared / 'models'}",
+                "--set",
+                "latency_images=2",
+                "--set",
+                "latency_warmup=0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     _check_baselines(metrics, set(), set())
     assert metrics["model"] == {"spec": "hog", "embed_dim": 6084, "flip": True}
@@ -185,8 +246,10 @@ def test_latency_with_real_timings_and_the_budget_report(real_faces, tiny_model_
             stats[name] = measure_latency(fn, real_faces.photos[:4], warmup=1)
     for s in stats.values():
         assert s.images == 4 and s.warmup == 1 and 0 < s.p50_ms <= s.p95_ms and s.mean_ms > 0
-    candidates = {"torch": {**stats["torch"].as_dict(), "accuracy": 0.6},
-                  "onnx": {**stats["onnx"].as_dict(), "accuracy": 0.7}}
+    candidates = {
+        "torch": {**stats["torch"].as_dict(), "accuracy": 0.6},
+        "onnx": {**stats["onnx"].as_dict(), "accuracy": 0.7},
+    }
     fastest = min(s.p95_ms for s in stats.values())
     slowest = max(s.p95_ms for s in stats.values())
     report = budget_report(candidates, [fastest / 2, slowest * 2])
@@ -218,8 +281,13 @@ def evaluated_project(tiny_project, tmp_path_factory, shared):
     export_stage.run(ExportParams(parity_images=8), root)
 
     uri = f"sqlite:///{root.parent / 'mlflow.db'}"
-    cfg = EvaluateParams(fewshot_k=(1, 2), latency_images=3, latency_warmup=1, experiment="t-evaluate",
-                         candidates=("onnx", "torch", "dlib_resnet"))
+    cfg = EvaluateParams(
+        fewshot_k=(1, 2),
+        latency_images=3,
+        latency_warmup=1,
+        experiment="t-evaluate",
+        candidates=("onnx", "torch", "dlib_resnet"),
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         summary = evaluate.run(cfg, LandmarksParams(models_root=str(shared / "models")), evaluate.EvaluatePaths(root))
@@ -272,7 +340,8 @@ def test_evaluate_stage_logs_one_mlflow_run(evaluated_project):
     assert metrics["margin_over_floor"] == summary.report["margin_over_floor"]
     tars = summary.report["verification"]["tar_at_far"]  # None (not measurable with few pairs) is not logged
     assert {k for k in metrics if k.startswith("verification.tar_at_far.")} == {
-        f"verification.tar_at_far.{far}" for far, tar in tars.items() if tar is not None}
+        f"verification.tar_at_far.{far}" for far, tar in tars.items() if tar is not None
+    }
     assert run.data.params["flip"] == "True" and run.data.params["latency_threads"] == "1"
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert logged == {"eval.json", "roc.png", "scores.png", "roc.csv", "evaluation.md"}
@@ -290,16 +359,38 @@ def test_dlib_reference_and_floors_on_the_lfw_subset_pairs(shared, tmp_path):
     out = tmp_path / "dlib"
     start = time.perf_counter()
     data = shared / "data"
-    code = main(["evaluate", "--params", str(REPO / "params.yaml"), "--model", "dlib_resnet",
-                 "--images", str(data / "lfw_subset"), "--pairs", str(data / "lfw_subset_pairs.txt"),
-                 "--out", str(out), "--set", f"landmarks.models_root={shared / 'models'}", "--set", "flip=false",
-                 "--set", "latency_images=10", "--set", "latency_warmup=2"])
+    code = main(
+        [
+            "evaluate",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--model",
+            "dlib_resnet",
+            "--images",
+            str(data / "lfw_subset"),
+            "--pairs",
+            str(data / "lfw_subset_pairs.txt"),
+            "--out",
+            str(out),
+            "--set",
+            f"landmarks.models_root={shared / 'models'}",
+            "--set",
+            "flip=false",
+            "--set",
+            "latency_images=10",
+            "--set",
+            "latency_warmup=2",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     v, floors = metrics["verification"], metrics["floors"]
-    print(f"dlib_resnet on 1,200 LFW subset pairs: {v['accuracy_mean']:.4f} +- {v['accuracy_std']:.4f}, "
-          f"EER {v['eer']:.4f}; floors " + ", ".join(f"{n} {r['accuracy_mean']:.4f}" for n, r in floors.items())
-          + f"; {time.perf_counter() - start:.0f} s")
+    print(
+        f"dlib_resnet on 1,200 LFW subset pairs: {v['accuracy_mean']:.4f} +- {v['accuracy_std']:.4f}, "
+        f"EER {v['eer']:.4f}; floors "
+        + ", ".join(f"{n} {r['accuracy_mean']:.4f}" for n, r in floors.items())
+        + f"; {time.perf_counter() - start:.0f} s"
+    )
     assert v["pairs"] == 1200 and v["same_pairs"] == 600
     assert v["accuracy_mean"] >= 0.975
     _check_baselines(metrics, {"pixels", "hog"}, {"dlib_resnet"})
@@ -318,15 +409,31 @@ def test_the_report_says_how_many_protocol_pairs_were_scored(tmp_path):
     from lafs.stages.evaluate import _protocol_lines, protocol_section
 
     assert protocol_section(tmp_path) == {}  # generated pairs: no protocol file
-    (tmp_path / "protocol.json").write_text(json.dumps({
-        "name": "lfw_view1", "pairs_in_file": 1000, "pairs_scored": 999, "pairs_missing": 1,
-        "missing_by_reason": {"not_ingested": 1}, "missing_examples": ["fold 10: Betsy_Coffin/Betsy_Coffin_0001"],
-        "test_identities": 1711}))
+    (tmp_path / "protocol.json").write_text(
+        json.dumps(
+            {
+                "name": "lfw_view1",
+                "pairs_in_file": 1000,
+                "pairs_scored": 999,
+                "pairs_missing": 1,
+                "missing_by_reason": {"not_ingested": 1},
+                "missing_examples": ["fold 10: Betsy_Coffin/Betsy_Coffin_0001"],
+                "test_identities": 1711,
+            }
+        )
+    )
     section = protocol_section(tmp_path)
-    assert section == {"name": "lfw_view1", "pairs_in_file": 1000, "pairs_scored": 999, "pairs_missing": 1,
-                       "missing_by_reason": {"not_ingested": 1}, "test_identities": 1711}
-    assert _protocol_lines(section)[0] == ("Protocol lfw_view1: 999 of its 1000 pairs scored; 1 missing a photo "
-                                           "(1 not_ingested).")
+    assert section == {
+        "name": "lfw_view1",
+        "pairs_in_file": 1000,
+        "pairs_scored": 999,
+        "pairs_missing": 1,
+        "missing_by_reason": {"not_ingested": 1},
+        "test_identities": 1711,
+    }
+    assert _protocol_lines(section)[0] == (
+        "Protocol lfw_view1: 999 of its 1000 pairs scored; 1 missing a photo (1 not_ingested)."
+    )
 
 
 def test_floors_score_only_the_faces_pairs_use_with_identical_scores():
@@ -338,11 +445,20 @@ def test_floors_score_only_the_faces_pairs_use_with_identical_scores():
     from lafs.eval.verification import pair_scores
 
     rng = np.random.default_rng(0)
-    faces = FaceSet(keys=[f"f{i}" for i in range(6)], aligned=rng.integers(0, 256, (6, 112, 112, 3), dtype=np.uint8),
-                    detected=np.array([True, True, False, True, True, True]), photos=[Path(f"p{i}") for i in range(6)],
-                    boxes=rng.random((6, 4)), kps=rng.random((6, 5, 2)))
-    pairs = PairIndex(first=np.array([4, 1, 4]), second=np.array([1, 2, 2]), same=np.array([True, False, True]),
-                      folds=np.array([1, 2, 1]))
+    faces = FaceSet(
+        keys=[f"f{i}" for i in range(6)],
+        aligned=rng.integers(0, 256, (6, 112, 112, 3), dtype=np.uint8),
+        detected=np.array([True, True, False, True, True, True]),
+        photos=[Path(f"p{i}") for i in range(6)],
+        boxes=rng.random((6, 4)),
+        kps=rng.random((6, 5, 2)),
+    )
+    pairs = PairIndex(
+        first=np.array([4, 1, 4]),
+        second=np.array([1, 2, 2]),
+        same=np.array([True, False, True]),
+        folds=np.array([1, 2, 1]),
+    )
     sub, index = restrict_to_pairs(faces, pairs)
     assert sub.keys == ["f1", "f2", "f4"] and sub.photos == [Path("p1"), Path("p2"), Path("p4")]
     assert sub.detected.tolist() == [True, False, True] and np.array_equal(sub.kps, faces.kps[[1, 2, 4]])

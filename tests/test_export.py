@@ -46,7 +46,7 @@ def test_graph_interface_and_dynamic_batch(exported, tiny_model_file, real_faces
     embedder = load_embedder(exported, batch_size=8, threads=1)
     assert isinstance(embedder, OnnxEmbedder)
     whole = embedder.embed_aligned(real_faces.aligned)
-    single = np.concatenate([embedder.embed_aligned(real_faces.aligned[i:i + 1]) for i in range(8)])
+    single = np.concatenate([embedder.embed_aligned(real_faces.aligned[i : i + 1]) for i in range(8)])
     np.testing.assert_allclose(whole, single, atol=1e-5)
     flip_torch = load_embedder(tiny_model_file).embed_aligned(real_faces.aligned, flip=True)
     flip_onnx = embedder.embed_aligned(real_faces.aligned, flip=True)
@@ -93,8 +93,20 @@ def test_export_stage_writes_onnx_and_parity_metrics(tmp_path, tiny_model_file, 
 
 @pytest.mark.integration  # several processes / a real training run
 def test_embeddings_benchmark_times_both_runtimes_side_by_side():
-    cmd = [sys.executable, str(REPO / "benchmarks" / "eval.py"), "--part", "embeddings", "--batches", "1,4",
-           "--threads", "1", "--images", "8", "--repeats", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "eval.py"),
+        "--part",
+        "embeddings",
+        "--batches",
+        "1,4",
+        "--threads",
+        "1",
+        "--images",
+        "8",
+        "--repeats",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -34,8 +34,15 @@ def test_well_separated_identities_are_all_found() -> None:
     emb, labels = _clustered(12, 7, noise=0.05)
     result = fewshot_identification(emb, labels, ks=(1, 2, 5))
     for k in (1, 2, 5):
-        assert result[f"k{k}"] == {"top1": 1.0, "top1_std": 0.0, "top5": 1.0, "identities": 12,
-                                   "queries": 12 * (7 - k), "skipped_identities": 0, "trials": 1}
+        assert result[f"k{k}"] == {
+            "top1": 1.0,
+            "top1_std": 0.0,
+            "top5": 1.0,
+            "identities": 12,
+            "queries": 12 * (7 - k),
+            "skipped_identities": 0,
+            "trials": 1,
+        }
 
 
 def test_indistinguishable_twins_are_misses_and_small_identities_are_skipped() -> None:

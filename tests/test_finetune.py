@@ -38,9 +38,22 @@ from lafs.stages.finetune import (
 from lafs.tracking import ensure_experiment
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small", "num_landmarks": 68, "epochs": 2,
-        "batch_size": 8, "warmup_epochs": 0, "lr": 1e-3, "num_workers": 0, "device": "cpu", "dtype": "fp32",
-        "checkpoint_every": 2, "tuned_params": None, "experiment": "t-finetune", "train_landmark_net": True}
+TINY = {
+    "model": "lafs_vit_tiny",
+    "landmark_net": "landmark_net_mnv3_small",
+    "num_landmarks": 68,
+    "epochs": 2,
+    "batch_size": 8,
+    "warmup_epochs": 0,
+    "lr": 1e-3,
+    "num_workers": 0,
+    "device": "cpu",
+    "dtype": "fp32",
+    "checkpoint_every": 2,
+    "tuned_params": None,
+    "experiment": "t-finetune",
+    "train_landmark_net": True,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,8 +102,7 @@ def test_landmark_net_trains_inside_the_model_and_its_frozen_copy_never_does(tin
     cfg, paths = _cfg(), _paths(tiny_project, tmp_path)
     model = build_recogniser(cfg, paths)
     reference = frozen_copy(model.landmark_net)
-    trainer = FinetuneTrainer(model, select_data(cfg, paths).num_classes, cfg, iters_per_epoch=4,
-                              reference=reference)
+    trainer = FinetuneTrainer(model, select_data(cfg, paths).num_classes, cfg, iters_per_epoch=4, reference=reference)
     net_file = read_model_file(paths.landmark_net)["state_dict"]
     before = {k: v.clone() for k, v in model.landmark_net.state_dict().items()}
     images, labels = _batch(cfg, paths)
@@ -184,8 +196,18 @@ def test_cli_run_writes_the_best_model_metrics_and_mlflow_run(tiny_project, tmp_
     (root / "params" / "best_finetune.yaml").write_text(yaml.safe_dump({"m": 0.3, "reg_weight": 0.5}))
     sets = {k: v for k, v in TINY.items() if k != "tuned_params"}
     args = [a for k, v in sets.items() for a in ("--set", f"finetune.{k}={json.dumps(v)}")]
-    code = cli_main(["finetune", "--params", str(REPO / "params.yaml"), "--root", str(root),
-                     "--out", str(root / "models" / "finetune"), *args])
+    code = cli_main(
+        [
+            "finetune",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--root",
+            str(root),
+            "--out",
+            str(root / "models" / "finetune"),
+            *args,
+        ]
+    )
     assert code == 0
     metrics = json.loads((root / "metrics" / "finetune.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["tuned"] == {"m": 0.3, "reg_weight": 0.5}
@@ -204,8 +226,9 @@ def test_cli_run_writes_the_best_model_metrics_and_mlflow_run(tiny_project, tmp_
     cfg = FinetuneParams(**state["config"])
     data = select_data(cfg, FinetunePaths.under(root))
     loader = DataLoader(LabelledFaces([root / p for p in data.val_paths], [0] * len(data.val_paths)), batch_size=8)
-    assert validate(model, loader, data.val_paths, data.val_pairs, torch.device("cpu"))["val_accuracy"] == \
-        pytest.approx(metrics["best_val_accuracy"])
+    assert validate(model, loader, data.val_paths, data.val_pairs, torch.device("cpu"))[
+        "val_accuracy"
+    ] == pytest.approx(metrics["best_val_accuracy"])
 
     client, runs = _runs(_fast_and_tracked)
     r = runs[-1]
@@ -235,8 +258,9 @@ def test_validation_identities_are_finetune_identities_never_test_ones(tiny_proj
     test_ids = set(pd.read_csv(splits / "test.csv")["identity"])
     pair_ids = {r[c] for r in data.val_pairs for c in ("identity1", "identity2")}
     finetune = pd.read_csv(splits / "finetune.csv")
-    trained = set(finetune.set_index("aligned_path").loc[[str(p.relative_to(tiny_project))
-                                                          for p in data.train_paths], "identity"])
+    trained = set(
+        finetune.set_index("aligned_path").loc[[str(p.relative_to(tiny_project)) for p in data.train_paths], "identity"]
+    )
     assert pair_ids and not pair_ids & test_ids and not pair_ids & trained
     assert len(pair_ids) == data.val_identities and pair_ids <= set(finetune["identity"])
     same = [r["same"] for r in data.val_pairs]
@@ -257,8 +281,9 @@ def test_early_stopping_stops_and_a_rerun_resumes_the_finished_run(tiny_project,
         train(_cfg(epochs=4, patience=1, min_delta=1.0, lr=2e-3), paths)
 
 
-def test_on_epoch_exception_ends_the_run_killed_keeps_the_checkpoint_and_resumes(tiny_project, tmp_path,
-                                                                                 _fast_and_tracked):
+def test_on_epoch_exception_ends_the_run_killed_keeps_the_checkpoint_and_resumes(
+    tiny_project, tmp_path, _fast_and_tracked
+):
     class Pruned(Exception):
         pass
 
@@ -332,8 +357,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_project, tmp_path
     train(FinetuneParams(**cfg), _paths(tiny_project, tmp_path / "ref"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1"}
     last = tmp_path / "killed" / "last.pt"
-    proc = subprocess.Popen(_script(tiny_project, tmp_path / "killed", cfg), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _script(tiny_project, tmp_path / "killed", cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (last.exists() and load_checkpoint(last)["iteration"] >= 3):
         time.sleep(0.1)
@@ -342,8 +368,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_project, tmp_path
     total = load_checkpoint(tmp_path / "ref" / "ft" / "last.pt")["iteration"]
     killed_at = load_checkpoint(last)["iteration"]
     assert 3 <= killed_at < total
-    resumed = subprocess.run(_script(tiny_project, tmp_path / "killed", cfg), env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        _script(tiny_project, tmp_path / "killed", cfg), env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed at iteration {killed_at}" in resumed.stdout
     a, b = _weights(tmp_path / "ref" / "ft" / "last.pt"), _weights(last)
@@ -364,7 +391,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_project, tmp_path):
     script[-1] = script[-1].replace(
         "print(train(cfg, paths).describe())\n",
         "from lafs.engine.preemption import Preempted\nimport sys\n"
-        "try:\n    print(train(cfg, paths).describe())\nexcept Preempted as e:\n    print(e); sys.exit(e.exit_code)\n")
+        "try:\n    print(train(cfg, paths).describe())\nexcept Preempted as e:\n    print(e); sys.exit(e.exit_code)\n",
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1"}
     last = tmp_path / "term" / "last.pt"
     proc = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -386,8 +414,9 @@ def test_a_frozen_landmark_net_stays_exactly_as_the_landmark_net_stage_left_it()
 
     torch.manual_seed(0)
     cfg = FinetuneParams(**{**TINY, "train_landmark_net": False, "embedding": "tokens", "embedding_dim": 16})
-    model = create_model("lafs_vit_tiny", num_landmarks=68, landmark_net="landmark_net_mnv3_small",
-                         embedding="tokens", embedding_dim=16)
+    model = create_model(
+        "lafs_vit_tiny", num_landmarks=68, landmark_net="landmark_net_mnv3_small", embedding="tokens", embedding_dim=16
+    )
     before = {k: v.clone() for k, v in model.landmark_net.state_dict().items()}
     vit_before = model.patch_embed.weight.detach().clone()
     trainer = FinetuneTrainer(model, 5, cfg, iters_per_epoch=2)

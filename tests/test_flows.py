@@ -59,8 +59,9 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, lfw_subset: Path,
-            shared: Path) -> Iterator[tuple[Path, dict[str, Any], UUID]]:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, prefect_api: str, lfw_subset: Path, shared: Path
+) -> Iterator[tuple[Path, dict[str, Any], UUID]]:
     """A tiny real project after one flow run over the data stages: (root, report, flow-run id)."""
     tmp = tmp_path_factory.mktemp("flows")
     root, env = copy_project(tmp)
@@ -68,8 +69,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, lfw_subs
     with pytest.MonkeyPatch.context() as mp:  # the stages run in subprocesses: they get the copy's env
         for key in ("PATH", "PYTHONPATH", "MLFLOW_TRACKING_URI"):
             mp.setenv(key, env[key])
-        report, run_id = _run(data=str(lfw_subset), models=str(shared / "models"), stages=DATA_STAGES,
-                              root=str(root), **FAST_RETRY)
+        report, run_id = _run(
+            data=str(lfw_subset), models=str(shared / "models"), stages=DATA_STAGES, root=str(root), **FAST_RETRY
+        )
         assert isinstance(report, dict), f"first flow run failed: {report}"
         yield root, report, run_id
 
@@ -95,20 +97,35 @@ def test_stage_order_comes_from_dvc_and_respects_every_dependency():
 # Tails of real failed `dvc repro` runs (MLflow killed under landmark_net; S3 endpoint down under ingest; a
 # preempted pretrain; split refusing a missing pairs file; a crash) and how they must be classified.
 FAILURES = [
-    ("mlflow.exceptions.MlflowException: API request to http://127.0.0.1:39701/api/2.0/mlflow/experiments/"
-     "get-by-name failed with exception HTTPConnectionPool(host='127.0.0.1', port=39701): Max retries exceeded "
-     "with url: ... [Errno 111] Connection refused\nERROR: failed to reproduce 'landmark_net': failed to run: "
-     "lafs landmark_net, exited with 1", True),
-    ("error: cannot list s3://faces/lfw at http://127.0.0.1:4566: Could not connect to the endpoint URL: "
-     "\"http://127.0.0.1:4566/faces?list-type=2\" (check the bucket name, ...)\nERROR: failed to reproduce "
-     "'ingest': failed to run: lafs ingest, exited with 1", True),
-    ("SIGTERM: checkpoint written at iteration 40\nERROR: failed to reproduce 'pretrain': failed to run: lafs "
-     "pretrain --out models/pretrain --restart-on-change, exited with 143", True),
+    (
+        "mlflow.exceptions.MlflowException: API request to http://127.0.0.1:39701/api/2.0/mlflow/experiments/"
+        "get-by-name failed with exception HTTPConnectionPool(host='127.0.0.1', port=39701): Max retries exceeded "
+        "with url: ... [Errno 111] Connection refused\nERROR: failed to reproduce 'landmark_net': failed to run: "
+        "lafs landmark_net, exited with 1",
+        True,
+    ),
+    (
+        "error: cannot list s3://faces/lfw at http://127.0.0.1:4566: Could not connect to the endpoint URL: "
+        '"http://127.0.0.1:4566/faces?list-type=2" (check the bucket name, ...)\nERROR: failed to reproduce '
+        "'ingest': failed to run: lafs ingest, exited with 1",
+        True,
+    ),
+    (
+        "SIGTERM: checkpoint written at iteration 40\nERROR: failed to reproduce 'pretrain': failed to run: lafs "
+        "pretrain --out models/pretrain --restart-on-change, exited with 143",
+        True,
+    ),
     ("ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated abruptly.", True),
-    ("error: split.pairs_file: [Errno 2] No such file or directory: '/x/pairs.txt'\nERROR: failed to reproduce "
-     "'split': failed to run: lafs split, exited with 1", False),
-    ("ValueError: operands could not be broadcast together\nERROR: failed to reproduce 'finetune': failed to run: "
-     "lafs finetune --out models/finetune --restart-on-change, exited with 1", False),
+    (
+        "error: split.pairs_file: [Errno 2] No such file or directory: '/x/pairs.txt'\nERROR: failed to reproduce "
+        "'split': failed to run: lafs split, exited with 1",
+        False,
+    ),
+    (
+        "ValueError: operands could not be broadcast together\nERROR: failed to reproduce 'finetune': failed to run: "
+        "lafs finetune --out models/finetune --restart-on-change, exited with 1",
+        False,
+    ),
 ]
 
 
@@ -161,8 +178,11 @@ def test_override_reruns_only_the_stage_that_reads_it_and_is_recorded(project, m
 
     with _client() as client:
         assert client.read_flow_run(run_id).parameters["overrides"] == {"split.seed": seed}
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[REPORT_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[REPORT_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+            )
+        )
     assert f'"split.seed": {seed}' in artifact.data  # the resolved overrides, as JSON
     assert "| `split` | ran | 1 |" in artifact.data and "| `ingest` | skipped | 1 |" in artifact.data
 
@@ -173,8 +193,9 @@ def test_genuine_stage_error_is_not_retried_and_keeps_finished_stages(project, m
     missing = tmp_path / "no_such_pairs.txt"
     try:
         # Bad input: the verification protocol file does not exist. The stage refuses (StageError, exit 1).
-        error, run_id = _run(overrides={"split.pairs_file": str(missing)}, stages=DATA_STAGES, root=str(root),
-                             **FAST_RETRY)
+        error, run_id = _run(
+            overrides={"split.pairs_file": str(missing)}, stages=DATA_STAGES, root=str(root), **FAST_RETRY
+        )
         assert isinstance(error, StageFailed) and not error.transient, error
         assert error.stage == "split" and "error: split.pairs_file" in error.tail  # the stage's own message
         assert "not retried" in str(error)
@@ -198,8 +219,10 @@ def _start_s3_when_retrying(port: int, log: Path, photos: list[Path], started: l
         TaskRunFilterStateName,
     )
 
-    waiting = TaskRunFilter(name=TaskRunFilterName(any_=["repro-ingest"]),
-                            state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["AwaitingRetry"])))
+    waiting = TaskRunFilter(
+        name=TaskRunFilterName(any_=["repro-ingest"]),
+        state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["AwaitingRetry"])),
+    )
     deadline = time.monotonic() + 120
     with _client() as client:
         while not client.read_task_runs(task_run_filter=waiting):
@@ -218,19 +241,26 @@ def test_unreachable_s3_is_retried_with_backoff(prefect_api, lfw_subset, tmp_pat
     port = free_port()  # nothing listens here until the first attempt has failed
     for key in ("PATH", "PYTHONPATH", "MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(key, env[key])
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     identities = sorted(p for p in lfw_subset.iterdir() if len(list(p.glob("*.jpg"))) >= 2)[:3]
     photos = [f for d in identities for f in sorted(d.glob("*.jpg"))[:2]]
     started: list = []
     done = threading.Event()
-    helper = threading.Thread(target=_start_s3_when_retrying,
-                              args=(port, tmp_path / "moto.log", photos, started, done))
+    helper = threading.Thread(target=_start_s3_when_retrying, args=(port, tmp_path / "moto.log", photos, started, done))
     helper.start()
     try:
-        report, run_id = _run(data="s3://faces/lfw", overrides={"ingest.s3_endpoint_url": f"http://127.0.0.1:{port}"},
-                              stages=["ingest"], root=str(root), **FAST_RETRY)
+        report, run_id = _run(
+            data="s3://faces/lfw",
+            overrides={"ingest.s3_endpoint_url": f"http://127.0.0.1:{port}"},
+            stages=["ingest"],
+            root=str(root),
+            **FAST_RETRY,
+        )
         done.set()
         helper.join(timeout=150)
         assert not isinstance(report, BaseException) or started, f"flow failed before any retry: {report}"
@@ -254,8 +284,16 @@ def test_promote_flow_builds_the_lafs_promote_command_and_refuses_contradictions
 
     report = tmp_path / "promotion.md"
     assert promote_args("lafs-face", "3", None, False, {"register.min_gain": 0.01}, report) == [
-        "promote", "--report", str(report), "--model-name", "lafs-face", "--version", "3",
-        "--set", "register.min_gain=0.01"]
+        "promote",
+        "--report",
+        str(report),
+        "--model-name",
+        "lafs-face",
+        "--version",
+        "3",
+        "--set",
+        "register.min_gain=0.01",
+    ]
     assert promote_args(None, None, None, True, None, report)[3:] == ["--rollback"]
     with pytest.raises(ValueError, match="rollback"):
         promote_args(None, "3", None, True, None, report)

@@ -25,6 +25,7 @@ SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD")
 
 # --- compose.yaml ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
@@ -91,8 +92,11 @@ def test_compose_wires_postgres_databases_minio_buckets_and_the_servers(compose)
 def test_compose_credentials_come_only_from_the_env_file(compose):
     text = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
     referenced = set(re.findall(r"\$\{(\w+)", text))
-    example = dict(line.split("=", 1) for line in (INFRA / ".env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (INFRA / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert referenced <= set(example), f"not documented in infra/.env.example: {referenced - set(example)}"
     for secret in SECRETS:  # required everywhere: compose refuses to start without them, no default value
         uses = re.findall(rf"\$\{{{secret}(:\?|:-|\}})", text)
@@ -106,6 +110,7 @@ def test_compose_credentials_come_only_from_the_env_file(compose):
 
 
 # --- infra/local/services.py -------------------------------------------------------------------------------------
+
 
 def _listening(pgid: int) -> set:
     return {c.laddr for p in process_group(pgid) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
@@ -167,8 +172,13 @@ def test_dvc_remote_on_the_s3_server_pushes(local_services, tmp_path):
     (repo / "blob.txt").write_text("versioned data\n")
     sh([sys.executable, "-m", "dvc", "add", "-q", "blob.txt"], repo, env)
     sh([sys.executable, "-m", "dvc", "push", "-q"], repo, env)
-    s3 = boto3.client("s3", endpoint_url=state["services"]["s3"]["url"], aws_access_key_id="x",
-                      aws_secret_access_key="x", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=state["services"]["s3"]["url"],
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        region_name="us-east-1",
+    )
     # the bucket is shared with other tests (test_e2e pushes the pipeline to it): look for this blob's own object
     digest = hashlib.md5(b"versioned data\n").hexdigest()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=state["buckets"]["dvc"], Prefix="dvc/").get("Contents", [])]
@@ -187,8 +197,9 @@ def test_a_stopped_role_restarts_on_the_same_url(local_services):
     local_services.run("start", "s3")
     after = local_services.state()["services"]["s3"]
     assert after["url"] == before["url"] and after["pid"] != before["pid"]
-    s3 = boto3.client("s3", endpoint_url=after["url"], aws_access_key_id="x", aws_secret_access_key="x",
-                      region_name="us-east-1")
+    s3 = boto3.client(
+        "s3", endpoint_url=after["url"], aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
+    )
     assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == set(local_services.state()["buckets"].values())
     assert "healthy" in local_services.run("status", "mlflow").stdout
 

@@ -30,11 +30,13 @@ def pipeline_data(tmp_path_factory, lfw_subset, shared) -> Path:
     from lafs.stages import ingest, landmarks, split
 
     root = tmp_path_factory.mktemp("lmnet")
-    params = parse_params({
-        "ingest": {"source": str(lfw_subset), "max_identities": 14, "max_images_per_identity": 5},
-        "landmarks": {"models_root": str(shared / "models")},
-        "split": {"test_fraction": 0.4, "folds": 2, "pairs_per_fold": 4},
-    })
+    params = parse_params(
+        {
+            "ingest": {"source": str(lfw_subset), "max_identities": 14, "max_images_per_identity": 5},
+            "landmarks": {"models_root": str(shared / "models")},
+            "split": {"test_fraction": 0.4, "folds": 2, "pairs_per_fold": 4},
+        }
+    )
     ingest.run(params.ingest, root)
     landmarks.run(params.landmarks, root)
     split.run(params.split, root)
@@ -64,8 +66,18 @@ def test_landmark_net_learns_beyond_the_mean_shape(pipeline_data, monkeypatch, t
     mean-shape initialisation, labels that do not follow the views, ...)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     root = pipeline_data
-    cfg = parse_params({"landmark_net": {"epochs": 30, "batch_size": 8, "num_workers": 0, "threads": 1,
-                                         "full_view_fraction": 1.0, "max_nme": 10.0}}).landmark_net
+    cfg = parse_params(
+        {
+            "landmark_net": {
+                "epochs": 30,
+                "batch_size": 8,
+                "num_workers": 0,
+                "threads": 1,
+                "full_view_fraction": 1.0,
+                "max_nme": 10.0,
+            }
+        }
+    ).landmark_net
     paths = LandmarkNetPaths(root, root / "data", tmp_path / "net.pt", tmp_path / "net.json")
     summary = run(cfg, paths)
     assert 0.0 < summary.crop_nme < 10.0 and summary.mean_shape_nme > 0.0

@@ -38,6 +38,11 @@ def test_no_module_imports_a_higher_layer():
 
 
 def test_every_module_has_a_layer():
-    unplaced = sorted({p.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py")
-                       if p != PACKAGE / "__init__.py" and layer_of(p) is None})
+    unplaced = sorted(
+        {
+            p.relative_to(PACKAGE).parts[0]
+            for p in PACKAGE.rglob("*.py")
+            if p != PACKAGE / "__init__.py" and layer_of(p) is None
+        }
+    )
     assert not unplaced, f"give these a layer in LAYERS: {unplaced}"

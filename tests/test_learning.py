@@ -32,13 +32,15 @@ def subset_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, s
     from lafs.stages import ingest, landmark_net, landmarks, split
 
     root = tmp_path_factory.mktemp("subset_project")
-    params = parse_params({
-        "ingest": {"source": str(lfw_subset), "max_identities": 322, "max_images_per_identity": 8},
-        "landmarks": {"models_root": str(shared / "models")},
-        "split": {"test_fraction": 0.25, "folds": 5, "pairs_per_fold": 100, "fewshot_k": [1]},
-        # the NME gate stays at params.yaml's default: this is the test that runs it unrelaxed
-        "landmark_net": {"epochs": 3, "batch_size": 32, "threads": 2},
-    })
+    params = parse_params(
+        {
+            "ingest": {"source": str(lfw_subset), "max_identities": 322, "max_images_per_identity": 8},
+            "landmarks": {"models_root": str(shared / "models")},
+            "split": {"test_fraction": 0.25, "folds": 5, "pairs_per_fold": 100, "fewshot_k": [1]},
+            # the NME gate stays at params.yaml's default: this is the test that runs it unrelaxed
+            "landmark_net": {"epochs": 3, "batch_size": 32, "threads": 2},
+        }
+    )
     default_gate = load_params(REPO / "params.yaml").landmark_net.max_nme
     assert params.landmark_net.max_nme == LandmarkNetParams().max_nme == default_gate
     with pytest.MonkeyPatch.context() as mp:
@@ -46,8 +48,12 @@ def subset_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, s
         ingest.run(params.ingest, root)
         landmarks.run(params.landmarks, root)
         split.run(params.split, root)
-        summary = landmark_net.run(params.landmark_net, landmark_net.LandmarkNetPaths(
-            root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"))
+        summary = landmark_net.run(
+            params.landmark_net,
+            landmark_net.LandmarkNetPaths(
+                root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"
+            ),
+        )
     # The stage's own gate (max_nme at its default) has passed; 3 short epochs on ~900 faces do not yet beat the
     # mean shape (measured 15% vs 11.6%), so only a sane range is asserted beyond the gate.
     assert summary.nme < 1.5 * summary.mean_shape_nme
@@ -71,8 +77,18 @@ def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_projec
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     defaults = load_params(REPO / "params.yaml").finetune
-    cfg = FinetuneParams(**{**defaults.model_dump(), "init": "scratch", "epochs": 8, "batch_size": 32,
-                            "num_workers": 0, "tuned_params": None, "val_fraction": 0.1, "val_folds": 4})
+    cfg = FinetuneParams(
+        **{
+            **defaults.model_dump(),
+            "init": "scratch",
+            "epochs": 8,
+            "batch_size": 32,
+            "num_workers": 0,
+            "tuned_params": None,
+            "val_fraction": 0.1,
+            "val_folds": 4,
+        }
+    )
     paths = finetune.FinetunePaths.under(subset_project, tmp_path / "finetune")
     with single_torch_thread():
         torch.set_num_threads(2)
@@ -88,8 +104,9 @@ def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_projec
     _served_path_decides_like_the_evaluated_one(subset_project, paths.model, detector, names, faces, pairs, tmp_path)
 
 
-def _served_path_decides_like_the_evaluated_one(root: Path, model: Path, detector: Path, names: list[str],
-                                                faces: np.ndarray, pairs: pd.DataFrame, tmp_path: Path) -> None:
+def _served_path_decides_like_the_evaluated_one(
+    root: Path, model: Path, detector: Path, names: list[str], faces: np.ndarray, pairs: pd.DataFrame, tmp_path: Path
+) -> None:
     """The learned model exported and served (raw photo -> SCRFD -> alignment -> ONNX, flip-sum) at the threshold
     calibrated on the aligned faces decides real test pairs as the evaluation did, and mostly right."""
     from lafs.export import export_onnx
@@ -121,11 +138,19 @@ def test_ssl_moves_the_teacher_away_from_its_initialisation(subset_project, tmp_
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     defaults = load_params(REPO / "params.yaml").pretrain
-    cfg = defaults.model_copy(update={"epochs": 2, "batch_size": 16, "num_workers": 0, "nproc_per_node": 1,
-                                      "device": "cpu"})
+    cfg = defaults.model_copy(
+        update={"epochs": 2, "batch_size": 16, "num_workers": 0, "nproc_per_node": 1, "device": "cpu"}
+    )
     with single_torch_thread():
-        pretrain.run(cfg, pretrain.PretrainPaths(
-            subset_project, subset_project / "data", tmp_path / "pretrain", subset_project / "models" /
-            "landmark_net.pt", tmp_path / "pretrain.json"))
+        pretrain.run(
+            cfg,
+            pretrain.PretrainPaths(
+                subset_project,
+                subset_project / "data",
+                tmp_path / "pretrain",
+                subset_project / "models" / "landmark_net.pt",
+                tmp_path / "pretrain.json",
+            ),
+        )
     moved = json.loads((tmp_path / "pretrain.json").read_text())["teacher_relative_change"]
     assert moved > 0.005, f"the teacher moved {moved:.2e} (relative L2) from its initialisation: SSL learned nothing"

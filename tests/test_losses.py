@@ -70,8 +70,9 @@ def test_arcface_margin_on_target_angle():
     cos = head.cosine(emb)
     out = head(emb, labels)
     theta = torch.acos(cos.gather(1, labels[:, None]))
-    expected = torch.where(theta + 0.5 < math.pi, torch.cos(theta + 0.5), cos.gather(1, labels[:, None]) - 0.5 *
-                           math.sin(math.pi - 0.5))
+    expected = torch.where(
+        theta + 0.5 < math.pi, torch.cos(theta + 0.5), cos.gather(1, labels[:, None]) - 0.5 * math.sin(math.pi - 0.5)
+    )
     torch.testing.assert_close(out.gather(1, labels[:, None]), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -31,7 +31,11 @@ def test_every_registered_model_forward(name):
 def test_official_size_matches_the_paper():
     vit = lafs.create_model("dino_vit_base")
     assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads, vit.blocks[0].attn.head_dim) == (
-        768, 12, 11, 64)
+        768,
+        12,
+        11,
+        64,
+    )
     assert vit.blocks[0].mlp.fc1.out_features == 2048
     assert abs(num_params(vit) / 1e6 - 64.08) < 0.05  # 64.08M measured on the official class
 

@@ -91,8 +91,11 @@ def test_fresh_clone_runs_dvc_repro_and_takes_overrides_from_dvc_exp_run(project
     assert {"ingest", "landmarks", "finetune", "register"} <= set(status)  # all stale, none broken
 
     sets = {"ingest.source": str(data), "ingest.max_identities": 3, "ingest.max_images_per_identity": 2}
-    out = sh([dvc, "exp", "run", "--name", "subset3", *(f"--set-param={k}={v}" for k, v in sets.items()), "ingest"],
-             root, env)
+    out = sh(
+        [dvc, "exp", "run", "--name", "subset3", *(f"--set-param={k}={v}" for k, v in sets.items()), "ingest"],
+        root,
+        env,
+    )
     assert "Running stage 'ingest'" in out
     manifest = pd.read_parquet(root / "data/manifest.parquet")
     assert len(manifest) == 6 and manifest["identity"].nunique() == 3

@@ -23,10 +23,27 @@ from lafs.stages import StageError
 from lafs.stages.pretrain import PretrainPaths, run
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small", "num_landmarks": 68, "out_dim": 128,
-        "hidden_dim": 64, "bottleneck_dim": 32, "num_prototypes": 64, "local_crops": 2, "local_landmarks": 12,
-        "epochs": 2, "batch_size": 4, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 1, "num_workers": 0,
-        "dtype": "fp32", "checkpoint_every": 2, "nproc_per_node": 1, "device": "cpu", "deterministic": True}
+TINY = {
+    "model": "lafs_vit_tiny",
+    "landmark_net": "landmark_net_mnv3_small",
+    "num_landmarks": 68,
+    "out_dim": 128,
+    "hidden_dim": 64,
+    "bottleneck_dim": 32,
+    "num_prototypes": 64,
+    "local_crops": 2,
+    "local_landmarks": 12,
+    "epochs": 2,
+    "batch_size": 4,
+    "warmup_epochs": 0,
+    "warmup_teacher_temp_epochs": 1,
+    "num_workers": 0,
+    "dtype": "fp32",
+    "checkpoint_every": 2,
+    "nproc_per_node": 1,
+    "device": "cpu",
+    "deterministic": True,
+}
 
 
 def _mean_shape() -> torch.Tensor:
@@ -50,17 +67,25 @@ def ssl_data(tmp_path_factory, lfw_subset) -> Path:
     pd.DataFrame(rows).to_csv(data / "splits" / "ssl.csv", index=False)
     dense = [(_mean_shape() + torch.randn(68, 2)).reshape(-1).tolist() for _ in rows]
     pd.DataFrame({"aligned_path": [r["aligned_path"] for r in rows], "dense": dense}).to_parquet(
-        data / "landmarks.parquet")
+        data / "landmarks.parquet"
+    )
     net = create_model("landmark_net_mnv3_small", num_landmarks=68)
     net.init_mean_shape(_mean_shape())
-    save_checkpoint({"model": "landmark_net_mnv3_small", "kwargs": {"num_landmarks": 68},
-                     "state_dict": net.state_dict()}, root / "models" / "landmark_net.pt")
+    save_checkpoint(
+        {"model": "landmark_net_mnv3_small", "kwargs": {"num_landmarks": 68}, "state_dict": net.state_dict()},
+        root / "models" / "landmark_net.pt",
+    )
     return root
 
 
 def _paths(root: Path, out: str) -> PretrainPaths:
-    return PretrainPaths(root=root, data_dir=root / "data", out_dir=root / out,
-                         landmark_net=root / "models" / "landmark_net.pt", metrics=root / out / "metrics.json")
+    return PretrainPaths(
+        root=root,
+        data_dir=root / "data",
+        out_dir=root / out,
+        landmark_net=root / "models" / "landmark_net.pt",
+        metrics=root / out / "metrics.json",
+    )
 
 
 def _script(root: Path, out: str, cfg: dict) -> list[str]:
@@ -150,8 +175,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path):
     ref = subprocess.run(_script(ssl_data, "ref", cfg), env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     # interrupted run: SIGKILL once a checkpoint mid-training exists, then rerun the same command
-    proc = subprocess.Popen(_script(ssl_data, "killed", cfg), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_script(ssl_data, "killed", cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     last = ssl_data / "killed" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and not (last.exists() and load_checkpoint(last)["iteration"] >= 3):
@@ -172,8 +196,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path):
 @pytest.mark.integration  # several processes / a real training run
 def test_sigterm_writes_checkpoint_and_exits_cleanly(ssl_data, tmp_path):
     cfg = {**TINY, "checkpoint_every": 100, "epochs": 3}
-    proc = subprocess.Popen(_script(ssl_data, "term", cfg), env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _script(ssl_data, "term", cfg), env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(1)
     deadline = time.time() + 300
     while time.time() < deadline and not (ssl_data / "term" / "last.pt").exists():
@@ -199,8 +224,7 @@ def test_resume_refuses_changed_params(ssl_data, monkeypatch, tmp_path):
 def test_two_process_gloo_ddp_keeps_ranks_identical(ssl_data, tmp_path):
     cfg = {**TINY, "epochs": 1, "batch_size": 2}
     script = _script(ssl_data, "ddp", cfg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
-           *script]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python", *script]
     res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((ssl_data / "ddp" / "metrics.json").read_text())
@@ -231,15 +255,37 @@ def test_two_node_run_through_the_cli_launcher(ssl_data, tmp_path):
     """Multi-node on one machine: two `lafs pretrain` launches (nnodes=2) meet at a c10d rendezvous on 127.0.0.1."""
     from conftest import free_port
 
-    sets = [f"pretrain.{k}={json.dumps(v)}" for k, v in {**TINY, "epochs": 1, "batch_size": 2, "nnodes": 2,
-                                                "rdzv_endpoint": f"127.0.0.1:{free_port()}"}.items()]
+    sets = [
+        f"pretrain.{k}={json.dumps(v)}"
+        for k, v in {
+            **TINY,
+            "epochs": 1,
+            "batch_size": 2,
+            "nnodes": 2,
+            "rdzv_endpoint": f"127.0.0.1:{free_port()}",
+        }.items()
+    ]
     procs = []
     for node in (0, 1):
         overrides = [a for s in [*sets, f"pretrain.node_rank={node}"] for a in ("--set", s)]
-        cmd = [sys.executable, "-m", "lafs", "pretrain", "--root", str(ssl_data), "--out", str(ssl_data / "mn"),
-               "--params", str(REPO / "params.yaml"), *overrides]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "lafs",
+            "pretrain",
+            "--root",
+            str(ssl_data),
+            "--out",
+            str(ssl_data / "mn"),
+            "--params",
+            str(REPO / "params.yaml"),
+            *overrides,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]

@@ -49,13 +49,16 @@ def test_gate_first_model_becomes_champion() -> None:
     assert "no champion yet" in reasons[0]
 
 
-@pytest.mark.parametrize(("new", "old", "min_gain", "expected"), [
-    (0.90, 0.80, 0.0, True),
-    (0.80, 0.80, 0.0, False),  # a tie never replaces the champion
-    (0.70, 0.80, 0.0, False),
-    (0.801, 0.80, 0.002, False),  # a gain below min_gain
-    (0.803, 0.80, 0.002, True),
-])
+@pytest.mark.parametrize(
+    ("new", "old", "min_gain", "expected"),
+    [
+        (0.90, 0.80, 0.0, True),
+        (0.80, 0.80, 0.0, False),  # a tie never replaces the champion
+        (0.70, 0.80, 0.0, False),
+        (0.801, 0.80, 0.002, False),  # a gain below min_gain
+        (0.803, 0.80, 0.002, True),
+    ],
+)
 def test_gate_primary_needs_a_gain_of_min_gain(new: float, old: float, min_gain: float, expected: bool) -> None:
     passed, checks, reasons = registry.compare(flat(new, 0.1), flat(old, 0.1), gate_cfg(min_gain=min_gain))
     assert passed is expected
@@ -94,19 +97,33 @@ def test_gate_missing_metrics() -> None:
 
 
 def test_flatten_metrics_keeps_numeric_leaves_under_dotted_keys() -> None:
-    nested = {"verification": {"accuracy_mean": 0.9, "tar_at_far": {"1e-03": 0.5}, "pairs": 600},
-              "note": "text", "flag": True, "curve": [1, 2], "latency": {"ms": 2}}
-    assert registry.flatten_metrics(nested) == {"verification.accuracy_mean": 0.9,
-                                                "verification.tar_at_far.1e-03": 0.5,
-                                                "verification.pairs": 600.0, "latency.ms": 2.0}
+    nested = {
+        "verification": {"accuracy_mean": 0.9, "tar_at_far": {"1e-03": 0.5}, "pairs": 600},
+        "note": "text",
+        "flag": True,
+        "curve": [1, 2],
+        "latency": {"ms": 2},
+    }
+    assert registry.flatten_metrics(nested) == {
+        "verification.accuracy_mean": 0.9,
+        "verification.tar_at_far.1e-03": 0.5,
+        "verification.pairs": 600.0,
+        "latency.ms": 2.0,
+    }
     assert registry.loggable({"ok.key": 1.0, "bad@key": 1.0, "inf": float("inf")}) == {"ok.key": 1.0}
     # the one flattener every report goes through (tracking.metric_leaves): no booleans, no NaN as metrics
     assert registry.flatten_metrics({"a": {"nan": float("nan"), "ok": True, "n": 3}}) == {"a.n": 3.0}
 
 
 def test_safe_params_drop_secrets_and_mask_uri_passwords() -> None:
-    params = registry.safe_params({"tracking_uri": "http://alice:hunter2@mlflow:5000", "aws_secret": "x",
-                                   "nested": {"api_token": "y", "lr": 0.1}}, "register.")
+    params = registry.safe_params(
+        {
+            "tracking_uri": "http://alice:hunter2@mlflow:5000",
+            "aws_secret": "x",
+            "nested": {"api_token": "y", "lr": 0.1},
+        },
+        "register.",
+    )
     assert params == {"register.tracking_uri": "http://***@mlflow:5000", "register.nested.lr": 0.1}
 
 
@@ -146,8 +163,16 @@ def test_dvc_lineage_reads_stage_hashes(tmp_path: Path) -> None:
 
 
 def test_history_tag_keeps_the_newest_entries_within_mlflows_tag_limit() -> None:
-    history = [{"version": str(i), "previous": str(i - 1), "replaced": str(i - 1), "action": "promote",
-                "at": "2026-12-01T00:00:00+00:00"} for i in range(1, 500)]
+    history = [
+        {
+            "version": str(i),
+            "previous": str(i - 1),
+            "replaced": str(i - 1),
+            "action": "promote",
+            "at": "2026-12-01T00:00:00+00:00",
+        }
+        for i in range(1, 500)
+    ]
     kept = json.loads(registry._history_json(history))
     assert len(json.dumps(kept, separators=(",", ":"))) <= registry.HISTORY_MAX_CHARS
     assert kept[-1]["version"] == "499" and 10 < len(kept) < 499
@@ -158,29 +183,47 @@ def test_history_tag_keeps_the_newest_entries_within_mlflows_tag_limit() -> None
 
 def dvc_lock_for(model_md5: str, eval_md5: str) -> dict[str, Any]:
     """A dvc.lock (schema 2.0) as DVC writes it for the stages that produce a registered model."""
-    return {"schema": "2.0", "stages": {
-        "finetune": {"cmd": "lafs finetune",
-                     "deps": [{"path": "data/splits", "hash": "md5", "md5": "a" * 32 + ".dir", "size": 1,
-                               "nfiles": 7},
-                              {"path": "models/pretrain/teacher_backbone.pt", "hash": "md5", "md5": "b" * 32}],
-                     "params": {"params.yaml": {"finetune": {"epochs": 4, "lr": 0.001}}},
-                     "outs": [{"path": "models/finetune/model.pt", "hash": "md5", "md5": model_md5}]},
-        "evaluate": {"cmd": "lafs evaluate",
-                     "deps": [{"path": "models/finetune/model.pt", "hash": "md5", "md5": model_md5}],
-                     "params": {"params.yaml": {"evaluate": {"flip": True}}},
-                     "outs": [{"path": "metrics/eval.json", "hash": "md5", "md5": eval_md5}]},
-    }}
+    return {
+        "schema": "2.0",
+        "stages": {
+            "finetune": {
+                "cmd": "lafs finetune",
+                "deps": [
+                    {"path": "data/splits", "hash": "md5", "md5": "a" * 32 + ".dir", "size": 1, "nfiles": 7},
+                    {"path": "models/pretrain/teacher_backbone.pt", "hash": "md5", "md5": "b" * 32},
+                ],
+                "params": {"params.yaml": {"finetune": {"epochs": 4, "lr": 0.001}}},
+                "outs": [{"path": "models/finetune/model.pt", "hash": "md5", "md5": model_md5}],
+            },
+            "evaluate": {
+                "cmd": "lafs evaluate",
+                "deps": [{"path": "models/finetune/model.pt", "hash": "md5", "md5": model_md5}],
+                "params": {"params.yaml": {"evaluate": {"flip": True}}},
+                "outs": [{"path": "metrics/eval.json", "hash": "md5", "md5": eval_md5}],
+            },
+        },
+    }
 
 
 def eval_metrics(acc: float, eer: float) -> dict[str, Any]:
     """metrics/eval.json in the evaluate stage's nested layout."""
-    return {"verification": {"accuracy_mean": acc, "accuracy_std": 0.02, "threshold": 0.31,
-                             "tar_at_far": {"1e-02": acc - 0.1, "1e-03": acc - 0.2, "1e-04": acc - 0.3},
-                             "eer": eer, "auc": acc + 0.05, "pairs": 600},
-            "fewshot": {"k1": {"top1": acc - 0.3}, "k5": {"top1": acc - 0.1}},
-            "latency": {"ms_per_image": 3.5},
-            "floors": {"hog": {"accuracy_mean": 0.6}}, "margin_over_floor": acc - 0.6,
-            "protocol": {"name": "lfw_view1"}, "test_set": dict(TEST_SET)}
+    return {
+        "verification": {
+            "accuracy_mean": acc,
+            "accuracy_std": 0.02,
+            "threshold": 0.31,
+            "tar_at_far": {"1e-02": acc - 0.1, "1e-03": acc - 0.2, "1e-04": acc - 0.3},
+            "eer": eer,
+            "auc": acc + 0.05,
+            "pairs": 600,
+        },
+        "fewshot": {"k1": {"top1": acc - 0.3}, "k5": {"top1": acc - 0.1}},
+        "latency": {"ms_per_image": 3.5},
+        "floors": {"hog": {"accuracy_mean": 0.6}},
+        "margin_over_floor": acc - 0.6,
+        "protocol": {"name": "lfw_view1"},
+        "test_set": dict(TEST_SET),
+    }
 
 
 TEST_SET = {"pairs": 600, "faces": 1100, "pairs_sha256": "p" * 64, "faces_sha256": "f" * 64}
@@ -199,26 +242,42 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for seed in (0, 1):
         model = tiny_recogniser(seed)
-        files[f"m{seed}"] = save_model(model, "lafs_vit_tiny", TINY_RECOGNISER, out / f"m{seed}.pt",
-                                       config={"epochs": 4, "lr": 0.001, "seed": seed}, embed_dim=192)
+        files[f"m{seed}"] = save_model(
+            model,
+            "lafs_vit_tiny",
+            TINY_RECOGNISER,
+            out / f"m{seed}.pt",
+            config={"epochs": 4, "lr": 0.001, "seed": seed},
+            embed_dim=192,
+        )
         if seed == 0:
             files["onnx"] = export_onnx(model, out / "model.onnx")
     torch.manual_seed(2)
-    files["dino"] = save_model(create_model("dino_vit_tiny").eval(), "dino_vit_tiny", {}, out / "dino.pt",
-                               config={"epochs": 4}, embed_dim=192)
+    files["dino"] = save_model(
+        create_model("dino_vit_tiny").eval(), "dino_vit_tiny", {}, out / "dino.pt", config={"epochs": 4}, embed_dim=192
+    )
     return files
 
 
-def make_project(root: Path, model: Path, onnx: Path, metrics: dict[str, Any], model_name: str,
-                 experiment: str, git: bool = False, **register: Any) -> Path:
+def make_project(
+    root: Path,
+    model: Path,
+    onnx: Path,
+    metrics: dict[str, Any],
+    model_name: str,
+    experiment: str,
+    git: bool = False,
+    **register: Any,
+) -> Path:
     """A project root holding what the register stage reads, its params.yaml section and a dvc.lock."""
     (root / "models" / "finetune").mkdir(parents=True, exist_ok=True)
     (root / "metrics").mkdir(exist_ok=True)
     shutil.copy(model, root / "models" / "finetune" / "model.pt")
     shutil.copy(onnx, root / "models" / "model.onnx")
     (root / "metrics" / "eval.json").write_text(json.dumps(metrics))
-    lock = dvc_lock_for(register_stage.md5(root / "models/finetune/model.pt"),
-                        register_stage.md5(root / "metrics/eval.json"))
+    lock = dvc_lock_for(
+        register_stage.md5(root / "models/finetune/model.pt"), register_stage.md5(root / "metrics/eval.json")
+    )
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     section = {"model_name": model_name, "experiment": experiment, **register}
     landmarks = {"models_root": str(shared_dir("models"))}  # the detector the served pyfunc bundles
@@ -277,15 +336,31 @@ def first(tracking: str, model_files: dict[str, Path], tmp_path_factory: pytest.
     names = {"model_name": f"lafs-face-{tag}", "experiment": f"lafs-register-{tag}"}
     base = tmp_path_factory.mktemp("registry")
     secret, password = f"aws-{uuid.uuid4().hex}", f"pw-{uuid.uuid4().hex}"
-    root = make_project(base / "v1", model_files["m0"], model_files["onnx"], eval_metrics(0.80, 0.20), git=True,
-                        tracking_uri=tracking.replace("http://", f"http://lafs:{password}@", 1), **names)
+    root = make_project(
+        base / "v1",
+        model_files["m0"],
+        model_files["onnx"],
+        eval_metrics(0.80, 0.20),
+        git=True,
+        tracking_uri=tracking.replace("http://", f"http://lafs:{password}@", 1),
+        **names,
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_SECRET_ACCESS_KEY", secret)  # the client never needs it: the server proxies artifacts
         code = register(root)
     name = names["model_name"]
-    return {**names, "base": base, "root": root, "code": code, "secrets": (secret, password), "uri": tracking,
-            "champion": champion(name), "challenger": registry.alias_version(client(), name, "challenger").version,
-            "promotion": promotion(root), "report": (root / "reports" / "promotion.md").read_text()}
+    return {
+        **names,
+        "base": base,
+        "root": root,
+        "code": code,
+        "secrets": (secret, password),
+        "uri": tracking,
+        "champion": champion(name),
+        "challenger": registry.alias_version(client(), name, "challenger").version,
+        "promotion": promotion(root),
+        "report": (root / "reports" / "promotion.md").read_text(),
+    }
 
 
 def test_first_registration_becomes_champion_with_lineage_and_no_secrets(first: dict[str, Any]) -> None:
@@ -296,8 +371,9 @@ def test_first_registration_becomes_champion_with_lineage_and_no_secrets(first: 
     assert "promoted (first model)" in first["report"]
 
     mv = client().get_model_version(name, "1")
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert mv.tags["git.commit"] == commit and mv.tags["git.dirty"] == "false"
     assert mv.tags["provenance"] == "dvc.lock" and mv.tags["protocol.name"] == "lfw_view1"
     assert mv.tags["test_set.pairs_sha256"] == TEST_SET["pairs_sha256"]
@@ -357,8 +433,7 @@ def assert_failed_promotions_leave_champion(name: str, version: str, root: Path,
     def broken_report(decision: registry.Decision) -> None:
         raise OSError("disk full while writing reports/promotion.md")
 
-    for failing in ("set_model_version_tag", "set_registered_model_tag", "before_move",
-                    "set_registered_model_alias"):
+    for failing in ("set_model_version_tag", "set_registered_model_tag", "before_move", "set_registered_model_alias"):
         history = real.get_registered_model(name).tags[registry.HISTORY_TAG]
         faulty = real if failing == "before_move" else FailingClient(real, failing)
         with pytest.raises((registry.RegistryError, OSError)), registry.mlflow_errors(cfg):
@@ -379,7 +454,8 @@ def assert_failed_promotions_leave_champion(name: str, version: str, root: Path,
 
 
 def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_back(
-        first: dict[str, Any], model_files: dict[str, Path]) -> None:
+    first: dict[str, Any], model_files: dict[str, Path]
+) -> None:
     import mlflow.onnx
     import mlflow.pytorch
 
@@ -392,8 +468,14 @@ def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_
 
     def step(tag: str, model: str, acc: float, eer: float) -> dict[str, Any]:
         # MLflow's serving check (reload + predict) ran for v1; the embeddings check below is the stronger one.
-        root = make_project(base / tag, model_files[model], model_files["onnx"], eval_metrics(acc, eer),
-                            validate_serving_input=False, **names)
+        root = make_project(
+            base / tag,
+            model_files[model],
+            model_files["onnx"],
+            eval_metrics(acc, eer),
+            validate_serving_input=False,
+            **names,
+        )
         assert register(root) == 0
         return promotion(root)
 
@@ -414,8 +496,11 @@ def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_
     from lafs.eval.embedders import OnnxEmbedder, load_embedder
 
     faces = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
-    assert np.allclose(load_embedder(f"models:/{name}@champion").embed_aligned(faces),
-                       OnnxEmbedder(model_files["onnx"]).embed_aligned(faces), atol=1e-6)
+    assert np.allclose(
+        load_embedder(f"models:/{name}@champion").embed_aligned(faces),
+        OnnxEmbedder(model_files["onnx"]).embed_aligned(faces),
+        atol=1e-6,
+    )
 
     worse = step("v3", "dino", 0.70, 0.25)
     assert worse["promoted"] is False and worse["champion_version"] == 2 and champion(name) == "2"
@@ -444,16 +529,20 @@ def test_gate_promotes_better_rejects_worse_and_secondary_regression_then_rolls_
     # alias leaves v1 champion; then it passes for real.
     assert cli.main(["promote", "--params", params, "--version", "3"]) == 0 and champion(name) == "1"
     assert cli.main(["promote", "--params", params, "--version", "2", "--set", "min_gain=0.5"]) == 0
-    assert champion(name) == "1" and "needs > 0 and >= 0.5" in client().get_model_version(name, "2").tags[
-        "promotion.reason"]
+    assert (
+        champion(name) == "1"
+        and "needs > 0 and >= 0.5" in client().get_model_version(name, "2").tags["promotion.reason"]
+    )
     assert_failed_promotions_leave_champion(name, "2", base / "v2", first["experiment"])
     assert cli.main(["promote", "--params", params, "--version", "2"]) == 0 and champion(name) == "2"
 
 
-
-
-ELIGIBLE = {"provenance": "dvc.lock", "git.dirty": "false", "protocol.name": "lfw_view1",
-            **{f"test_set.{k}": str(v) for k, v in TEST_SET.items()}}
+ELIGIBLE = {
+    "provenance": "dvc.lock",
+    "git.dirty": "false",
+    "protocol.name": "lfw_view1",
+    **{f"test_set.{k}": str(v) for k, v in TEST_SET.items()},
+}
 
 
 def add_versions(mlflow: Any, name: str, accuracies: list[float], **tags: str) -> None:
@@ -462,9 +551,17 @@ def add_versions(mlflow: Any, name: str, accuracies: list[float], **tags: str) -
     if not mlflow.search_registered_models(f"name='{name}'"):
         mlflow.create_registered_model(name)
     for acc in accuracies:
-        mlflow.create_model_version(name, "s3://models/none", tags={
-            "metric.verification.accuracy_mean": repr(acc), "metric.verification.eer": "0.2",
-            "metric.margin_over_floor": repr(acc - 0.6), **ELIGIBLE, **tags})
+        mlflow.create_model_version(
+            name,
+            "s3://models/none",
+            tags={
+                "metric.verification.accuracy_mean": repr(acc),
+                "metric.verification.eer": "0.2",
+                "metric.margin_over_floor": repr(acc - 0.6),
+                **ELIGIBLE,
+                **tags,
+            },
+        )
 
 
 def test_gate_refuses_what_it_cannot_compare_and_the_champion_never_moves(tracking: str) -> None:
@@ -511,8 +608,9 @@ def test_rollback_walks_back_the_chain_of_champions(tracking: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_server_dying_before_the_alias_move_leaves_the_champion(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_server_dying_before_the_alias_move_leaves_the_champion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real failure: the tracking server process is stopped after the decision was recorded and before the
     alias moves. After a restart on the same database the champion is the old one and the record explains."""
     from conftest import start_mlflow_server

@@ -51,8 +51,13 @@ def pipeline(detector: Path, recogniser: Path) -> FacePipeline:
 @pytest.fixture(scope="module")
 def served(detector: Path, recogniser: Path, real_faces, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pyfunc saved as a folder, with real photos as its input example (validated by MLflow on save)."""
-    return save_model(tmp_path_factory.mktemp("served") / "model", detector, recogniser,
-                      ServingConfig(threshold=THRESHOLD), (real_faces.files[0], real_faces.files[1]))
+    return save_model(
+        tmp_path_factory.mktemp("served") / "model",
+        detector,
+        recogniser,
+        ServingConfig(threshold=THRESHOLD),
+        (real_faces.files[0], real_faces.files[1]),
+    )
 
 
 def b64(path: Path) -> str:
@@ -69,7 +74,8 @@ def test_pipeline_embeds_a_photo_as_evaluate_embeds_its_aligned_face(pipeline, r
     same ONNX recogniser with flip-sum: the served embedding is the evaluated one."""
     finder = FaceFinder.from_params(LandmarksParams(models_root=str(shared / "models")), threads=1)
     evaluated = OnnxEmbedder(recogniser, threads=1).embed_aligned(
-        np.stack([finder.find(p).aligned for p in real_faces.photos[:3]]), flip=True)
+        np.stack([finder.find(p).aligned for p in real_faces.photos[:3]]), flip=True
+    )
     for i in range(3):
         face = pipeline.embed(pipeline.decode(real_faces.files[i].read_bytes()))
         assert np.allclose(face.box, real_faces.boxes[i]) and face.det_score > 0.5
@@ -87,19 +93,22 @@ def test_pyfunc_answers_photos_and_pairs_and_refuses_bad_rows(pipeline, real_fac
     e = np.array(faces["embedding"].tolist())
     assert pairs["score"][1] == pytest.approx(float(e[0] @ e[1]), abs=1e-6)
     assert list(pairs["same"]) == [s > THRESHOLD for s in pairs["score"]]
-    mixed = model.predict(None, pd.DataFrame({"image": [b64(c), None], "image_a": [None, b64(a)],
-                                              "image_b": [None, b64(b)]}))
+    mixed = model.predict(
+        None, pd.DataFrame({"image": [b64(c), None], "image_a": [None, b64(a)], "image_b": [None, b64(b)]})
+    )
     assert np.allclose(mixed["embedding"][0], e[1]) and mixed["score"][0] is None
     assert mixed["score"][1] == pytest.approx(pairs["score"][0], abs=1e-6) and mixed["embedding"][1] is None
 
     from mlflow.exceptions import MlflowException
 
-    bad = {"not base64": pd.DataFrame({"image": ["@@@"]}),
-           "not_image": pd.DataFrame({"image": [base64.b64encode(b"<html>").decode()]}),
-           "no_face": pd.DataFrame({"image": [b64(grey_photo(tmp_path / "grey.png"))]}),
-           "unknown columns": pd.DataFrame({"photo": [b64(a)]}),
-           "give either": pd.DataFrame({"image": [b64(a)], "image_a": [b64(a)], "image_b": [b64(b)]}),
-           "needs both": pd.DataFrame({"image_a": [b64(a), b64(a)], "image_b": [b64(b), None]})}
+    bad = {
+        "not base64": pd.DataFrame({"image": ["@@@"]}),
+        "not_image": pd.DataFrame({"image": [base64.b64encode(b"<html>").decode()]}),
+        "no_face": pd.DataFrame({"image": [b64(grey_photo(tmp_path / "grey.png"))]}),
+        "unknown columns": pd.DataFrame({"photo": [b64(a)]}),
+        "give either": pd.DataFrame({"image": [b64(a)], "image_a": [b64(a)], "image_b": [b64(b)]}),
+        "needs both": pd.DataFrame({"image_a": [b64(a), b64(a)], "image_b": [b64(b), None]}),
+    }
     for reason, frame in bad.items():
         with pytest.raises(MlflowException, match=reason) as info:
             model.predict(None, frame)
@@ -114,15 +123,30 @@ def test_embed_cli_writes_a_row_per_face_and_lists_every_reject(served, real_fac
     grey_photo(photos / "grey.png")
     (photos / "notes.txt").write_text("not a photo")
     out = tmp_path / "emb.parquet"
-    code = cli.main(["embed", str(photos), str(tmp_path / "missing.jpg"), "--model", str(served), "--out", str(out),
-                     "--no-progress", "--threads", "1"])
+    code = cli.main(
+        [
+            "embed",
+            str(photos),
+            str(tmp_path / "missing.jpg"),
+            "--model",
+            str(served),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 3  # three photos gave no face, each listed with its reason
     table = pd.read_parquet(out)
     assert sorted(Path(p).name for p in table["photo"]) == sorted(f.name for f in real_faces.files[:3])
     assert np.allclose(np.linalg.norm(np.array(table["embedding"].tolist()), axis=1), 1.0, atol=1e-5)
     rejects = pd.read_csv(tmp_path / "emb.rejects.csv")
     assert dict(zip(rejects["photo"].map(lambda p: Path(p).name), rejects["reason"], strict=True)) == {
-        "grey.png": "no_face", "notes.txt": "not_image", "missing.jpg": "unreadable"}
+        "grey.png": "no_face",
+        "notes.txt": "not_image",
+        "missing.jpg": "unreadable",
+    }
     assert "3 faces" in capsys.readouterr().out
 
 
@@ -152,25 +176,37 @@ def _post(url: str, payload: object) -> tuple[int, dict]:
 def test_mlflow_models_serve_answers_photos_and_pairs_over_http(served, pipeline, real_faces, tmp_path):
     with mlflow_serve(str(served), free_port(), tmp_path / "serve.log") as url:
         a, b, c = real_faces.files[0], real_faces.files[1], real_faces.files[2]
-        status, body = _post(f"{url}/invocations", {"dataframe_split": {
-            "columns": ["image_a", "image_b"], "data": [[b64(a), b64(b)], [b64(a), b64(c)]]}})
+        status, body = _post(
+            f"{url}/invocations",
+            {"dataframe_split": {"columns": ["image_a", "image_b"], "data": [[b64(a), b64(b)], [b64(a), b64(c)]]}},
+        )
         assert status == 200
-        local = FaceModel(pipeline).predict(None, pd.DataFrame({"image_a": [b64(a), b64(a)],
-                                                                "image_b": [b64(b), b64(c)]}))
+        local = FaceModel(pipeline).predict(
+            None, pd.DataFrame({"image_a": [b64(a), b64(a)], "image_b": [b64(b), b64(c)]})
+        )
         served_scores = [p["score"] for p in body["predictions"]]
         assert np.allclose(served_scores, local["score"], atol=1e-5)
         assert [p["same"] for p in body["predictions"]] == list(local["same"])
-        status, body = _post(f"{url}/invocations", {"dataframe_split": {  # both shapes in one request
-            "columns": ["image", "image_a", "image_b"], "data": [[b64(c), None, None], [None, b64(a), b64(b)]]}})
+        status, body = _post(
+            f"{url}/invocations",
+            {
+                "dataframe_split": {  # both shapes in one request
+                    "columns": ["image", "image_a", "image_b"],
+                    "data": [[b64(c), None, None], [None, b64(a), b64(b)]],
+                }
+            },
+        )
         assert status == 200, body
         assert len(body["predictions"][0]["embedding"]) == 192 and body["predictions"][0]["score"] is None
         assert body["predictions"][1]["score"] == pytest.approx(served_scores[0], abs=1e-5)
 
-        bad = [{"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"GIF89a").decode()]]}},
-               {"dataframe_split": {"columns": ["image"], "data": [[b64(grey_photo(tmp_path / "g.png"))]]}},
-               {"dataframe_split": {"columns": ["image"], "data": [["A" * 14_000_000]]}},
-               {"dataframe_split": {"columns": ["wrong"], "data": [[1]]}},
-               {"not": "a dataframe"}]
+        bad = [
+            {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"GIF89a").decode()]]}},
+            {"dataframe_split": {"columns": ["image"], "data": [[b64(grey_photo(tmp_path / "g.png"))]]}},
+            {"dataframe_split": {"columns": ["image"], "data": [["A" * 14_000_000]]}},
+            {"dataframe_split": {"columns": ["wrong"], "data": [[1]]}},
+            {"not": "a dataframe"},
+        ]
         for payload in bad:
             status, body = _post(f"{url}/invocations", payload)
             assert 400 <= status < 500, body
@@ -184,12 +220,33 @@ def test_serve_benchmark_measures_the_served_model(served, real_faces, tmp_path)
     """benchmarks/serve.py end to end on a few shared photos (its face_recognition side is measured in RESULTS)."""
     data = real_faces.files[0].parent.parent
     out = tmp_path / "serve.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"),
-                           "--model", str(served), "--data", str(data), "--photos", "8", "--pairs", "4", "--port",
-                           str(free_port()), "--out", str(out), "--skip-baseline", "--workers", "2",
-                           "--concurrency", "2"],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"),
+            "--model",
+            str(served),
+            "--data",
+            str(data),
+            "--photos",
+            "8",
+            "--pairs",
+            "4",
+            "--port",
+            str(free_port()),
+            "--out",
+            str(out),
+            "--skip-baseline",
+            "--workers",
+            "2",
+            "--concurrency",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())["served"]
     assert result["photos"] == 8 and result["workers"] == 2 and result["photos_per_s"] > 0

@@ -19,8 +19,9 @@ from lafs.data.transforms import (
 )
 
 # insightface's 112x112 ArcFace alignment template (left eye, right eye, nose, mouth left, mouth right).
-ARCFACE_5 = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                          [41.5493, 92.3655], [70.7299, 92.2041]])
+ARCFACE_5 = torch.tensor(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
 
 
 def symmetric_mean_shape_68(width: int = 112) -> torch.Tensor:
@@ -173,10 +174,14 @@ def test_flip_twice_is_identity(perm):
 
 
 def test_random_resized_crop_box_reproducible_and_valid():
-    boxes = [random_resized_crop_box(100, 120, (0.4, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
-             for s in range(200)]
-    again = [random_resized_crop_box(100, 120, (0.4, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
-             for s in range(200)]
+    boxes = [
+        random_resized_crop_box(100, 120, (0.4, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
+        for s in range(200)
+    ]
+    again = [
+        random_resized_crop_box(100, 120, (0.4, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
+        for s in range(200)
+    ]
     assert boxes == again
     assert len(set(boxes)) > 150
     for top, left, h, w in boxes:

@@ -39,30 +39,49 @@ from lafs.stages.tune import (
 )
 
 # A finetune trial of a few seconds on the tiny project (its teacher is lafs_vit_tiny with 68 landmarks).
-FINETUNE = {"model": "lafs_vit_tiny", "landmark_net": "landmark_net_mnv3_small", "num_landmarks": 68, "epochs": 1,
-            "warmup_epochs": 0, "batch_size": 8, "fewshot_k": 2, "num_workers": 0, "device": "cpu", "dtype": "fp32",
-            "val_folds": 2, "val_pairs_per_fold": 8, "s": 16.0, "patience": None}
+FINETUNE = {
+    "model": "lafs_vit_tiny",
+    "landmark_net": "landmark_net_mnv3_small",
+    "num_landmarks": 68,
+    "epochs": 1,
+    "warmup_epochs": 0,
+    "batch_size": 8,
+    "fewshot_k": 2,
+    "num_workers": 0,
+    "device": "cpu",
+    "dtype": "fp32",
+    "val_folds": 2,
+    "val_pairs_per_fold": 8,
+    "s": 16.0,
+    "patience": None,
+}
 # A pruner certain to prune: no accuracy reaches the 1.01 floor, and it applies from epoch 1 on, so the enqueued
 # one-epoch trial 0 completes and the two-epoch trial 1 is pruned after its second epoch (whatever it scores).
-PRUNING = {"search_space": {"epochs": {"choices": [1, 2]}},
-           "enqueue": [{"epochs": 1}, {"epochs": 2}],
-           "pruner": {"name": "threshold", "lower": 1.01, "n_warmup_steps": 1},
-           "sampler": {"n_startup_trials": 1}, "heartbeat_s": 1}
+PRUNING = {
+    "search_space": {"epochs": {"choices": [1, 2]}},
+    "enqueue": [{"epochs": 1}, {"epochs": 2}],
+    "pruner": {"name": "threshold", "lower": 1.01, "n_warmup_steps": 1},
+    "sampler": {"n_startup_trials": 1},
+    "heartbeat_s": 1,
+}
 
 
 # ------------------------------------------------------------------------------------------ fast checks
 
 
-@pytest.mark.parametrize(("space", "message"), [
-    ({"lrr": {"low": 0.1, "high": 0.2}}, "'lrr' is not a finetune param"),
-    ({"head": {"low": 0, "high": 1}}, "not numeric"),
-    ({"epochs": {"low": 1.5, "high": 4}}, "is an integer"),
-    ({"lr": {"low": -1.0, "high": 1.0}}, "greater than 0"),
-    ({"head": {"choices": ["cosface", "softmax"]}}, "'softmax' is not a valid finetune.head"),
-    ({"lr": {"low": 0.1, "high": 0.01}}, "low must be < high"),
-    ({"lr": {"low": 0.1, "high": 0.2, "choices": [0.1]}}, "not both"),
-    ({"lr": {"low": 0.0, "high": 0.1, "log": True}}, "log scale needs low > 0"),
-])
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"lrr": {"low": 0.1, "high": 0.2}}, "'lrr' is not a finetune param"),
+        ({"head": {"low": 0, "high": 1}}, "not numeric"),
+        ({"epochs": {"low": 1.5, "high": 4}}, "is an integer"),
+        ({"lr": {"low": -1.0, "high": 1.0}}, "greater than 0"),
+        ({"head": {"choices": ["cosface", "softmax"]}}, "'softmax' is not a valid finetune.head"),
+        ({"lr": {"low": 0.1, "high": 0.01}}, "low must be < high"),
+        ({"lr": {"low": 0.1, "high": 0.2, "choices": [0.1]}}, "not both"),
+        ({"lr": {"low": 0.0, "high": 0.1, "log": True}}, "log scale needs low > 0"),
+    ],
+)
 def test_search_space_must_hold_finetune_params_and_values_they_accept(space, message):
     with pytest.raises(ConfigError, match=message):
         parse_params({"tune": {"search_space": space}})
@@ -84,9 +103,18 @@ def test_params_yaml_spells_out_every_tune_setting():
 
 
 def test_suggestions_follow_the_finetune_param_types():
-    cfg = parse_params({"tune": {"search_space": {
-        "epochs": {"low": 1, "high": 6}, "lr": {"low": 1e-5, "high": 1e-2, "log": True},
-        "head": {"choices": ["cosface", "arcface"]}, "fewshot_k": {"choices": [1, None]}}}}).tune
+    cfg = parse_params(
+        {
+            "tune": {
+                "search_space": {
+                    "epochs": {"low": 1, "high": 6},
+                    "lr": {"low": 1e-5, "high": 1e-2, "log": True},
+                    "head": {"choices": ["cosface", "arcface"]},
+                    "fewshot_k": {"choices": [1, None]},
+                }
+            }
+        }
+    ).tune
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(8):
         values = suggest(study.ask(), cfg.search_space)
@@ -115,8 +143,14 @@ def test_budget_counts_finished_trials_not_killed_or_surplus_ones():
         values = {"value": 0.5} if state == TrialState.COMPLETE else {}
         return optuna.trial.create_trial(state=state, user_attrs=attrs, **values)
 
-    trials = [trial(TrialState.COMPLETE), trial(TrialState.PRUNED), trial(TrialState.FAIL, error="diverged"),
-              trial(TrialState.FAIL), trial(TrialState.FAIL, surplus=True), trial(TrialState.WAITING)]
+    trials = [
+        trial(TrialState.COMPLETE),
+        trial(TrialState.PRUNED),
+        trial(TrialState.FAIL, error="diverged"),
+        trial(TrialState.FAIL),
+        trial(TrialState.FAIL, surplus=True),
+        trial(TrialState.WAITING),
+    ]
     t = tally(trials)
     assert (t.complete, t.pruned, t.failed, t.killed, t.surplus, t.waiting) == (1, 1, 1, 1, 1, 1)
     assert t.finished == 3
@@ -132,8 +166,10 @@ def test_fingerprint_follows_search_and_inputs_not_budget(tmp_path):
     assert fingerprint(cfg.model_copy(update={"n_trials": 99, "timeout_s": 5.0}), ft, paths) == base
     assert fingerprint(cfg, ft.model_copy(update={"experiment": "elsewhere"}), paths) == base  # tune sets it
     assert fingerprint(cfg, ft.model_copy(update={"s": 32.0}), paths) != base
-    assert fingerprint(parse_params({"tune": {"search_space": {"lr": {"low": 1e-4, "high": 1e-3}}}}).tune, ft,
-                       paths) != base
+    assert (
+        fingerprint(parse_params({"tune": {"search_space": {"lr": {"low": 1e-4, "high": 1e-3}}}}).tune, ft, paths)
+        != base
+    )
     (paths.finetune.data_dir / "splits" / "a.csv").write_text("y")
     assert fingerprint(cfg, ft, paths) != base
 
@@ -189,8 +225,14 @@ def _workers(root: Path, env: dict[str, str], tmp: Path, tag: str) -> list[tuple
     for n in range(2):
         log = tmp / f"{tag}-{n}.log"
         with log.open("w") as handle:  # the child keeps its own descriptor
-            out.append((subprocess.Popen(_tune_cmd(root), cwd=root, env=env, stdout=handle,
-                                         stderr=subprocess.STDOUT, text=True), log))
+            out.append(
+                (
+                    subprocess.Popen(
+                        _tune_cmd(root), cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True
+                    ),
+                    log,
+                )
+            )
     return out
 
 
@@ -279,8 +321,12 @@ def test_two_workers_share_one_study_and_stop_at_n_trials_together(resumed):
     """Neither worker starts a trial beyond the budget: the study ends with exactly n_trials finished (a
     trial that lost a race for the last slot would be a FAIL marked ``surplus``, not counted)."""
     study = resumed.study
-    counted = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+    counted = [
+        t
+        for t in study.get_trials()
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+    ]
     assert len(counted) == N_TRIALS
     summaries = [out.strip().splitlines()[-1] for out in resumed.outs]
     expected = tally(study.get_trials()).states()
@@ -380,10 +426,16 @@ def test_timeout_stops_starting_trials_and_a_larger_budget_resumes_the_study(res
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cfg = parse_params({"tune": {**PRUNING, "n_trials": 10, "timeout_s": 1e-3, "study_name": "kill-resume",
-                                 "storage": storage}}).tune
-    paths = TunePaths(resumed.root, FinetunePaths.under(resumed.root), tmp_path / "tune", tmp_path / "best.yaml",
-                      tmp_path / "tune.json")
+    cfg = parse_params(
+        {"tune": {**PRUNING, "n_trials": 10, "timeout_s": 1e-3, "study_name": "kill-resume", "storage": storage}}
+    ).tune
+    paths = TunePaths(
+        resumed.root,
+        FinetunePaths.under(resumed.root),
+        tmp_path / "tune",
+        tmp_path / "best.yaml",
+        tmp_path / "tune.json",
+    )
     summary = run(cfg, FinetuneParams(**FINETUNE), paths)
     assert (summary.ran, summary.resumed) == (0, N_TRIALS)
     assert len(optuna.load_study(study_name="kill-resume", storage=storage).trials) == len(resumed.study.trials)
@@ -413,8 +465,13 @@ def test_trial_epochs_truncate_each_trial_on_the_final_schedule(tiny_project, tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     root = _project(tmp_path, tiny_project, {})
-    tune = TuneParams(n_trials=2, trial_epochs=1, search_space={"m": {"low": 0.2, "high": 0.4}},
-                      sampler={"n_startup_trials": 1}, study_name="truncated")
+    tune = TuneParams(
+        n_trials=2,
+        trial_epochs=1,
+        search_space={"m": {"low": 0.2, "high": 0.4}},
+        sampler={"n_startup_trials": 1},
+        study_name="truncated",
+    )
     run(tune, FinetuneParams(**{**FINETUNE, "epochs": 3, "warmup_epochs": 1}), TunePaths.under(root))
     study = optuna.load_study(study_name="truncated", storage=storage_url(tune, TunePaths.under(root)))
     trials = study.get_trials()

@@ -40,6 +40,7 @@ def _separable(n_same: int = 300, n_diff: int = 300, seed: int = 0) -> tuple[np.
 
 # ---- brute-force references: loops over every candidate, written for clarity, not speed ----
 
+
 def _brute_kfold(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> tuple[float, float, float]:
     accs, thresholds = [], []
     for fold in np.unique(folds):
@@ -75,6 +76,7 @@ def _ties(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- k-fold accuracy ----
+
 
 def test_perfectly_separable_is_perfect() -> None:
     scores, same = _separable()
@@ -156,12 +158,14 @@ def test_given_folds_follow_the_pairs_not_their_order() -> None:
     folds = np.random.default_rng(7).integers(1, 11, len(scores))
     perm = np.random.default_rng(8).permutation(len(scores))
     assert kfold_accuracy(scores, same, folds=folds) == pytest.approx(
-        kfold_accuracy(scores[perm], same[perm], folds=folds[perm]), abs=1e-12)
+        kfold_accuracy(scores[perm], same[perm], folds=folds[perm]), abs=1e-12
+    )
     # ... while the same pairs in contiguous folds are a different protocol (different result here)
     assert kfold_accuracy(scores, same, folds=folds) != kfold_accuracy(scores, same)
 
 
 # ---- TAR@FAR, EER, ROC ----
+
 
 def test_tar_at_far_known_answer_and_unmeasurable_target() -> None:
     """1000 different pairs at 0.000..0.999; same pairs: 50 at 2.0 and 50 at 0.9945, above 5 different pairs."""
@@ -242,6 +246,7 @@ def test_pair_scores_is_rowwise_cosine() -> None:
 
 # ---- plots ----
 
+
 def test_plots_write_files_and_roc_points_follow_the_roc(tmp_path: Path) -> None:
     scores, same = _ties(3000, 2)
     report = verification_report(scores, same)
@@ -294,8 +299,16 @@ BENCHMARK_BAYES_ACCURACY = 0.8753
 
 
 def test_pairs_benchmark_prints_json() -> None:
-    cmd = [sys.executable, str(REPO / "benchmarks" / "eval.py"), "--part", "pairs", "--pairs", "600,6000",
-           "--repeats", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "eval.py"),
+        "--part",
+        "pairs",
+        "--pairs",
+        "600,6000",
+        "--repeats",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -41,7 +41,7 @@ def dot_image(points: torch.Tensor, size: int = 112, background: float = 0.0) ->
     """(3, size, size) image with a white 3x3 square centred on each integer point."""
     img = torch.full((3, size, size), background)
     for x, y in points.long().tolist():
-        img[:, y - 1:y + 2, x - 1:x + 2] = 1.0
+        img[:, y - 1 : y + 2, x - 1 : x + 2] = 1.0
     return img
 
 
@@ -112,7 +112,7 @@ def test_lafs_views_carry_landmarks_through_crop_resize_and_flip():
             if not (6 <= x <= 105 and 6 <= y <= 105):  # the whole blob must be inside the view
                 continue
             cx, cy = round(x), round(y)
-            window = view[cy - 5:cy + 6, cx - 5:cx + 6]
+            window = view[cy - 5 : cy + 6, cx - 5 : cx + 6]
             assert window.max() > 0.5
             _, centre = dot_centre(window[None])
             errors.append(float((centre + torch.tensor([cx - 5, cy - 5]) - torch.tensor([x, y])).abs().max()))
@@ -135,16 +135,31 @@ def test_view_recipes_follow_the_official_code():
     ("recipe", "image", "applied", "rate"),
     [
         # Each op in isolation on an image where its effect is unmistakable; rates over 400 draws.
-        (PhotometricRecipe(blur_p=0, solarize_p=0.2, jitter_p=0, grayscale_p=0), torch.full((3, 8, 8), 0.9),
-         lambda out: bool(out.max() < 0.5), 0.2),
-        (PhotometricRecipe(blur_p=0, jitter_p=0, grayscale_p=0.2),
-         torch.tensor([0.9, 0.1, 0.3])[:, None, None].expand(3, 8, 8),
-         lambda out: bool((out[0] == out[1]).all()), 0.2),
+        (
+            PhotometricRecipe(blur_p=0, solarize_p=0.2, jitter_p=0, grayscale_p=0),
+            torch.full((3, 8, 8), 0.9),
+            lambda out: bool(out.max() < 0.5),
+            0.2,
+        ),
+        (
+            PhotometricRecipe(blur_p=0, jitter_p=0, grayscale_p=0.2),
+            torch.tensor([0.9, 0.1, 0.3])[:, None, None].expand(3, 8, 8),
+            lambda out: bool((out[0] == out[1]).all()),
+            0.2,
+        ),
         # sigma >= 1 so every blur visibly flattens a checkerboard (at sigma 0.1 it is numerically a no-op).
-        (PhotometricRecipe(blur_p=0.5, blur_sigma=(1.0, 2.0), jitter_p=0, grayscale_p=0),
-         (torch.arange(64.0) % 2).reshape(1, 8, 8).expand(3, 8, 8), lambda out: bool(out.max() < 0.99), 0.5),
-        (PhotometricRecipe(blur_p=0, jitter_p=0.8, grayscale_p=0), torch.full((3, 8, 8), 0.5),
-         lambda out: bool((out - 0.5).abs().max() > 1e-3), 0.8),
+        (
+            PhotometricRecipe(blur_p=0.5, blur_sigma=(1.0, 2.0), jitter_p=0, grayscale_p=0),
+            (torch.arange(64.0) % 2).reshape(1, 8, 8).expand(3, 8, 8),
+            lambda out: bool(out.max() < 0.99),
+            0.5,
+        ),
+        (
+            PhotometricRecipe(blur_p=0, jitter_p=0.8, grayscale_p=0),
+            torch.full((3, 8, 8), 0.5),
+            lambda out: bool((out - 0.5).abs().max() > 1e-3),
+            0.8,
+        ),
     ],
 )
 def test_photometric_probabilities(recipe, image, applied, rate):

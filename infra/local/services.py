@@ -58,6 +58,7 @@ class ServiceError(RuntimeError):
 
 # --- state ---------------------------------------------------------------------------------------------------
 
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("LAFS_SERVICES_DIR") or PROJECT / ".services")
 
@@ -84,12 +85,15 @@ def free_port() -> int:
 
 # --- processes -----------------------------------------------------------------------------------------------
 
+
 def _exe(name: str) -> str:
     """A console script of this interpreter's environment (the venv), else from PATH."""
     exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if exe is None:
-        raise ServiceError(f"{name} not found next to {sys.executable} or on PATH: install the project's dev "
-                           "extras (pip install -e '.[dev]')")
+        raise ServiceError(
+            f"{name} not found next to {sys.executable} or on PATH: install the project's dev "
+            "extras (pip install -e '.[dev]')"
+        )
     return exe
 
 
@@ -165,6 +169,7 @@ def health_url(role: str, url: str) -> str:
 
 # --- roles ---------------------------------------------------------------------------------------------------
 
+
 def _command(role: str, port: int, state_dir: Path, state: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     if role == "s3":
         return [_exe("moto_server"), "-H", HOST, "-p", str(port)], _child_env({})
@@ -174,14 +179,31 @@ def _command(role: str, port: int, state_dir: Path, state: dict[str, Any]) -> tu
             raise ServiceError("mlflow needs the s3 role for its artifacts: start it first (start s3 mlflow)")
         missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(k)]
         if missing:
-            raise ServiceError(f"mlflow proxies artifacts to S3 and needs {', '.join(missing)} in the environment "
-                               "(for the local moto server any values work, e.g. export AWS_ACCESS_KEY_ID=dev)")
+            raise ServiceError(
+                f"mlflow proxies artifacts to S3 and needs {', '.join(missing)} in the environment "
+                "(for the local moto server any values work, e.g. export AWS_ACCESS_KEY_ID=dev)"
+            )
         db = state_dir / "mlflow.db"
-        cmd = [_exe("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-               "--artifacts-destination", f"s3://{state['buckets']['mlflow']}/artifacts",
-               "--host", HOST, "--port", str(port), "--workers", "1"]
-        return cmd, _child_env({"MLFLOW_S3_ENDPOINT_URL": s3["url"],
-                                "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")})
+        cmd = [
+            _exe("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            f"s3://{state['buckets']['mlflow']}/artifacts",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+        return cmd, _child_env(
+            {
+                "MLFLOW_S3_ENDPOINT_URL": s3["url"],
+                "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            }
+        )
     if role == "prefect":
         env = _child_env({"PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
         env.pop("PREFECT_API_URL", None)  # the server must not talk to another server
@@ -193,8 +215,9 @@ def _create_buckets(url: str, buckets: dict[str, str]) -> None:
     import boto3
     from botocore.config import Config
 
-    client = boto3.client("s3", endpoint_url=url, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                          config=Config(proxies={}))
+    client = boto3.client(
+        "s3", endpoint_url=url, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), config=Config(proxies={})
+    )
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     for bucket in sorted(set(buckets.values()) - existing):
         client.create_bucket(Bucket=bucket)
@@ -214,12 +237,24 @@ def launch_role(role: str, state_dir: Path, state: dict[str, Any]) -> subprocess
     with log.open("a") as out:
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=state_dir, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=state_dir,
+            start_new_session=True,
+        )
     url = f"http://{HOST}:{port}" + ("/api" if role == "prefect" else "")
     state["ports"][role] = port
-    state["services"][role] = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
-                               "port": port, "url": url, "log": str(log)}
+    state["services"][role] = {
+        "pid": proc.pid,
+        "create_time": psutil.Process(proc.pid).create_time(),
+        "port": port,
+        "url": url,
+        "log": str(log),
+    }
     save_state(state_dir, state)  # recorded before waiting: a failed start can still be stopped
     return proc
 
@@ -276,9 +311,12 @@ def environment(state: dict[str, Any]) -> dict[str, str]:
     """Client settings for the running roles (no credentials: those stay in the caller's environment)."""
     services, env = state["services"], {}
     if "s3" in services:
-        env.update(MLFLOW_S3_ENDPOINT_URL=services["s3"]["url"], AWS_ENDPOINT_URL_S3=services["s3"]["url"],
-                   LAFS_S3_ENDPOINT_URL=services["s3"]["url"],
-                   LAFS_DVC_REMOTE_URL=f"s3://{state['buckets']['dvc']}/dvc")
+        env.update(
+            MLFLOW_S3_ENDPOINT_URL=services["s3"]["url"],
+            AWS_ENDPOINT_URL_S3=services["s3"]["url"],
+            LAFS_S3_ENDPOINT_URL=services["s3"]["url"],
+            LAFS_DVC_REMOTE_URL=f"s3://{state['buckets']['dvc']}/dvc",
+        )
     if "mlflow" in services:
         env["MLFLOW_TRACKING_URI"] = services["mlflow"]["url"]
     if "prefect" in services:
@@ -296,8 +334,10 @@ def configure_dvc_remote(repo: Path, state: dict[str, Any], endpoint: str | None
         raise ServiceError("no S3 endpoint: start the s3 role, pass --endpoint or set AWS_ENDPOINT_URL_S3")
     url = f"s3://{state['buckets']['dvc']}/dvc"
     dvc = [sys.executable, "-m", "dvc"]
-    for args in (["remote", "add", "--default", "--force", name, url],
-                 ["remote", "modify", "--local", name, "endpointurl", endpoint]):
+    for args in (
+        ["remote", "add", "--default", "--force", name, url],
+        ["remote", "modify", "--local", name, "endpointurl", endpoint],
+    ):
         proc = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True)
         if proc.returncode:
             raise ServiceError(f"dvc {' '.join(args)} failed in {repo}:\n{proc.stdout}{proc.stderr}")
@@ -305,6 +345,7 @@ def configure_dvc_remote(repo: Path, state: dict[str, Any], endpoint: str | None
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
+
 
 def _roles(names: Sequence[str]) -> list[str]:
     unknown = sorted(set(names) - set(ROLES))
@@ -315,8 +356,12 @@ def _roles(names: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--state-dir", type=Path, default=default_state_dir(),
-                        help="pids, ports, logs and server data (default: $LAFS_SERVICES_DIR or <project>/.services)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="pids, ports, logs and server data (default: $LAFS_SERVICES_DIR or <project>/.services)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "stop", "status"):
         sub.add_parser(name).add_argument("roles", nargs="*", metavar="role", help=f"any of {', '.join(ROLES)}")
@@ -345,8 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{role:<8} {health:<8} {info['url'] if info else '-'}")
         elif args.command == "env":
             env = environment(state)
-            print(json.dumps(env, indent=2) if args.json else "\n".join(f"export {k}={shlex.quote(v)}"
-                                                                         for k, v in env.items()))
+            print(
+                json.dumps(env, indent=2)
+                if args.json
+                else "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+            )
         elif args.command == "dvc-remote":
             print(configure_dvc_remote(args.repo.resolve(), state, args.endpoint))
     except ServiceError as exc:

@@ -28,7 +28,9 @@ def read_aligned(paths: Sequence[Path], size: int = ALIGNED_SIZE) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise AlignedFaceError(f"cannot read aligned face {path}: {exc}") from None
         if face.shape[:2] != (size, size):
-            raise AlignedFaceError(f"{path} is {face.shape[1]}x{face.shape[0]}, not an aligned {size}x{size} face: "
-                                   "align photos first (the landmarks stage writes data/aligned)")
+            raise AlignedFaceError(
+                f"{path} is {face.shape[1]}x{face.shape[0]}, not an aligned {size}x{size} face: "
+                "align photos first (the landmarks stage writes data/aligned)"
+            )
         faces[i] = face
     return faces

@@ -48,8 +48,13 @@ class _SeededFaces(Dataset):
 class SSLFaces(_SeededFaces):
     """Unlabelled aligned faces -> a dict of views (LAFSViews / DINOFaceViews)."""
 
-    def __init__(self, paths: Sequence[Path], views: Callable[..., dict[str, torch.Tensor]],
-                 landmarks: torch.Tensor | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        views: Callable[..., dict[str, torch.Tensor]],
+        landmarks: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__(paths, landmarks, seed)
         self.views = views
 
@@ -67,7 +72,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
-        return iter(indices[self.skip:])
+        return iter(indices[self.skip :])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -76,8 +81,7 @@ class ResumableSampler(DistributedSampler):
 class LandmarkFaces(_SeededFaces):
     """Aligned faces with their dense landmarks, geometrically augmented with the exact label transform."""
 
-    def __init__(self, paths: Sequence[Path], landmarks: torch.Tensor, augment: Callable | None,
-                 seed: int = 0) -> None:
+    def __init__(self, paths: Sequence[Path], landmarks: torch.Tensor, augment: Callable | None, seed: int = 0) -> None:
         super().__init__(paths, landmarks, seed)
         self.augment = augment
 
@@ -93,8 +97,9 @@ class LandmarkFaces(_SeededFaces):
 RECOGNITION_CROP_RATIO = (0.9, 1.1)
 
 
-def recognition_augment(crop_scale: tuple[float, float] = (0.8, 1.0), flip: bool = True,
-                        size: int = 112) -> LandmarkAugment:
+def recognition_augment(
+    crop_scale: tuple[float, float] = (0.8, 1.0), flip: bool = True, size: int = 112
+) -> LandmarkAugment:
     """Random mirror + mild random resized crop for recognition finetuning (the official FaceDataset's
     flip + RandomResizedCrop; its RandAugment and mixup are not reproduced). It is the landmark-exact
     transform used everywhere else, applied without landmarks: the recogniser places its own."""
@@ -112,8 +117,14 @@ class LabelledFaces(_SeededFaces):
     """Aligned faces with identity labels -> (image in [-1, 1], label), optionally augmented per sample;
     ``preload`` decodes every face once up front (:func:`read_faces`) instead of at every access."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], augment: LandmarkAugment | None = None,
-                 seed: int = 0, preload: bool = False) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        augment: LandmarkAugment | None = None,
+        seed: int = 0,
+        preload: bool = False,
+    ) -> None:
         super().__init__(paths, None, seed)
         if len(labels) != len(self.paths):
             raise ValueError(f"{len(self.paths)} images but {len(labels)} labels")

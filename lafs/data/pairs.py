@@ -90,8 +90,11 @@ def _field_lines(path: Path, kind: str) -> list[tuple[int, list[str]]]:
         text = path.read_text()
     except OSError as exc:
         raise PairsFormatError(f"cannot read {kind} file {path}: {exc.strerror or exc}") from None
-    return [(number, line.split()) for number, line in enumerate(text.splitlines(), 1)
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (number, line.split())
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def parse_pairs(path: str | Path) -> list[Pair]:

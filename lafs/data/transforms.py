@@ -25,14 +25,76 @@ Size = int | tuple[int, int]
 # the midline; nostrils 31-35 reversed; eyes 36-41 <-> 45,44,43,42,47,46 (corner, lids, corner, lids
 # keep their clockwise order); outer lip 48-59 and inner lip 60-67 mirrored about 51/57 and 62/66.
 FLIP_PERM_68 = torch.tensor(
-    [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,  # jaw
-     26, 25, 24, 23, 22, 21, 20, 19, 18, 17,  # brows
-     27, 28, 29, 30,  # nose bridge
-     35, 34, 33, 32, 31,  # nostrils
-     45, 44, 43, 42, 47, 46,  # eye on the image left
-     39, 38, 37, 36, 41, 40,  # eye on the image right
-     54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,  # outer lip
-     64, 63, 62, 61, 60, 67, 66, 65],  # inner lip
+    [
+        16,
+        15,
+        14,
+        13,
+        12,
+        11,
+        10,
+        9,
+        8,
+        7,
+        6,
+        5,
+        4,
+        3,
+        2,
+        1,
+        0,  # jaw
+        26,
+        25,
+        24,
+        23,
+        22,
+        21,
+        20,
+        19,
+        18,
+        17,  # brows
+        27,
+        28,
+        29,
+        30,  # nose bridge
+        35,
+        34,
+        33,
+        32,
+        31,  # nostrils
+        45,
+        44,
+        43,
+        42,
+        47,
+        46,  # eye on the image left
+        39,
+        38,
+        37,
+        36,
+        41,
+        40,  # eye on the image right
+        54,
+        53,
+        52,
+        51,
+        50,
+        49,
+        48,
+        59,
+        58,
+        57,
+        56,
+        55,  # outer lip
+        64,
+        63,
+        62,
+        61,
+        60,
+        67,
+        66,
+        65,
+    ],  # inner lip
     dtype=torch.long,
 )
 # insightface / SCRFD 5 points: left eye, right eye, nose, left mouth corner, right mouth corner.

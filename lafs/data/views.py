@@ -253,11 +253,11 @@ class DINOFaceViews:
         """``landmarks`` is accepted and ignored, so a dataset can call either view maker the same way."""
         del landmarks
         img, geo_gen, colour_gen = _source(image, generator)
-        globals_ = [self._view(img, self.global_aug, _global_recipe(i), geo_gen, colour_gen)
-                    for i in range(self.global_crops)]
+        globals_ = [
+            self._view(img, self.global_aug, _global_recipe(i), geo_gen, colour_gen) for i in range(self.global_crops)
+        ]
         locals_ = [self._view(img, self.local_aug, LOCAL, geo_gen, colour_gen) for _ in range(self.local_crops)]
-        local = (torch.stack(locals_) if locals_
-                 else torch.empty(0, 3, self.local_size, self.local_size))
+        local = torch.stack(locals_) if locals_ else torch.empty(0, 3, self.local_size, self.local_size)
         return {"global": torch.stack(globals_), "local": local}
 
 
@@ -266,9 +266,7 @@ def _draw_device(generator: torch.Generator | None, device: torch.device) -> tor
     return generator.device if generator is not None else device
 
 
-def jitter_landmarks(
-    landmarks: torch.Tensor, std_px: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def jitter_landmarks(landmarks: torch.Tensor, std_px: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Add i.i.d. Gaussian noise of ``std_px`` pixels to every coordinate of (B, K, 2) landmarks (LAFS
     "landmark perturbation", official std 5 px), so the student never sees the exact same patches."""
     if std_px == 0:

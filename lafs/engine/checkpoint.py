@@ -60,7 +60,8 @@ def resume_state(
     if not restart_on_change:
         raise ChangedCheckpointError(
             f"{last} was written with different {stage} params or inputs ({input_names}); restore them to resume, "
-            "or pass --restart-on-change to set it aside and start over")
+            "or pass --restart-on-change to set it aside and start over"
+        )
     if before_set_aside is not None:
         before_set_aside()
     if set_aside:
@@ -76,8 +77,12 @@ def rng_state() -> dict[str, Any]:
     np_state = cast(tuple[str, npt.NDArray[np.uint32], int, int, float], np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": list(_flatten_python_state(random.getstate())),
     }
     if torch.cuda.is_available():
@@ -88,8 +93,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():

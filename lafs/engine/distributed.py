@@ -87,15 +87,20 @@ def resolve_nproc(nproc_per_node: int | str) -> int:
     return int(nproc_per_node)
 
 
-def relaunch_with_torchrun(argv: Sequence[str], nproc_per_node: int, nnodes: int, node_rank: int,
-                           rdzv_endpoint: str, rdzv_id: str = "lafs") -> int:
+def relaunch_with_torchrun(
+    argv: Sequence[str], nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str, rdzv_id: str = "lafs"
+) -> int:
     """Run ``python -m lafs <argv>`` under torch.distributed.run (torchrun) and return its exit code."""
     from torch.distributed.run import get_args_parser, run
 
     args = [f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
     if nnodes > 1:
-        args += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}",
-                 f"--node_rank={node_rank}"]
+        args += [
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rdzv_endpoint}",
+            f"--rdzv_id={rdzv_id}",
+            f"--node_rank={node_rank}",
+        ]
     else:
         args += ["--standalone"]
     args += ["--module", "lafs", *argv]
@@ -113,8 +118,9 @@ def ranks_in_sync(module: torch.nn.Module, device: torch.device) -> bool:
         return True
     with torch.no_grad():
         flat = torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
-        probe = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype,
-                                                            device=flat.device)).sum()]).to(device)
+        probe = torch.stack(
+            [flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)).sum()]
+        ).to(device)
     gathered = [torch.zeros_like(probe) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, probe)
     return all(torch.equal(g, gathered[0]) for g in gathered)

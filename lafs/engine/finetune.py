@@ -31,8 +31,15 @@ from lafs.models import FaceViT
 # The official regulariser steps are defined over the official 34 finetuning epochs.
 OFFICIAL_EPOCHS = 34
 
-__all__ = ["OFFICIAL_EPOCHS", "FinetuneTrainer", "NonFiniteLossError", "embed", "finetune_param_groups",
-           "frozen_copy", "reg_weight_schedule"]
+__all__ = [
+    "OFFICIAL_EPOCHS",
+    "FinetuneTrainer",
+    "NonFiniteLossError",
+    "embed",
+    "finetune_param_groups",
+    "frozen_copy",
+    "reg_weight_schedule",
+]
 
 
 def reg_weight_schedule(epochs: int, multiplier: float = 1.0) -> np.ndarray:
@@ -64,16 +71,25 @@ def finetune_param_groups(model: FaceViT, head: nn.Module, cfg: FinetuneParams) 
     out: list[dict[str, Any]] = []
     for group in groups:
         decay = group["weight_decay_scale"] > 0
-        parts = {False: [p for p in group["params"] if id(p) not in landmark_ids],
-                 True: [p for p in group["params"] if id(p) in landmark_ids]}
+        parts = {
+            False: [p for p in group["params"] if id(p) not in landmark_ids],
+            True: [p for p in group["params"] if id(p) in landmark_ids],
+        }
         for is_landmark, params in parts.items():
             if not params:
                 continue
             wd = (cfg.landmark_weight_decay if is_landmark else cfg.weight_decay) if decay else 0.0
-            out.append({"params": params, "lr_scale": group["lr_scale"], "weight_decay_scale": wd,
-                        "name": f"{'landmark_net' if is_landmark else 'backbone'}.{'decay' if decay else 'no_decay'}"})
-    out.append({"params": list(head.parameters()), "lr_scale": 1.0, "weight_decay_scale": cfg.weight_decay,
-                "name": "head"})
+            out.append(
+                {
+                    "params": params,
+                    "lr_scale": group["lr_scale"],
+                    "weight_decay_scale": wd,
+                    "name": f"{'landmark_net' if is_landmark else 'backbone'}.{'decay' if decay else 'no_decay'}",
+                }
+            )
+    out.append(
+        {"params": list(head.parameters()), "lr_scale": 1.0, "weight_decay_scale": cfg.weight_decay, "name": "head"}
+    )
     return out
 
 
@@ -90,8 +106,14 @@ def embed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]], device:
 class FinetuneTrainer:
     """Margin head, frozen landmark reference, optimizer, schedules and the training step for a recogniser."""
 
-    def __init__(self, model: FaceViT, num_classes: int, cfg: FinetuneParams, iters_per_epoch: int,
-                 reference: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        model: FaceViT,
+        num_classes: int,
+        cfg: FinetuneParams,
+        iters_per_epoch: int,
+        reference: nn.Module | None = None,
+    ) -> None:
         self.frozen_landmarks = model.landmark_net is not None and not cfg.train_landmark_net
         anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
         if anchored and reference is None:
@@ -105,8 +127,9 @@ class FinetuneTrainer:
         self.iters_per_epoch = iters_per_epoch
         self.lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, iters_per_epoch, cfg.warmup_epochs)
         self.reg_weight = reg_weight_schedule(cfg.epochs, cfg.reg_weight)
-        self.optimizer = torch.optim.AdamW(finetune_param_groups(model, self.head, cfg), lr=cfg.lr,
-                                           **_fused(self.device))
+        self.optimizer = torch.optim.AdamW(
+            finetune_param_groups(model, self.head, cfg), lr=cfg.lr, **_fused(self.device)
+        )
         self.autocast_dtype = torch.bfloat16 if resolve_dtype(cfg.dtype, self.device) == "bf16" else None
         self._params = nn.ModuleList([model, self.head])  # one module for per-parameter clipping
 
@@ -143,15 +166,23 @@ class FinetuneTrainer:
         self.optimizer.step()
         with torch.no_grad():  # accuracy of the plain cosine classifier (no margin)
             acc = (self.head.cosine(emb.detach()).argmax(1) == labels).float().mean()
-        metrics = {"loss": float(loss.detach()), "ce_loss": float(ce.detach()), "lr": lr, "reg_weight": reg_w,
-                   "train_acc": float(acc)}
+        metrics = {
+            "loss": float(loss.detach()),
+            "ce_loss": float(ce.detach()),
+            "lr": lr,
+            "reg_weight": reg_w,
+            "train_acc": float(acc),
+        }
         if reg is not None:
             metrics["reg_loss"] = float(reg.detach())
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "head": self.head.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, layer_decay: float = 1.0,
-                 layer_id: Callable[[str], int] | None = None, num_layers: int = 0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, layer_decay: float = 1.0, layer_id: Callable[[str], int] | None = None, num_layers: int = 0
+) -> list[dict[str, Any]]:
     """Groups with ``weight_decay_scale`` (0 or 1) and ``lr_scale`` (layer_decay ** (L - id)).
 
     The engine multiplies each group's lr by ``lr_scale`` every step; the official finetuning code

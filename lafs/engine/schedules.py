@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def cosine_schedule(base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: int = 0,
-                    start_warmup: float = 0.0) -> np.ndarray:
+def cosine_schedule(
+    base: float, final: float, epochs: int, iters_per_epoch: int, warmup_epochs: int = 0, start_warmup: float = 0.0
+) -> np.ndarray:
     """Linear warmup from ``start_warmup`` to ``base`` over warmup_epochs, then cosine to ``final``."""
     warmup_iters = warmup_epochs * iters_per_epoch
     warmup = np.linspace(start_warmup, base, warmup_iters, endpoint=False) if warmup_iters else np.array([])

@@ -85,8 +85,9 @@ class SSLTask(nn.Module):
             self.landmark_net.eval()
         return self
 
-    def view_groups(self, batch: dict[str, torch.Tensor],
-                    generator: torch.Generator | None = None) -> tuple[list[ViewGroup], list[ViewGroup]]:
+    def view_groups(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> tuple[list[ViewGroup], list[ViewGroup]]:
         """(student groups, teacher groups) for a batch from LAFSViews / DINOFaceViews."""
         cfg = self.cfg
         if cfg.method == "dino_face" or "global" in batch:
@@ -116,9 +117,13 @@ class SSLTask(nn.Module):
             student.append(ViewGroup(sample_patches(aug[n_glob:], pts, patch, padding), idx, size))
         return student, [glob_views]
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_temp: float,
-                generator: torch.Generator | None = None,
-                student: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        teacher_temp: float,
+        generator: torch.Generator | None = None,
+        student: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss and teacher health stats (entropy and std of the teacher outputs: collapse shows as a
         flat entropy / vanishing std). ``student`` may be the DDP-wrapped student."""
         student_groups, teacher_groups = self.view_groups(batch, generator)
@@ -145,11 +150,18 @@ def build_ssl_task(cfg: SSLParams, landmark_net: nn.Module | None = None) -> SSL
     # cfg.model names a lafs_vit_* / dino_vit_* entry point, which builds a FaceViT.
     backbone = cast(FaceViT, create_model(cfg.model, **backbone_kwargs(cfg)))
     if cfg.method == "pros":
-        head: nn.Module = PrototypeHead(backbone.embed_dim, cfg.num_prototypes, cfg.hidden_dim,
-                                        cfg.bottleneck_dim, cfg.head_layers)
+        head: nn.Module = PrototypeHead(
+            backbone.embed_dim, cfg.num_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers
+        )
     else:
-        head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
-                        norm_last_layer=cfg.norm_last_layer)
+        head = DINOHead(
+            backbone.embed_dim,
+            cfg.out_dim,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            cfg.head_layers,
+            norm_last_layer=cfg.norm_last_layer,
+        )
     return SSLTask(cfg, MultiViewNet(backbone, head), landmark_net)
 
 
@@ -157,8 +169,9 @@ class SSLTrainer:
     """Optimizer, schedules and the training step for an :class:`SSLTask` (DDP-ready: pass the wrapped
     student as ``student_ddp``; the EMA and clipping act on the unwrapped module)."""
 
-    def __init__(self, task: SSLTask, iters_per_epoch: int, world_batch: int | None = None,
-                 student_ddp: nn.Module | None = None) -> None:
+    def __init__(
+        self, task: SSLTask, iters_per_epoch: int, world_batch: int | None = None, student_ddp: nn.Module | None = None
+    ) -> None:
         cfg = task.cfg
         self.task, self.cfg = task, cfg
         self.student_call = student_ddp or task.student
@@ -168,8 +181,9 @@ class SSLTrainer:
         self.lr = cosine_schedule(base_lr, cfg.min_lr, cfg.epochs, iters_per_epoch, cfg.warmup_epochs)
         self.wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, iters_per_epoch)
         self.momentum = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, iters_per_epoch)
-        self.teacher_temp = teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp,
-                                                  cfg.warmup_teacher_temp_epochs, cfg.epochs)
+        self.teacher_temp = teacher_temp_schedule(
+            cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs
+        )
         device = next(task.student.parameters()).device
         self.device = device
         self.optimizer = torch.optim.AdamW(param_groups(task.student), lr=base_lr, **_fused(device))
@@ -180,8 +194,9 @@ class SSLTrainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, batch: dict[str, torch.Tensor], it: int,
-                   generator: torch.Generator | None = None) -> dict[str, float]:
+    def train_step(
+        self, batch: dict[str, torch.Tensor], it: int, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
         """One optimisation step at global iteration ``it``; raises NonFiniteLossError on NaN/inf."""
         task, cfg = self.task, self.cfg
         epoch = it // self.iters_per_epoch
@@ -199,12 +214,22 @@ class SSLTrainer:
         self.optimizer.step()
         momentum = float(self.momentum[it])
         ema_update(task.teacher, task.student, momentum)
-        return {"loss": float(loss.detach()), "lr": float(self.lr[it]), "wd": float(self.wd[it]),
-                "momentum": momentum, "teacher_temp": temp, **stats}
+        return {
+            "loss": float(loss.detach()),
+            "lr": float(self.lr[it]),
+            "wd": float(self.wd[it]),
+            "momentum": momentum,
+            "teacher_temp": temp,
+            **stats,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"student": self.task.student.state_dict(), "teacher": self.task.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "loss": self.task.loss.state_dict()}
+        return {
+            "student": self.task.student.state_dict(),
+            "teacher": self.task.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.task.loss.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.task.student.load_state_dict(state["student"])
@@ -242,5 +267,3 @@ class _FusedKwargs(TypedDict, total=False):  # typed so that ``**`` into AdamW t
 def _fused(device: torch.device) -> _FusedKwargs:
     # fused AdamW: one kernel over all parameters (CPU support since torch 2.4, CUDA long before).
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
-
-

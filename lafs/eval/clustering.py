@@ -66,23 +66,27 @@ def relabel_by_size(labels: Any) -> np.ndarray:
     return out
 
 
-def cluster_embeddings(embeddings: Any, threshold: float, method: Method = "agglomerative",
-                       min_cluster_size: int = 2) -> np.ndarray:
+def cluster_embeddings(
+    embeddings: Any, threshold: float, method: Method = "agglomerative", min_cluster_size: int = 2
+) -> np.ndarray:
     """Cluster id per embedding (0 = largest cluster; -1 = HDBSCAN noise) at similarity threshold ``threshold``.
 
     ``min_cluster_size`` is HDBSCAN's (agglomerative clustering keeps singletons as clusters of one).
     """
     if not -1.0 < threshold <= 1.0:
-        raise ClusteringError(f"threshold {threshold} is not a cosine similarity in (-1, 1]: pass the verification "
-                              "threshold (e.g. metrics/eval.json verification.threshold)")
+        raise ClusteringError(
+            f"threshold {threshold} is not a cosine similarity in (-1, 1]: pass the verification "
+            "threshold (e.g. metrics/eval.json verification.threshold)"
+        )
     x = _unit(embeddings)
     if len(x) == 1:
         return np.zeros(1, dtype=np.int64)
     if method == "agglomerative":
         from sklearn.cluster import AgglomerativeClustering
 
-        model = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                        distance_threshold=max(1.0 - threshold, 1e-12))
+        model = AgglomerativeClustering(
+            n_clusters=None, metric="cosine", linkage="average", distance_threshold=max(1.0 - threshold, 1e-12)
+        )
         return relabel_by_size(model.fit_predict(x))
     if method == "hdbscan":
         from sklearn.cluster import HDBSCAN
@@ -107,8 +111,9 @@ def merge_groups(unit: np.ndarray, labels: np.ndarray, threshold: float) -> np.n
         return labels
     templates = np.stack([unit[labels == i].mean(axis=0) for i in ids])
     templates /= np.linalg.norm(templates, axis=1, keepdims=True)
-    merged = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                     distance_threshold=max(1.0 - threshold, 1e-12)).fit_predict(templates)
+    merged = AgglomerativeClustering(
+        n_clusters=None, metric="cosine", linkage="average", distance_threshold=max(1.0 - threshold, 1e-12)
+    ).fit_predict(templates)
     out = labels.copy()
     for group, target in zip(ids.tolist(), merged.tolist(), strict=True):
         out[labels == group] = target
@@ -207,8 +212,9 @@ def threshold_from_metrics(path: str | Path, key: str = "verification.threshold"
                 node = data["threshold"]
                 break
             keys = sorted(node) if isinstance(node, dict) else type(node).__name__
-            raise ClusteringError(f"{path} has no {key!r} (stopped at {part!r}; found {keys}): pass --metrics-key "
-                                  "or --threshold")
+            raise ClusteringError(
+                f"{path} has no {key!r} (stopped at {part!r}; found {keys}): pass --metrics-key or --threshold"
+            )
         node = node[part]
     if isinstance(node, bool) or not isinstance(node, int | float):
         raise ClusteringError(f"{path}: {key!r} is {node!r}, not a number")

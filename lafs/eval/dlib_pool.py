@@ -33,17 +33,18 @@ class DescriptorPool:
 
     def __init__(self, recognizer: str, workers: int) -> None:
         self.workers = workers
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init, initargs=(recognizer,))
+        self._pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(recognizer,)
+        )
 
     def describe(self, chips: list[np.ndarray]) -> np.ndarray:
         if not chips:
             return np.zeros((0, 128), np.float32)
-        parts = [chips[i::self.workers] for i in range(self.workers) if chips[i::self.workers]]
+        parts = [chips[i :: self.workers] for i in range(self.workers) if chips[i :: self.workers]]
         results = list(self._pool.map(_describe, parts))
         out = np.empty((len(chips), results[0].shape[1]), np.float32)
         for i, result in enumerate(results):
-            out[i::self.workers] = result
+            out[i :: self.workers] = result
         return out
 
     def close(self) -> None:

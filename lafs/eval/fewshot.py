@@ -49,8 +49,9 @@ def split_gallery(labels: np.ndarray, k: int, rng: np.random.Generator) -> tuple
     return np.stack(gallery), np.concatenate(queries), skipped
 
 
-def fewshot_identification(embeddings: Any, labels: Any, ks: tuple[int, ...] = (1, 2, 5), seed: int = 0,
-                           trials: int = 1) -> dict[str, dict[str, Any]]:
+def fewshot_identification(
+    embeddings: Any, labels: Any, ks: tuple[int, ...] = (1, 2, 5), seed: int = 0, trials: int = 1
+) -> dict[str, dict[str, Any]]:
     """For each k: per identity with > k images, k gallery images chosen deterministically (seeded), the rest
     are queries; nearest gallery identity by cosine to the query (mean-of-gallery template per identity, see
     the module docstring); top-1 accuracy over all queries.

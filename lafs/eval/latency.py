@@ -83,12 +83,18 @@ def measure_latency(fn: Callable[[np.ndarray], Any], photos: Sequence[np.ndarray
         fn(photo)
         times[i] = time.perf_counter() - start
     ms = times * 1e3
-    return LatencyStats(p50_ms=float(np.percentile(ms, 50)), p95_ms=float(np.percentile(ms, 95)),
-                        mean_ms=float(ms.mean()), images=len(photos), warmup=warmup)
+    return LatencyStats(
+        p50_ms=float(np.percentile(ms, 50)),
+        p95_ms=float(np.percentile(ms, 95)),
+        mean_ms=float(ms.mean()),
+        images=len(photos),
+        warmup=warmup,
+    )
 
 
-def budget_report(candidates: Mapping[str, Mapping[str, Any]], budgets_ms: Sequence[float],
-                  criterion: str = "p95") -> dict[str, dict[str, Any]]:
+def budget_report(
+    candidates: Mapping[str, Mapping[str, Any]], budgets_ms: Sequence[float], criterion: str = "p95"
+) -> dict[str, dict[str, Any]]:
     """``{"<budget>ms": {"meets": [names], "best": name | None, "best_accuracy": float | None}}``.
 
     ``candidates[name]`` holds ``"<criterion>_ms"`` and ``"accuracy"`` (verification accuracy; a candidate
@@ -103,6 +109,10 @@ def budget_report(candidates: Mapping[str, Mapping[str, Any]], budgets_ms: Seque
         meets = sorted((name for name, c in candidates.items() if c[key] <= budget), key=lambda n: candidates[n][key])
         scored = [n for n in meets if candidates[n].get("accuracy") is not None]
         best = max(scored, key=lambda n: (candidates[n]["accuracy"], -candidates[n][key]), default=None)
-        report[f"{budget:g}ms"] = {"budget_ms": float(budget), "meets": meets, "best": best,
-                                   "best_accuracy": None if best is None else float(candidates[best]["accuracy"])}
+        report[f"{budget:g}ms"] = {
+            "budget_ms": float(budget),
+            "meets": meets,
+            "best": best,
+            "best_accuracy": None if best is None else float(candidates[best]["accuracy"]),
+        }
     return report

@@ -22,8 +22,10 @@ def check_faces(faces: np.ndarray) -> np.ndarray:
     """``faces`` as a contiguous (N, 112, 112, 3) uint8 array, or an error naming the shape / dtype received."""
     faces = np.asarray(faces)
     if faces.ndim != 4 or faces.shape[1:] != (ALIGNED_SIZE, ALIGNED_SIZE, 3) or faces.dtype != np.uint8:
-        raise EmbedderError(f"expected aligned faces of shape (N, {ALIGNED_SIZE}, {ALIGNED_SIZE}, 3) uint8 RGB, "
-                            f"got {faces.shape} {faces.dtype} (align photos with lafs.eval.photos.FaceFinder)")
+        raise EmbedderError(
+            f"expected aligned faces of shape (N, {ALIGNED_SIZE}, {ALIGNED_SIZE}, 3) uint8 RGB, "
+            f"got {faces.shape} {faces.dtype} (align photos with lafs.eval.photos.FaceFinder)"
+        )
     return np.ascontiguousarray(faces)
 
 
@@ -58,12 +60,15 @@ class OnnxEmbedder:
         self.path = Path(path)
         if not self.path.is_file():
             raise EmbedderError(f"ONNX model {self.path} not found: run `lafs export` (dvc repro export) first")
-        self.session = onnxruntime.InferenceSession(str(self.path), session_options(threads),
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != ["images"]:
-            raise EmbedderError(f"{self.path} takes inputs {inputs}, expected one input 'images' (B, 3, 112, 112) "
-                                "as written by lafs.export")
+            raise EmbedderError(
+                f"{self.path} takes inputs {inputs}, expected one input 'images' (B, 3, 112, 112) "
+                "as written by lafs.export"
+            )
         self.name = name
         self.batch_size = batch_size
 
@@ -74,10 +79,10 @@ class OnnxEmbedder:
         x_all = to_model_input(faces)
         out = []
         for start in batches(len(x_all), self.batch_size):
-            x = x_all[start:start + self.batch_size]
+            x = x_all[start : start + self.batch_size]
             if flip:  # the faces and their mirrors in one run: one call's overhead, a larger batch
                 both = self._run(np.concatenate([x, x[..., ::-1]]))
-                out.append(both[:len(x)] + both[len(x):])
+                out.append(both[: len(x)] + both[len(x) :])
             else:
                 out.append(self._run(x))
         return l2_normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32))

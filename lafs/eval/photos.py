@@ -27,8 +27,7 @@ from lafs.faces.detect import FaceDetector, Policy, find_detector_file, find_pac
 # box as fractions of the photo (x1, y1, x2, y2; std 0.03-0.04 each) and the mean 5 keypoints as fractions of
 # the box (eyes, nose, mouth corners).
 FALLBACK_BOX: Final = (0.3154, 0.2476, 0.6909, 0.7662)
-FALLBACK_KPS_IN_BOX: Final = ((0.2787, 0.3937), (0.7212, 0.3907), (0.5029, 0.5757), (0.3182, 0.7398),
-                              (0.6922, 0.7375))
+FALLBACK_KPS_IN_BOX: Final = ((0.2787, 0.3937), (0.7212, 0.3907), (0.5029, 0.5757), (0.3182, 0.7398), (0.6922, 0.7375))
 
 
 @dataclass(frozen=True)

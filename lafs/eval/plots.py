@@ -27,14 +27,21 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def roc_plot(scores: Any, same: Any, path: str | Path, fars: tuple[float, ...] = FARS,
-             title: str = "Verification ROC") -> Path:
+def roc_plot(
+    scores: Any, same: Any, path: str | Path, fars: tuple[float, ...] = FARS, title: str = "Verification ROC"
+) -> Path:
     """ROC of one model's scores (:func:`roc_curves` with one curve, labelled ``ROC``)."""
     return roc_curves({"ROC": scores}, same, path, fars=fars, title=title)
 
 
-def roc_curves(curves: Mapping[str, Any], same: Any, path: str | Path, fars: tuple[float, ...] = FARS,
-               title: str = "Verification ROC", styles: Mapping[str, str] | None = None) -> Path:
+def roc_curves(
+    curves: Mapping[str, Any],
+    same: Any,
+    path: str | Path,
+    fars: tuple[float, ...] = FARS,
+    title: str = "Verification ROC",
+    styles: Mapping[str, str] | None = None,
+) -> Path:
     """ROCs of several embedders on the same pairs (``curves``: label -> scores; the first is the model, drawn
     solid with each measurable TAR@FAR target marked, the others in ``styles[label]`` line styles, default
     dashed), with a log-scaled FAR axis (where face verification operating points live) and each AUC in the
@@ -77,12 +84,16 @@ def _draw_roc(ax: Any, s: np.ndarray, y: np.ndarray, label: str, floor: float, s
 
     fpr, tpr, _ = roc(s, y)
     grid = np.r_[floor, fpr[fpr >= floor]]
-    ax.step(grid, tar_at_fpr_grid(fpr, tpr, grid), where="post", linestyle=style,
-            label=f"{label} (AUC {roc_auc_score(y, s):.4f})")
+    ax.step(
+        grid,
+        tar_at_fpr_grid(fpr, tpr, grid),
+        where="post",
+        linestyle=style,
+        label=f"{label} (AUC {roc_auc_score(y, s):.4f})",
+    )
 
 
-def score_histogram(scores: Any, same: Any, path: str | Path, threshold: float | None = None,
-                    bins: int = 50) -> Path:
+def score_histogram(scores: Any, same: Any, path: str | Path, threshold: float | None = None, bins: int = 50) -> Path:
     """Same-person vs different-person score histograms (density, shared bins), with the threshold if given:
     shows how far apart the classes are and where the operating point cuts them."""
     s, y = check_scores(scores, same)
@@ -99,8 +110,7 @@ def score_histogram(scores: Any, same: Any, path: str | Path, threshold: float |
     return _save(fig, path)
 
 
-def roc_points(scores: Any, same: Any, path: str | Path, max_points: int = 200,
-               fars: tuple[float, ...] = FARS) -> Path:
+def roc_points(scores: Any, same: Any, path: str | Path, max_points: int = 200, fars: tuple[float, ...] = FARS) -> Path:
     """CSV ``fpr,tpr`` for ``dvc plots``: at most ``max_points`` rows, so the file stays small at any pair count.
 
     The FAR grid mixes linear steps over [0, 1] with log steps from the smallest measurable FAR (1 / different
@@ -116,8 +126,15 @@ def roc_points(scores: Any, same: Any, path: str | Path, max_points: int = 200,
     targets = [f for f in fars if f >= floor]
     budget = max_points - len(targets) - 2  # minus the targets and the two ends
     n_log = budget // 2
-    grid = np.unique(np.r_[0.0, 1.0, targets, np.linspace(0.0, 1.0, budget - n_log + 2)[1:-1],
-                           np.logspace(np.log10(floor), 0.0, n_log + 1)[:-1]])
+    grid = np.unique(
+        np.r_[
+            0.0,
+            1.0,
+            targets,
+            np.linspace(0.0, 1.0, budget - n_log + 2)[1:-1],
+            np.logspace(np.log10(floor), 0.0, n_log + 1)[:-1],
+        ]
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:

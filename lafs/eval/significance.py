@@ -26,14 +26,21 @@ def _decisions(correct: Any) -> np.ndarray:
     return c.astype(np.float64)
 
 
-def accuracy_ci(correct: Any, confidence: float = CONFIDENCE, n_resamples: int = RESAMPLES,
-                seed: int = 0) -> tuple[float, float]:
+def accuracy_ci(
+    correct: Any, confidence: float = CONFIDENCE, n_resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval (over pairs) of the fraction of pairs decided correctly."""
     c = _decisions(correct)
     if c.min() == c.max():  # every resample has the same mean: the interval is that point
         return float(c[0]), float(c[0])
-    res = stats.bootstrap((c,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                          method="percentile", rng=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        (c,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -41,8 +48,9 @@ def _difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
-def paired_test(correct_a: Any, correct_b: Any, confidence: float = CONFIDENCE, n_resamples: int = RESAMPLES,
-                seed: int = 0) -> dict[str, Any]:
+def paired_test(
+    correct_a: Any, correct_b: Any, confidence: float = CONFIDENCE, n_resamples: int = RESAMPLES, seed: int = 0
+) -> dict[str, Any]:
     """A vs B on the same pairs: accuracy difference (A - B) with a paired bootstrap interval, and McNemar's exact
     two-sided p-value. ``a_only`` / ``b_only``: pairs only A / only B decided correctly (the discordant pairs)."""
     a, b = _decisions(correct_a), _decisions(correct_b)
@@ -55,8 +63,23 @@ def paired_test(correct_a: Any, correct_b: Any, confidence: float = CONFIDENCE, 
     if discordant == 0:
         low = high = 0.0
     else:
-        res = stats.bootstrap((a, b), _difference, paired=True, confidence_level=confidence,
-                              n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+        res = stats.bootstrap(
+            (a, b),
+            _difference,
+            paired=True,
+            confidence_level=confidence,
+            n_resamples=n_resamples,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
         low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return {"difference": float(a.mean() - b.mean()), "ci_low": low, "ci_high": high, "confidence": confidence,
-            "a_only": a_only, "b_only": b_only, "mcnemar_p": p_value, "pairs": len(a)}
+    return {
+        "difference": float(a.mean() - b.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "confidence": confidence,
+        "a_only": a_only,
+        "b_only": b_only,
+        "mcnemar_p": p_value,
+        "pairs": len(a),
+    }

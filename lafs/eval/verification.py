@@ -80,8 +80,9 @@ def _best_split(sorted_scores: np.ndarray, sorted_same: np.ndarray) -> float:
     return float(mid if mid < uniq[j] else uniq[j - 1])
 
 
-def kfold_correct(scores: Any, same: Any, folds: Any = None, n_folds: int = 10) -> tuple[np.ndarray, np.ndarray,
-                                                                                        np.ndarray]:
+def kfold_correct(
+    scores: Any, same: Any, folds: Any = None, n_folds: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LFW protocol, pair by pair: each fold is thresholded at the accuracy-maximising split of the other folds.
 
     Returns (correct per pair, 1-based fold id per pair, threshold per fold in fold-id order). The per-pair
@@ -176,8 +177,9 @@ def far_key(far: float) -> str:
     return f"{far:.0e}"
 
 
-def verification_report(scores: Any, same: Any, folds: Any = None, fars: tuple[float, ...] = FARS,
-                        n_folds: int = 10) -> dict[str, Any]:
+def verification_report(
+    scores: Any, same: Any, folds: Any = None, fars: tuple[float, ...] = FARS, n_folds: int = 10
+) -> dict[str, Any]:
     """Every verification number in one JSON-ready dict (``metrics/eval.json``'s ``verification``).
 
     ``min_measurable_far`` = 1 / different pairs: TAR at a smaller FAR target is ``None``.

@@ -30,8 +30,14 @@ def cross_view_cross_entropy(student_logp: torch.Tensor, teacher_p: torch.Tensor
 class DINOLoss(nn.Module):
     center: torch.Tensor  # registered buffer
 
-    def __init__(self, out_dim: int, num_views: int, num_teacher_views: int = 2, student_temp: float = 0.1,
-                 center_momentum: float = 0.9) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        num_views: int,
+        num_teacher_views: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
         super().__init__()
         self.num_views = num_views
         self.num_teacher_views = num_teacher_views
@@ -42,14 +48,16 @@ class DINOLoss(nn.Module):
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1)
 
-    def distill(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
-                teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def distill(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-view CE and the student's log-probabilities (V, B, D); the centre is not updated."""
         with torch.autocast(student_out.device.type, enabled=False):  # softmax / CE stay in fp32
             return self._distill(student_out, teacher_out, teacher_temp)
 
-    def _distill(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
-                 teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _distill(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
         student_logp = student_logp.reshape(self.num_views, -1, student_logp.shape[-1])
         teacher_p = self.teacher_probs(teacher_out.float(), teacher_temp).detach()

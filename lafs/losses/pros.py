@@ -15,8 +15,15 @@ from lafs.losses.dino import DINOLoss
 
 
 class ProSLoss(DINOLoss):
-    def __init__(self, num_prototypes: int, num_views: int, num_teacher_views: int = 2,
-                 student_temp: float = 0.1, center_momentum: float = 0.9, me_max_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_prototypes: int,
+        num_views: int,
+        num_teacher_views: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        me_max_weight: float = 1.0,
+    ) -> None:
         super().__init__(num_prototypes, num_views, num_teacher_views, student_temp, center_momentum)
         self.me_max_weight = me_max_weight
 

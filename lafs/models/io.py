@@ -24,8 +24,12 @@ class ModelFileError(RuntimeError):
 
 def save_model(module: nn.Module, name: str, kwargs: dict[str, Any], path: str | Path, **extra: Any) -> Path:
     """Atomically write ``module``'s weights with what rebuilds it (``extra``: config, metrics, ...)."""
-    state = {"model": name, "kwargs": dict(kwargs),
-             "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, **extra}
+    state = {
+        "model": name,
+        "kwargs": dict(kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        **extra,
+    }
     return save_checkpoint(state, path)
 
 
@@ -37,8 +41,9 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     state = load_checkpoint(path, map_location="cpu")
     missing = [k for k in ("model", "kwargs", "state_dict") if k not in state]
     if missing:
-        raise ModelFileError(f"{path} is not a model file (missing {missing}); expected one written by "
-                             "lafs.models.io.save_model")
+        raise ModelFileError(
+            f"{path} is not a model file (missing {missing}); expected one written by lafs.models.io.save_model"
+        )
     return state
 
 

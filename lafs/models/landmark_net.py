@@ -67,12 +67,14 @@ class LandmarkNet(nn.Module):
         self.num_landmarks = num_landmarks
         self.img_size = img_size
         # Stages 2-4 of a 5-stage timm CNN are its stride-8, -16 and -32 outputs (MobileNetV3, EfficientNet, ...).
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
-                                          out_indices=levels[heatmap_stride])
+        self.backbone = timm.create_model(
+            backbone, pretrained=pretrained, features_only=True, out_indices=levels[heatmap_stride]
+        )
         channels: list[int] = cast(FeatureInfo, self.backbone.feature_info).channels()  # features_only model
         self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
-        self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.Hardswish())
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.Hardswish()
+        )
         self.heatmaps = nn.Conv2d(width, num_landmarks, 1)
         self.offset = nn.Linear(channels[-1], 2 * num_landmarks)
         nn.init.zeros_(self.offset.weight)
@@ -84,9 +86,7 @@ class LandmarkNet(nn.Module):
         self.refine_weight = nn.ParameterList(
             nn.Parameter(torch.zeros(num_landmarks, width * refine_patch**2, 2)) for _ in range(refine_steps)
         )
-        self.refine_bias = nn.ParameterList(
-            nn.Parameter(torch.zeros(num_landmarks, 2)) for _ in range(refine_steps)
-        )
+        self.refine_bias = nn.ParameterList(nn.Parameter(torch.zeros(num_landmarks, 2)) for _ in range(refine_steps))
 
     def to_pixels(self, normalised: torch.Tensor) -> torch.Tensor:
         return (normalised + 1.0) * (self.img_size / 2.0) - 0.5
@@ -115,8 +115,9 @@ class LandmarkNet(nn.Module):
         for weight, bias in zip(self.refine_weight, self.refine_bias, strict=True):
             # The sampling positions are not a path for gradients: each step learns a correction, not where to look.
             where = points.detach().unsqueeze(2) + cell  # (B, K, P*P, 2)
-            local = F.grid_sample(fmap, where.to(fmap.dtype), mode="bilinear", padding_mode="zeros",
-                                  align_corners=False)  # (B, C, K, P*P)
+            local = F.grid_sample(
+                fmap, where.to(fmap.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+            )  # (B, C, K, P*P)
             local = local.permute(0, 2, 1, 3).flatten(2)  # (B, K, C*P*P)
             points = points + torch.einsum("bkc,kcd->bkd", local, weight) + bias
             out.append(points)

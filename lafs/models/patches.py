@@ -21,8 +21,9 @@ def _offsets(patch_size: int) -> tuple[int, ...]:
     return tuple(range(lo, lo + patch_size))
 
 
-def patch_offsets(patch_size: int, device: torch.device | None = None,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def patch_offsets(
+    patch_size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(P, P, 2) pixel offsets (dx, dy) of a patch, row-major (p1 = row, p2 = column)."""
     o = torch.tensor(_offsets(patch_size), device=device, dtype=dtype)
     dy, dx = torch.meshgrid(o, o, indexing="ij")
@@ -43,8 +44,9 @@ def sample_patches(
     "border"): landmarks mapped into the tight ArcFace crop (e.g. jaw points) can fall outside it.
     """
     if images.ndim != 4 or points.ndim != 3 or points.shape[-1] != 2:
-        raise ValueError(f"expected images (B,C,H,W) and points (B,N,2), got {tuple(images.shape)}, "
-                         f"{tuple(points.shape)}")
+        raise ValueError(
+            f"expected images (B,C,H,W) and points (B,N,2), got {tuple(images.shape)}, {tuple(points.shape)}"
+        )
     b, c, h, w = images.shape
     n = points.shape[1]
     # float64 here: the pixel -> [-1, 1] -> pixel round trip drifts by ~1e-6 px in float32, which would
@@ -57,8 +59,9 @@ def sample_patches(
     # align_corners=False: pixel centre j sits at normalised (2j + 1) / W - 1.
     scale = torch.tensor((2.0 / w, 2.0 / h), device=pts.device, dtype=pts.dtype)
     grid = ((grid + 0.5) * scale - 1.0).reshape(b, n * patch_size, patch_size, 2)
-    out = F.grid_sample(images.to(work), grid, mode="bilinear", padding_mode=padding_mode,
-                        align_corners=False).to(images.dtype)  # (B, C, N*P, P)
+    out = F.grid_sample(images.to(work), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False).to(
+        images.dtype
+    )  # (B, C, N*P, P)
     out = out.reshape(b, c, n, patch_size, patch_size).permute(0, 2, 3, 4, 1)
     return out.reshape(b, n, patch_size * patch_size * c)
 

@@ -81,8 +81,10 @@ class FaceViT(nn.Module):
         if embedding not in ("cls", "tokens"):
             raise ValueError(f"embedding must be 'cls' or 'tokens', got {embedding!r}")
         if embedding == "cls" and embedding_dim not in (None, embed_dim):
-            raise ValueError(f"embedding='cls' returns the {embed_dim}-d cls token; embedding_dim {embedding_dim} "
-                             "needs embedding='tokens'")
+            raise ValueError(
+                f"embedding='cls' returns the {embed_dim}-d cls token; embedding_dim {embedding_dim} "
+                "needs embedding='tokens'"
+            )
         self.tokenizer = tokenizer
         self.img_size = img_size
         self.patch_size = patch_size
@@ -99,17 +101,34 @@ class FaceViT(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         attn = _attention_class(head_dim)
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio=mlp_dim / embed_dim, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], attn_layer=attn)
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_dim / embed_dim,
+                    qkv_bias=qkv_bias,
+                    proj_drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    attn_layer=attn,
+                )
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim)
         self.embedding = embedding
         self.embedding_dim = embedding_dim or embed_dim
-        self.embedding_head = None if embedding == "cls" else nn.Sequential(
-            nn.Flatten(), nn.Dropout(embedding_dropout), nn.Linear(self.num_positions * embed_dim, self.embedding_dim),
-            nn.BatchNorm1d(self.embedding_dim))
+        self.embedding_head = (
+            None
+            if embedding == "cls"
+            else nn.Sequential(
+                nn.Flatten(),
+                nn.Dropout(embedding_dropout),
+                nn.Linear(self.num_positions * embed_dim, self.embedding_dim),
+                nn.BatchNorm1d(self.embedding_dim),
+            )
+        )
         self.landmark_net = landmark_net
         self._init_weights()
 
@@ -170,8 +189,9 @@ class FaceViT(nn.Module):
                 raise ValueError("landmark tokenizer needs landmarks (or a model built with a landmark_net)")
             landmarks = self.landmark_net(images)
         if index is None and landmarks.shape[1] != self.num_landmarks:
-            raise ValueError(f"got {landmarks.shape[1]} landmarks, model expects {self.num_landmarks}; "
-                             "pass `index` for a subset")
+            raise ValueError(
+                f"got {landmarks.shape[1]} landmarks, model expects {self.num_landmarks}; pass `index` for a subset"
+            )
         tokens = sample_patches(images, landmarks, self.patch_size, self.padding_mode)
         return tokens, self.positions(index, cast(tuple[int, int], images.shape[-2:]))  # torch.Size (H, W)
 

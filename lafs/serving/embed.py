@@ -22,9 +22,15 @@ from lafs.data.sources import iter_s3
 from lafs.serving.faces import FacePipeline
 
 CHUNK = 256
-SCHEMA = pa.schema([("photo", pa.string()), ("box", pa.list_(pa.float32(), 4)),
-                    ("keypoints", pa.list_(pa.float32(), 10)), ("det_score", pa.float32()),
-                    ("embedding", pa.list_(pa.float32()))])
+SCHEMA = pa.schema(
+    [
+        ("photo", pa.string()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("keypoints", pa.list_(pa.float32(), 10)),
+        ("det_score", pa.float32()),
+        ("embedding", pa.list_(pa.float32())),
+    ]
+)
 REJECT_COLUMNS = ("photo", "reason", "message")
 
 
@@ -37,8 +43,10 @@ class EmbedSummary:
 
     def describe(self) -> str:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items())) or "none"
-        return (f"embed: {self.embedded} faces -> {self.out}; {sum(self.rejected.values())} photos rejected "
-                f"({why}) -> {self.rejects}")
+        return (
+            f"embed: {self.embedded} faces -> {self.out}; {sum(self.rejected.values())} photos rejected "
+            f"({why}) -> {self.rejects}"
+        )
 
 
 def _missing(location: str) -> Callable[[], bytes]:
@@ -66,8 +74,9 @@ def list_photos(inputs: Sequence[str], s3_endpoint_url: str | None = None) -> It
             yield item, _missing(item)
 
 
-def embed_photos(pipeline: FacePipeline, photos: Iterator[tuple[str, Callable[[], bytes]]], out: Path,
-                 progress: bool = True) -> EmbedSummary:
+def embed_photos(
+    pipeline: FacePipeline, photos: Iterator[tuple[str, Callable[[], bytes]]], out: Path, progress: bool = True
+) -> EmbedSummary:
     """Embed every photo into ``out`` (Parquet, :data:`SCHEMA`) and list the rejects next to it."""
     from tqdm import tqdm
 

@@ -54,10 +54,12 @@ class EmbeddedFace:
     det_score: float
 
     def row(self) -> dict[str, Any]:
-        return {"embedding": self.embedding.astype(float).tolist(),
-                "box": np.round(self.box.astype(float), 2).tolist(),
-                "keypoints": np.round(self.kps.astype(float), 2).reshape(-1).tolist(),
-                "det_score": round(float(self.det_score), 4)}
+        return {
+            "embedding": self.embedding.astype(float).tolist(),
+            "box": np.round(self.box.astype(float), 2).tolist(),
+            "keypoints": np.round(self.kps.astype(float), 2).reshape(-1).tolist(),
+            "det_score": round(float(self.det_score), 4),
+        }
 
 
 class FacePipeline:
@@ -77,14 +79,16 @@ class FacePipeline:
     def from_dir(cls, folder: Path, threads: int = 0) -> FacePipeline:
         """A folder holding ``detector.onnx``, ``recogniser.onnx`` and ``serving.json`` (the pyfunc artifacts)."""
         folder = Path(folder)
-        return cls.from_files(folder / "detector.onnx", folder / "recogniser.onnx",
-                              ServingConfig.read(folder / CONFIG_FILE), threads)
+        return cls.from_files(
+            folder / "detector.onnx", folder / "recogniser.onnx", ServingConfig.read(folder / CONFIG_FILE), threads
+        )
 
     def decode(self, data: bytes, name: str = "<image>") -> np.ndarray:
         """Upright RGB uint8 of an encoded photo, or :class:`ImageRejected` (too_large, not_image, ...)."""
         if len(data) > self.cfg.max_image_bytes:
-            raise ImageRejected(TOO_LARGE, f"{name} is {len(data):,} bytes, above the limit of "
-                                             f"{self.cfg.max_image_bytes:,}")
+            raise ImageRejected(
+                TOO_LARGE, f"{name} is {len(data):,} bytes, above the limit of {self.cfg.max_image_bytes:,}"
+            )
         return decode_image(data, max_pixels=self.cfg.max_image_pixels, formats=None, name=name).rgb
 
     def embed(self, rgb: np.ndarray) -> EmbeddedFace:
@@ -102,8 +106,9 @@ class FacePipeline:
     def same(self, score: float) -> bool:
         """``score`` above the calibrated threshold (the evaluate stage's rule: strictly above)."""
         if self.cfg.threshold is None:
-            raise ValueError("this model carries no calibrated threshold: register it from an evaluated run, or "
-                             "pass --threshold")
+            raise ValueError(
+                "this model carries no calibrated threshold: register it from an evaluated run, or pass --threshold"
+            )
         return score > self.cfg.threshold
 
 

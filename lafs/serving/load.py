@@ -31,10 +31,13 @@ def from_pyfunc(folder: Path, threads: int = 0) -> FacePipeline:
     artifacts = {name: folder / entry["path"] for name, entry in (flavor.get("artifacts") or {}).items()}
     missing = {"detector", "recogniser", "config"} - set(artifacts)
     if missing:
-        raise ModelSpecError(f"{folder} is not a served LAFS model (artifacts {sorted(artifacts)}, missing "
-                             f"{sorted(missing)}): register it with `lafs register`")
-    return FacePipeline.from_files(artifacts["detector"], artifacts["recogniser"],
-                                   ServingConfig.read(artifacts["config"]), threads)
+        raise ModelSpecError(
+            f"{folder} is not a served LAFS model (artifacts {sorted(artifacts)}, missing "
+            f"{sorted(missing)}): register it with `lafs register`"
+        )
+    return FacePipeline.from_files(
+        artifacts["detector"], artifacts["recogniser"], ServingConfig.read(artifacts["config"]), threads
+    )
 
 
 def serving_config(landmarks: LandmarksParams, report: dict[str, Any]) -> ServingConfig:
@@ -42,10 +45,14 @@ def serving_config(landmarks: LandmarksParams, report: dict[str, Any]) -> Servin
     and evaluated on) and evaluate's calibration of the ONNX path (``eval.json`` ``serving``; the model's own
     verification threshold and flip for an eval.json written before that section existed)."""
     serving = report.get("serving") or {}
-    return ServingConfig(det_size=landmarks.det_size, det_thresh=landmarks.det_thresh, policy=landmarks.policy,
-                         min_face_px=landmarks.min_face_px,
-                         flip=bool(serving.get("flip", (report.get("model") or {}).get("flip", True))),
-                         threshold=serving.get("threshold", (report.get("verification") or {}).get("threshold")))
+    return ServingConfig(
+        det_size=landmarks.det_size,
+        det_thresh=landmarks.det_thresh,
+        policy=landmarks.policy,
+        min_face_px=landmarks.min_face_px,
+        flip=bool(serving.get("flip", (report.get("model") or {}).get("flip", True))),
+        threshold=serving.get("threshold", (report.get("verification") or {}).get("threshold")),
+    )
 
 
 def detector_file(landmarks: LandmarksParams) -> Path:
@@ -59,8 +66,10 @@ def from_project(root: Path, landmarks: LandmarksParams, threads: int = 0) -> Fa
     """The project's exported recogniser with its detector and evaluate's calibration."""
     onnx, metrics = root / "models" / "model.onnx", root / "metrics" / "eval.json"
     if not onnx.is_file():
-        raise ModelSpecError(f"{onnx} not found: run the pipeline (`make pipeline` or `dvc repro export`) or give "
-                             "--model models:/<name>@champion")
+        raise ModelSpecError(
+            f"{onnx} not found: run the pipeline (`make pipeline` or `dvc repro export`) or give "
+            "--model models:/<name>@champion"
+        )
     report = json.loads(metrics.read_text()) if metrics.is_file() else {}
     return FacePipeline.from_files(detector_file(landmarks), onnx, serving_config(landmarks, report), threads)
 

@@ -38,9 +38,19 @@ from lafs.serving.faces import CONFIG_FILE, EmbeddedFace, FacePipeline, ServingC
 ARTIFACTS = {"detector": "detector.onnx", "recogniser": "recogniser.onnx", "config": CONFIG_FILE}
 IMAGE, IMAGE_A, IMAGE_B = "image", "image_a", "image_b"
 # The package files the served model runs (no torch among their imports); copied into the model's code/.
-SERVING_MODULES = ("__init__.py", "serving/__init__.py", "serving/faces.py", "serving/pyfunc.py",
-                   "eval/__init__.py", "eval/onnx_embedder.py", "faces/__init__.py", "faces/align.py",
-                   "faces/detect.py", "data/__init__.py", "data/images.py")
+SERVING_MODULES = (
+    "__init__.py",
+    "serving/__init__.py",
+    "serving/faces.py",
+    "serving/pyfunc.py",
+    "eval/__init__.py",
+    "eval/onnx_embedder.py",
+    "faces/__init__.py",
+    "faces/align.py",
+    "faces/detect.py",
+    "data/__init__.py",
+    "data/images.py",
+)
 REQUIREMENTS = ("mlflow", "onnxruntime", "insightface", "opencv-python-headless", "numpy", "pandas", "pillow")
 
 
@@ -48,10 +58,17 @@ def signature() -> ModelSignature:
     """Both request shapes in one schema: ``image`` rows or ``image_a`` + ``image_b`` rows (base64 strings)."""
     inputs = Schema([ColSpec("string", name, required=False) for name in (IMAGE, IMAGE_A, IMAGE_B)])
     floats = Array("double")
-    outputs = Schema([ColSpec(floats, "embedding", required=False), ColSpec(floats, "box", required=False),
-                      ColSpec(floats, "keypoints", required=False), ColSpec("double", "det_score", required=False),
-                      ColSpec("double", "score", required=False), ColSpec("boolean", "same", required=False),
-                      ColSpec("double", "threshold", required=False)])
+    outputs = Schema(
+        [
+            ColSpec(floats, "embedding", required=False),
+            ColSpec(floats, "box", required=False),
+            ColSpec(floats, "keypoints", required=False),
+            ColSpec("double", "det_score", required=False),
+            ColSpec("double", "score", required=False),
+            ColSpec("boolean", "same", required=False),
+            ColSpec("double", "threshold", required=False),
+        ]
+    )
     return ModelSignature(inputs, outputs)
 
 
@@ -102,10 +119,13 @@ class FaceModel(PythonModel):
             raise bad_request("send a non-empty table: columns ['image'] or ['image_a', 'image_b']")
         unknown = sorted(map(str, set(model_input.columns) - {IMAGE, IMAGE_A, IMAGE_B}))
         if unknown:
-            raise bad_request(f"unknown columns {unknown}: send ['image'] (embed) or ['image_a', 'image_b'] "
-                              "(verify), base64 photos")
-        rows = [self._row(i, {c: v for c, v in row.items() if not _missing(v)})
-                for i, row in enumerate(model_input.to_dict("records"))]
+            raise bad_request(
+                f"unknown columns {unknown}: send ['image'] (embed) or ['image_a', 'image_b'] (verify), base64 photos"
+            )
+        rows = [
+            self._row(i, {c: v for c, v in row.items() if not _missing(v)})
+            for i, row in enumerate(model_input.to_dict("records"))
+        ]
         out = pd.DataFrame(rows)
         return out.astype(object).where(out.notna(), None) if out.isna().any().any() else out
 
@@ -119,8 +139,9 @@ class FaceModel(PythonModel):
             raise bad_request(f"row {i}: a pair needs both image_a and image_b")
         if self.pipeline.cfg.threshold is None:
             raise bad_request("this model carries no calibrated threshold: it can embed, not verify")
-        score = self.pipeline.score(self._face(row[IMAGE_A], f"row {i} image_a"),
-                                    self._face(row[IMAGE_B], f"row {i} image_b"))
+        score = self.pipeline.score(
+            self._face(row[IMAGE_A], f"row {i} image_a"), self._face(row[IMAGE_B], f"row {i} image_b")
+        )
         return {"score": score, "same": self.pipeline.same(score), "threshold": self.pipeline.cfg.threshold}
 
 
@@ -170,28 +191,44 @@ def input_example(photos: tuple[Path, ...], cfg: ServingConfig) -> pd.DataFrame 
     return pd.DataFrame(rows)
 
 
-def _model_kwargs(tmp: Path, detector: Path, recogniser: Path, cfg: ServingConfig,
-                  example_photos: tuple[Path, ...]) -> dict[str, Any]:
+def _model_kwargs(
+    tmp: Path, detector: Path, recogniser: Path, cfg: ServingConfig, example_photos: tuple[Path, ...]
+) -> dict[str, Any]:
     artifacts = write_artifacts(tmp / "artifacts", detector, recogniser, cfg)
     definition = str(Path(__file__).with_name("served_model.py"))  # models from code: nothing pickled
-    return {"python_model": definition, "artifacts": artifacts, "code_paths": [str(code_dir(tmp / "code"))],
-            "signature": signature(), "pip_requirements": requirements(),
-            "input_example": input_example(example_photos, cfg)}
+    return {
+        "python_model": definition,
+        "artifacts": artifacts,
+        "code_paths": [str(code_dir(tmp / "code"))],
+        "signature": signature(),
+        "pip_requirements": requirements(),
+        "input_example": input_example(example_photos, cfg),
+    }
 
 
-def log_model(name: str, detector: Path, recogniser: Path, cfg: ServingConfig, example_photos: tuple[Path, ...],
-              registered_model_name: str | None = None) -> Any:
+def log_model(
+    name: str,
+    detector: Path,
+    recogniser: Path,
+    cfg: ServingConfig,
+    example_photos: tuple[Path, ...],
+    registered_model_name: str | None = None,
+) -> Any:
     """Log the pyfunc in the active MLflow run (``mlflow.pyfunc.log_model``, which loads it back and runs the
     input example as serving would); its ModelInfo."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="lafs-serving-") as tmp:
-        return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
-                                       **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photos))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            registered_model_name=registered_model_name,
+            **_model_kwargs(Path(tmp), detector, recogniser, cfg, example_photos),
+        )
 
 
-def save_model(path: Path, detector: Path, recogniser: Path, cfg: ServingConfig,
-               example_photos: tuple[Path, ...] = ()) -> Path:
+def save_model(
+    path: Path, detector: Path, recogniser: Path, cfg: ServingConfig, example_photos: tuple[Path, ...] = ()
+) -> Path:
     """The same pyfunc as a local folder (``mlflow.pyfunc.save_model``): servable and usable as ``--model``."""
     import mlflow
 

@@ -19,8 +19,21 @@ class ServerError(RuntimeError):
 
 
 def serve_command(model: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
-            "-h", "127.0.0.1", "-p", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
 
 
 @contextmanager
@@ -28,12 +41,17 @@ def mlflow_serve(model: str, port: int, log: Path, workers: int = 1, timeout_s: 
     """Serve ``model`` (``models:/...``, ``runs:/...`` or a pyfunc folder) with ``workers`` uvicorn processes;
     yields the base URL and stops the whole process group on exit. The venv's ``bin`` leads ``PATH`` (MLflow
     starts ``uvicorn`` by name); loopback bypasses any proxy."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MLFLOW_MODELS_WORKERS": str(workers), "NO_PROXY": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_MODELS_WORKERS": str(workers),
+        "NO_PROXY": "127.0.0.1",
+    }
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as out:
-        proc = subprocess.Popen(serve_command(model, port), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            serve_command(model, port), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             _wait_ready(proc, url, log, timeout_s)
             yield url
@@ -50,9 +68,11 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float) -
                 return
         except OSError:
             if proc.poll() is not None:
-                raise ServerError(f"mlflow models serve exited with {proc.returncode}: "
-                                  f"{log.read_text()[-3000:]}") from None
+                raise ServerError(
+                    f"mlflow models serve exited with {proc.returncode}: {log.read_text()[-3000:]}"
+                ) from None
             if time.monotonic() > deadline:
-                raise ServerError(f"mlflow models serve did not answer {url}/ping in {timeout_s:.0f} s "
-                                  f"(log: {log})") from None
+                raise ServerError(
+                    f"mlflow models serve did not answer {url}/ping in {timeout_s:.0f} s (log: {log})"
+                ) from None
             time.sleep(0.5)

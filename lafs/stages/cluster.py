@@ -70,8 +70,10 @@ class ClusterSummary:
     curated: int | None = None
 
     def describe(self) -> str:
-        text = (f"clustered {self.images} faces into {self.clusters} clusters "
-                f"({self.metrics['singletons']} singletons) at similarity {self.threshold:.4f}")
+        text = (
+            f"clustered {self.images} faces into {self.clusters} clusters "
+            f"({self.metrics['singletons']} singletons) at similarity {self.threshold:.4f}"
+        )
         pairwise = self.metrics.get("pairwise")
         if pairwise and pairwise["f"] is not None:
             text += f"; pairwise F {pairwise['f']:.4f}, NMI {self.metrics['nmi']:.4f}"
@@ -117,8 +119,10 @@ def embed_files(model: str, files: list[Path], flip: bool = False, batch_size: i
 
     try:
         embedder = load_embedder(model, batch_size=batch_size)
-        chunks = [embedder.embed_aligned(_read_faces(files[i:i + EMBED_CHUNK]), flip=flip)
-                  for i in range(0, len(files), EMBED_CHUNK)]
+        chunks = [
+            embedder.embed_aligned(_read_faces(files[i : i + EMBED_CHUNK]), flip=flip)
+            for i in range(0, len(files), EMBED_CHUNK)
+        ]
     except EmbedderError as exc:
         raise StageError(str(exc)) from None
     return np.concatenate(chunks)
@@ -140,8 +144,9 @@ def _load_embeddings(cfg: ClusterConfig, n_listed: int | None) -> np.ndarray:
     if emb.ndim != 2:
         raise StageError(f"{cfg.embeddings} holds an array of shape {emb.shape}, expected (N, D) embeddings")
     if n_listed is not None and len(emb) != n_listed:
-        raise StageError(f"{cfg.embeddings} has {len(emb)} rows but {cfg.images} lists {n_listed} faces: "
-                         "they must match row for row")
+        raise StageError(
+            f"{cfg.embeddings} has {len(emb)} rows but {cfg.images} lists {n_listed} faces: they must match row for row"
+        )
     return emb
 
 
@@ -176,9 +181,16 @@ def run(cfg: ClusterConfig, out_dir: Path) -> ClusterSummary:
         np.save(out_dir / "embeddings.npy", emb.astype(np.float32))
     if kept is not None:
         (out_dir / "curated.txt").write_text("".join(f"{p}\n" for p in kept))
-    metrics = {**report, "threshold": threshold, "threshold_source": source, "method": cfg.method,
-               "model": cfg.model if computed else None, "curated_images": None if kept is None else len(kept)}
+    metrics = {
+        **report,
+        "threshold": threshold,
+        "threshold_source": source,
+        "method": cfg.method,
+        "model": cfg.model if computed else None,
+        "curated_images": None if kept is None else len(kept),
+    }
     write_metrics(out_dir / "cluster_metrics.json", metrics)
     log.info("clusters: %s", {k: v for k, v in metrics.items() if k != "pairwise"})
-    return ClusterSummary(len(paths), report["clusters"], threshold, clusters_csv, metrics,
-                          None if kept is None else len(kept))
+    return ClusterSummary(
+        len(paths), report["clusters"], threshold, clusters_csv, metrics, None if kept is None else len(kept)
+    )

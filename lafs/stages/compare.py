@@ -33,8 +33,7 @@ from lafs.tracking import ensure_experiment, flatten, metric_leaves, tracking_ur
 
 log = logging.getLogger(__name__)
 
-INIT_LABELS = {"scratch": "scratch (no pretraining)", "dino_face": "DINO-face pretraining",
-               "lafs": "LAFS pretraining"}
+INIT_LABELS = {"scratch": "scratch (no pretraining)", "dino_face": "DINO-face pretraining", "lafs": "LAFS pretraining"}
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,10 @@ class CompareSummary:
 
     def describe(self) -> str:
         best = max(self.results.items(), key=lambda kv: kv[1]["verification"]["accuracy_mean"])
-        return (f"compare: {len(self.results)} cells ({len(self.ran)} run, {len(self.skipped)} already done); best "
-                f"{best[0]} at {best[1]['verification']['accuracy_mean']:.4f} test accuracy; table in {self.report}")
+        return (
+            f"compare: {len(self.results)} cells ({len(self.ran)} run, {len(self.skipped)} already done); best "
+            f"{best[0]} at {best[1]['verification']['accuracy_mean']:.4f} test accuracy; table in {self.report}"
+        )
 
 
 def cells(cfg: CompareParams) -> list[Cell]:
@@ -93,26 +94,44 @@ def cells(cfg: CompareParams) -> list[Cell]:
 
 def pretrain_config(cfg: CompareParams, base: SSLParams, method: str) -> SSLParams:
     """The pretrain section at the comparison's budget for ``method`` (one process, the comparison's seed)."""
-    update = {"method": method, "model": f"{'dino' if method == 'dino_face' else 'lafs'}_vit_{cfg.size}",
-              "epochs": cfg.pretrain_epochs, "batch_size": cfg.pretrain_batch_size, "seed": cfg.seed,
-              "warmup_epochs": min(base.warmup_epochs, cfg.pretrain_epochs - 1), "nproc_per_node": 1, "nnodes": 1,
-              "checkpoint_uri": None, "experiment": cfg.experiment, "tracking_uri": cfg.tracking_uri}
+    update = {
+        "method": method,
+        "model": f"{'dino' if method == 'dino_face' else 'lafs'}_vit_{cfg.size}",
+        "epochs": cfg.pretrain_epochs,
+        "batch_size": cfg.pretrain_batch_size,
+        "seed": cfg.seed,
+        "warmup_epochs": min(base.warmup_epochs, cfg.pretrain_epochs - 1),
+        "nproc_per_node": 1,
+        "nnodes": 1,
+        "checkpoint_uri": None,
+        "experiment": cfg.experiment,
+        "tracking_uri": cfg.tracking_uri,
+    }
     return update_section(base, update, f"compare ({method} pretraining)")
 
 
 def finetune_config(cfg: CompareParams, base: FinetuneParams, cell: Cell) -> FinetuneParams:
     """The finetune section at the comparison's budget for ``cell``: equal epochs, batch and seed, no early
     stopping, no tuned params."""
-    update = {"init": "scratch" if cell.init == "scratch" else "pretrained",
-              "model": f"{'dino' if cell.init == 'dino_face' else 'lafs'}_vit_{cfg.size}",
-              "epochs": cfg.finetune_epochs, "batch_size": cfg.finetune_batch_size, "seed": cfg.seed,
-              "warmup_epochs": min(base.warmup_epochs, cfg.finetune_epochs - 1), "fewshot_k": cell.fewshot_k,
-              "patience": None, "tuned_params": None, "experiment": cfg.experiment, "tracking_uri": cfg.tracking_uri}
+    update = {
+        "init": "scratch" if cell.init == "scratch" else "pretrained",
+        "model": f"{'dino' if cell.init == 'dino_face' else 'lafs'}_vit_{cfg.size}",
+        "epochs": cfg.finetune_epochs,
+        "batch_size": cfg.finetune_batch_size,
+        "seed": cfg.seed,
+        "warmup_epochs": min(base.warmup_epochs, cfg.finetune_epochs - 1),
+        "fewshot_k": cell.fewshot_k,
+        "patience": None,
+        "tuned_params": None,
+        "experiment": cfg.experiment,
+        "tracking_uri": cfg.tracking_uri,
+    }
     return update_section(base, update, f"compare (cell {cell.name})")
 
 
-def evaluate_on_test_pairs(model_file: Path, root: Path, batch_size: int,
-                           flip: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_on_test_pairs(
+    model_file: Path, root: Path, batch_size: int, flip: bool = False
+) -> tuple[dict[str, Any], np.ndarray]:
     """Verification report of ``model_file`` on the test pairs (the evaluate stage's embedders and metrics), with
     its 95% bootstrap interval, and the per-pair 10-fold decisions (True = decided correctly) for paired tests."""
     from lafs.eval.embedders import load_embedder
@@ -162,8 +181,9 @@ class _Parent:
             if run is None or run.info.lifecycle_stage != "active":
                 run_id = None
         if run_id is None:
-            run = self.client.create_run(ensure_experiment(cfg.experiment, uri), run_name="compare",
-                                         tags={"stage": "compare"})
+            run = self.client.create_run(
+                ensure_experiment(cfg.experiment, uri), run_name="compare", tags={"stage": "compare"}
+            )
             run_id = run.info.run_id
             for key, value in flatten(resolved(cfg)).items():
                 self.client.log_param(run_id, key, value)
@@ -201,8 +221,9 @@ def _pretrained(cfg: CompareParams, base: SSLParams, paths: ComparePaths, method
     return pt_paths.teacher
 
 
-def run(cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParams,
-        paths: ComparePaths = ComparePaths()) -> CompareSummary:
+def run(
+    cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParams, paths: ComparePaths = ComparePaths()
+) -> CompareSummary:
     """Run every cell not yet done, then (re)write the table from all result files."""
     todo = [c for c in cells(cfg) if not _done(paths.out_dir / c.name / "result.json")]
     parent = _Parent(cfg, paths)
@@ -227,12 +248,22 @@ def run(cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParam
             ft_summary = train(ft, ft_paths, parent_run_id=parent.run_id, restart_on_change=True)
             verification, correct = evaluate_on_test_pairs(ft_paths.model, paths.root, ft.batch_size)
             _log_cell(parent, cell, ft_summary.run_id, verification)
-            result = {"cell": cell.name, "init": cell.init, "data": cell.data, "model": ft.model,
-                      "verification": verification, "finetune": ft_summary.metrics(),
-                      "pair_correct": "".join("1" if c else "0" for c in correct),
-                      "budget": {"pretrain_epochs": cfg.pretrain_epochs, "pretrain_batch_size": cfg.pretrain_batch_size,
-                                 "finetune_epochs": ft.epochs, "finetune_batch_size": ft.batch_size,
-                                 "finetune_iterations": ft_summary.iterations}}
+            result = {
+                "cell": cell.name,
+                "init": cell.init,
+                "data": cell.data,
+                "model": ft.model,
+                "verification": verification,
+                "finetune": ft_summary.metrics(),
+                "pair_correct": "".join("1" if c else "0" for c in correct),
+                "budget": {
+                    "pretrain_epochs": cfg.pretrain_epochs,
+                    "pretrain_batch_size": cfg.pretrain_batch_size,
+                    "finetune_epochs": ft.epochs,
+                    "finetune_batch_size": ft.batch_size,
+                    "finetune_iterations": ft_summary.iterations,
+                },
+            }
             _write_json(result_file, result)
             summary.results[cell.name] = result
             summary.ran.append(cell.name)
@@ -301,7 +332,8 @@ def markdown_table(cfg: CompareParams, results: dict[str, dict[str, Any]]) -> st
             f"| {INIT_LABELS[cell.init]} | {data} | {r['model']} | {_number(v['accuracy_mean'])} ± "
             f"{_number(v['accuracy_std'])} | {_number(low)}–{_number(high)} | "
             f"{_number(v['tar_at_far'].get('1e-02'))} | {_number(v['eer'])} | "
-            f"{_number(f['best_val_accuracy'])} | {f['train_images']} | {f['iterations']} |")
+            f"{_number(f['best_val_accuracy'])} | {f['train_images']} | {f['iterations']} |"
+        )
     tests = paired_tests(cfg, results)
     if tests:
         lines += [
@@ -315,6 +347,8 @@ def markdown_table(cfg: CompareParams, results: dict[str, dict[str, Any]]) -> st
             "|---|---|---|---|---|---|---|---|",
         ]
         for t in tests:
-            lines.append(f"| {t['data']} | {t['a']} | {t['b']} | {t['difference']:+.3f} | {t['ci_low']:+.3f}–"
-                         f"{t['ci_high']:+.3f} | {t['a_only']} | {t['b_only']} | {t['mcnemar_p']:.3g} |")
+            lines.append(
+                f"| {t['data']} | {t['a']} | {t['b']} | {t['difference']:+.3f} | {t['ci_low']:+.3f}–"
+                f"{t['ci_high']:+.3f} | {t['a_only']} | {t['b_only']} | {t['mcnemar_p']:.3g} |"
+            )
     return "\n".join(lines) + "\n"

@@ -131,11 +131,17 @@ class EvaluateSummary:
 
     def describe(self) -> str:
         v = self.report["verification"]
-        parts = [f"verification {v['accuracy_mean']:.4f} +- {v['accuracy_std']:.4f} on {v['pairs']} pairs "
-                 f"(EER {v['eer']:.4f}, AUC {v['auc']:.4f})"]
+        parts = [
+            f"verification {v['accuracy_mean']:.4f} +- {v['accuracy_std']:.4f} on {v['pairs']} pairs "
+            f"(EER {v['eer']:.4f}, AUC {v['auc']:.4f})"
+        ]
         if "fewshot" in self.report:
-            parts.append("few-shot top-1 " + ", ".join(f"{k} {r['top1']:.3f}" for k, r in self.report["fewshot"].items()
-                                                    if r.get("top1") is not None))
+            parts.append(
+                "few-shot top-1 "
+                + ", ".join(
+                    f"{k} {r['top1']:.3f}" for k, r in self.report["fewshot"].items() if r.get("top1") is not None
+                )
+            )
         parts += baseline_summary(self.report)
         missed = self.report["faces"]["missed"]
         if missed:
@@ -143,8 +149,12 @@ class EvaluateSummary:
         lat = self.report.get("latency", {})
         if lat.get("candidates"):
             crit = lat["criterion"]
-            parts.append("latency " + crit + " " + ", ".join(f"{n} {c[crit + '_ms']:.0f} ms"
-                                                            for n, c in lat["candidates"].items()))
+            parts.append(
+                "latency "
+                + crit
+                + " "
+                + ", ".join(f"{n} {c[crit + '_ms']:.0f} ms" for n, c in lat["candidates"].items())
+            )
         return "; ".join(parts) + f" -> {self.metrics_path} ({self.seconds:.0f} s)"
 
 
@@ -167,8 +177,9 @@ def apply_missed_policy(scores: np.ndarray, missed: np.ndarray, same: np.ndarray
     return out
 
 
-def verify(embedder: Embedder, faces: FaceSet, pairs: PairIndex, cfg: EvaluateParams
-           ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def verify(
+    embedder: Embedder, faces: FaceSet, pairs: PairIndex, cfg: EvaluateParams
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(verification report, scores, embeddings) of ``embedder`` on the protocol."""
     from lafs.eval.verification import verification_report
 
@@ -184,14 +195,21 @@ def write_plots(rows: list[Row], same: np.ndarray, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = rows[0]
     styles = {row.label: LINE_STYLES[row.role] for row in rows[1:]}  # the model's curve is always solid
-    return [roc_curves({row.label: row.scores for row in rows}, same, out_dir / "roc.png", styles=styles),
-            score_histogram(model.scores, same, out_dir / "scores.png", threshold=model.report["threshold"]),
-            roc_points(model.scores, same, out_dir / "roc.csv")]
+    return [
+        roc_curves({row.label: row.scores for row in rows}, same, out_dir / "roc.png", styles=styles),
+        score_histogram(model.scores, same, out_dir / "scores.png", threshold=model.report["threshold"]),
+        roc_points(model.scores, same, out_dir / "roc.csv"),
+    ]
 
 
 def faces_section(faces: FaceSet, pairs: PairIndex, policy: str) -> dict[str, Any]:
-    return {"images": len(faces), "detected": len(faces) - faces.missed, "missed": faces.missed,
-            "missed_policy": policy, "pairs_with_missed_face": int(missed_pairs(faces, pairs).sum())}
+    return {
+        "images": len(faces),
+        "detected": len(faces) - faces.missed,
+        "missed": faces.missed,
+        "missed_policy": policy,
+        "pairs_with_missed_face": int(missed_pairs(faces, pairs).sum()),
+    }
 
 
 # -- floors and ceiling -------------------------------------------------------------------------------------
@@ -209,8 +227,9 @@ def protocol_section(splits: Path) -> dict[str, Any]:
     return {k: data[k] for k in keys if k in data}
 
 
-def serving_section(cfg: EvaluateParams, report: dict[str, Any],
-                    scored: dict[str, tuple[dict[str, Any], np.ndarray]]) -> dict[str, Any]:
+def serving_section(
+    cfg: EvaluateParams, report: dict[str, Any], scored: dict[str, tuple[dict[str, Any], np.ndarray]]
+) -> dict[str, Any]:
     """The calibration a served model ships with: the threshold of the ONNX recogniser (what serving runs) with
     ``evaluate.flip``, on these pairs; the torch model's when the onnx candidate was not scored (export's
     parity check keeps the two within cosine 1e-4)."""
@@ -239,8 +258,13 @@ def baseline_roles(cfg: EvaluateParams, enabled: bool = True) -> dict[str, str]:
     return roles
 
 
-def score_baselines(roles: dict[str, str], cfg: EvaluateParams, faces: FaceSet, pairs: PairIndex,
-                    known: dict[str, tuple[dict[str, Any], np.ndarray]]) -> list[Row]:
+def score_baselines(
+    roles: dict[str, str],
+    cfg: EvaluateParams,
+    faces: FaceSet,
+    pairs: PairIndex,
+    known: dict[str, tuple[dict[str, Any], np.ndarray]],
+) -> list[Row]:
     """A row per baseline, scored through :func:`verify` like the model; ``known`` (spec -> (report, scores)
     already computed, e.g. a candidate that is also the ceiling) is reused, not embedded twice."""
     rows = []
@@ -249,8 +273,15 @@ def score_baselines(roles: dict[str, str], cfg: EvaluateParams, faces: FaceSet, 
             start = time.perf_counter()
             run = cfg if role != "ceiling" or cfg.ceiling_flip else cfg.model_copy(update={"flip": False})
             known[spec] = verify(_embedder(spec, cfg.batch_size, cfg.threads), faces, pairs, run)[:2]
-            log.info("%s %s: %.4f on %d pairs, %d faces in %.1f s", role, spec, known[spec][0]["accuracy_mean"],
-                     len(pairs), len(faces), time.perf_counter() - start)
+            log.info(
+                "%s %s: %.4f on %d pairs, %d faces in %.1f s",
+                role,
+                spec,
+                known[spec][0]["accuracy_mean"],
+                len(pairs),
+                len(faces),
+                time.perf_counter() - start,
+            )
         rows.append(Row(spec, role, *known[spec]))
     return rows
 
@@ -263,9 +294,12 @@ def baselines_section(model: Row, baselines: list[Row]) -> dict[str, Any]:
     acc = model.report["accuracy_mean"]
     best_floor = max((r["accuracy_mean"] for r in floors.values()), default=None)
     top = max((r["accuracy_mean"] for r in ceiling.values()), default=None)
-    return {"floors": floors, "ceiling": ceiling,
-            "margin_over_floor": None if best_floor is None else acc - best_floor,
-            "gap_to_ceiling": None if top is None else top - acc}
+    return {
+        "floors": floors,
+        "ceiling": ceiling,
+        "margin_over_floor": None if best_floor is None else acc - best_floor,
+        "gap_to_ceiling": None if top is None else top - acc,
+    }
 
 
 def baseline_summary(report: dict[str, Any]) -> list[str]:
@@ -299,8 +333,11 @@ def _protocol_lines(protocol: dict[str, Any]) -> list[str]:
     if protocol.get("pairs_in_file") is None:
         return []
     missing = ", ".join(f"{n} {reason}" for reason, n in protocol.get("missing_by_reason", {}).items()) or "none"
-    return [f"Protocol {protocol['name']}: {protocol['pairs_scored']} of its {protocol['pairs_in_file']} pairs "
-            f"scored; {protocol['pairs_missing']} missing a photo ({missing}).", ""]
+    return [
+        f"Protocol {protocol['name']}: {protocol['pairs_scored']} of its {protocol['pairs_in_file']} pairs "
+        f"scored; {protocol['pairs_missing']} missing a photo ({missing}).",
+        "",
+    ]
 
 
 def markdown_report(rows: list[Row], out: dict[str, Any]) -> str:
@@ -308,18 +345,24 @@ def markdown_report(rows: list[Row], out: dict[str, Any]) -> str:
     protocol, then the margin over the best floor and the gap to the ceiling."""
     fars = list(rows[0].report["tar_at_far"])
     v = rows[0].report
-    lines = ["# Evaluation: the model beside its floors and ceiling", "",
-             f"{v['pairs']} pairs ({v['same_pairs']} same), {out['faces']['images']} faces "
-             f"({out['faces']['missed']} missed: {out['faces']['missed_policy']}), flip TTA {out['model']['flip']}; "
-             "accuracy is the mean +- std over the protocol's folds (threshold chosen on the other folds).", "",
-             *_protocol_lines(out.get("protocol") or {}),
-             "| embedder | role | accuracy | AUC | EER | " + " | ".join(f"TAR@FAR {f}" for f in fars) + " |",
-             "|---|---|---|---|---|" + "---|" * len(fars)]
+    lines = [
+        "# Evaluation: the model beside its floors and ceiling",
+        "",
+        f"{v['pairs']} pairs ({v['same_pairs']} same), {out['faces']['images']} faces "
+        f"({out['faces']['missed']} missed: {out['faces']['missed_policy']}), flip TTA {out['model']['flip']}; "
+        "accuracy is the mean +- std over the protocol's folds (threshold chosen on the other folds).",
+        "",
+        *_protocol_lines(out.get("protocol") or {}),
+        "| embedder | role | accuracy | AUC | EER | " + " | ".join(f"TAR@FAR {f}" for f in fars) + " |",
+        "|---|---|---|---|---|" + "---|" * len(fars),
+    ]
     for row in rows:
         r = row.report
         tars = " | ".join(_tar_cell(r["tar_at_far"][f], r["min_measurable_far"]) for f in fars)
-        lines.append(f"| {row.label} | {row.role} | {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | "
-                     f"{r['auc']:.4f} | {r['eer']:.4f} | {tars} |")
+        lines.append(
+            f"| {row.label} | {row.role} | {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | "
+            f"{r['auc']:.4f} | {r['eer']:.4f} | {tars} |"
+        )
     lines.append("")
     for key, text in (("margin_over_floor", "margin over the best floor"), ("gap_to_ceiling", "gap to the ceiling")):
         if out.get(key) is not None:
@@ -339,8 +382,13 @@ def model_label(spec: str | Path) -> str:
 
 
 # -- latency ------------------------------------------------------------------------------------------------
-def latency_section(cfg: EvaluateParams, landmarks: LandmarksParams, specs: dict[str, str],
-                    photos: list[np.ndarray], accuracy: dict[str, float]) -> dict[str, Any]:
+def latency_section(
+    cfg: EvaluateParams,
+    landmarks: LandmarksParams,
+    specs: dict[str, str],
+    photos: list[np.ndarray],
+    accuracy: dict[str, float],
+) -> dict[str, Any]:
     """Time every candidate end to end on ``photos`` (threads pinned), then the budget report."""
     candidates: dict[str, dict[str, Any]] = {}
     with pinned_threads(cfg.latency_threads):
@@ -350,9 +398,15 @@ def latency_section(cfg: EvaluateParams, landmarks: LandmarksParams, specs: dict
             stats = measure_latency(end_to_end(finder, embedder, cfg.flip), photos, cfg.latency_warmup)
             candidates[name] = {**stats.as_dict(), "accuracy": accuracy.get(name)}
             log.info("latency %s: p50 %.1f ms, p95 %.1f ms", name, stats.p50_ms, stats.p95_ms)
-    return {"criterion": cfg.latency_criterion, "threads": cfg.latency_threads, "flip": cfg.flip,
-            "images": len(photos), "warmup": cfg.latency_warmup, "candidates": candidates,
-            "budgets": budget_report(candidates, cfg.latency_budgets_ms, cfg.latency_criterion)}
+    return {
+        "criterion": cfg.latency_criterion,
+        "threads": cfg.latency_threads,
+        "flip": cfg.flip,
+        "images": len(photos),
+        "warmup": cfg.latency_warmup,
+        "candidates": candidates,
+        "budgets": budget_report(candidates, cfg.latency_budgets_ms, cfg.latency_criterion),
+    }
 
 
 def _load_photos(paths: list[Path]) -> list[np.ndarray]:
@@ -398,8 +452,10 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
     specs = {name: specs[name] for name in cfg.candidates}
     roles = baseline_roles(cfg)
     if "onnx" in specs and not paths.onnx.is_file():
-        raise StageError(f"{paths.onnx} not found: run the export stage first (dvc repro export), or drop 'onnx' "
-                         "from evaluate.candidates")
+        raise StageError(
+            f"{paths.onnx} not found: run the export stage first (dvc repro export), or drop 'onnx' "
+            "from evaluate.candidates"
+        )
     if not paths.manifest.is_file():
         raise StageError(f"{paths.manifest} not found: run the ingest stage first (latency is timed on raw photos)")
     model = _embedder(paths.model, cfg.batch_size, cfg.threads)
@@ -428,8 +484,11 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
 
     fewshot = fewshot_identification(test_emb, test["label"].to_numpy(), ks=cfg.fewshot_k, seed=cfg.fewshot_seed)
     pair_faces, pair_index = restrict_to_pairs(faces, pairs)  # the others only verify: no few-shot faces
-    scored = {name: verify(_embedder(spec, cfg.batch_size, cfg.threads), pair_faces, pair_index, cfg)[:2]
-              for name, spec in specs.items() if name != "torch"}
+    scored = {
+        name: verify(_embedder(spec, cfg.batch_size, cfg.threads), pair_faces, pair_index, cfg)[:2]
+        for name, spec in specs.items()
+        if name != "torch"
+    }
     accuracy = {"torch": report["accuracy_mean"], **{name: r["accuracy_mean"] for name, (r, _) in scored.items()}}
     model = Row(model_label(paths.model), "model", report, scores)
     baselines = score_baselines(roles, cfg, pair_faces, pair_index, scored)  # built-in candidates: named by spec
@@ -437,16 +496,30 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
     raw = pd.read_parquet(paths.manifest, columns=["path"])["path"].head(cfg.latency_images)
     latency = latency_section(cfg, landmarks, specs, _load_photos([root / p for p in raw]), accuracy)
 
-    out = {"verification": report, "fewshot": fewshot, "faces": faces_section(faces, pairs, cfg.missed_faces),
-           "model": {"spec": str(paths.model.relative_to(root)), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
-           "latency": latency, **baselines_section(model, baselines), "protocol": protocol_section(paths.splits),
-           "test_set": test_set_fingerprint(faces, pairs), "serving": serving_section(cfg, report, scored)}
+    out = {
+        "verification": report,
+        "fewshot": fewshot,
+        "faces": faces_section(faces, pairs, cfg.missed_faces),
+        "model": {"spec": str(paths.model.relative_to(root)), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
+        "latency": latency,
+        **baselines_section(model, baselines),
+        "protocol": protocol_section(paths.splits),
+        "test_set": test_set_fingerprint(faces, pairs),
+        "serving": serving_section(cfg, report, scored),
+    }
     write_metrics(paths.metrics, out)
     rows = comparison_rows(model, baselines)
     plots = write_plots(rows, pairs.same, paths.plots)
     markdown = write_report(rows, out, paths.report)
-    logger = RunLogger(True, cfg.experiment, "evaluate", resolved(cfg), uri=cfg.tracking_uri,
-                       tags={"stage": "evaluate", "model": str(paths.model.relative_to(root))}, system_metrics=False)
+    logger = RunLogger(
+        True,
+        cfg.experiment,
+        "evaluate",
+        resolved(cfg),
+        uri=cfg.tracking_uri,
+        tags={"stage": "evaluate", "model": str(paths.model.relative_to(root))},
+        system_metrics=False,
+    )
     status = "FAILED"
     try:
         logger.log_metrics(metric_leaves(out), step=0)
@@ -459,8 +532,15 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
 
 
 # -- any model, from the command line -----------------------------------------------------------------------
-def run_model(cfg: EvaluateParams, landmarks: LandmarksParams, spec: str, images: Path, pairs_file: Path,
-              out_dir: Path, baselines: bool = True) -> EvaluateSummary:
+def run_model(
+    cfg: EvaluateParams,
+    landmarks: LandmarksParams,
+    spec: str,
+    images: Path,
+    pairs_file: Path,
+    out_dir: Path,
+    baselines: bool = True,
+) -> EvaluateSummary:
     """``spec`` (model file, ``.onnx``, ``dlib_resnet``, ``pixels`` or ``hog``) on the photos of ``images`` named
     by ``pairs_file``: ``out_dir/metrics.json`` (verification, faces, model, latency of this model; with
     ``baselines``, the floors and ceiling of ``cfg`` too), ``out_dir/evaluation.md`` and the plots."""
@@ -472,13 +552,19 @@ def run_model(cfg: EvaluateParams, landmarks: LandmarksParams, spec: str, images
         raise StageError(str(exc)) from None
     report, scores, emb = verify(embedder, faces, pairs, cfg)
     photos = _load_photos(list(faces.photos or [])[: cfg.latency_images])
-    latency = latency_section(cfg, landmarks, {embedder.name: str(spec)}, photos,
-                              {embedder.name: report["accuracy_mean"]})
+    latency = latency_section(
+        cfg, landmarks, {embedder.name: str(spec)}, photos, {embedder.name: report["accuracy_mean"]}
+    )
     model = Row(model_label(spec), "model", report, scores)
     found = score_baselines(baseline_roles(cfg, baselines), cfg, faces, pairs, {str(spec): (report, scores)})
-    out = {"verification": report, "faces": faces_section(faces, pairs, cfg.missed_faces),
-           "model": {"spec": str(spec), "embed_dim": int(emb.shape[1]), "flip": cfg.flip}, "latency": latency,
-           **baselines_section(model, found), "test_set": test_set_fingerprint(faces, pairs)}
+    out = {
+        "verification": report,
+        "faces": faces_section(faces, pairs, cfg.missed_faces),
+        "model": {"spec": str(spec), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
+        "latency": latency,
+        **baselines_section(model, found),
+        "test_set": test_set_fingerprint(faces, pairs),
+    }
     metrics = out_dir / "metrics.json"
     write_metrics(metrics, out)
     rows = comparison_rows(model, found)

@@ -52,8 +52,10 @@ class ExportSummary:
     seconds: float
 
     def describe(self) -> str:
-        return (f"exported {self.model} to {self.onnx} ({self.onnx.stat().st_size / 1e6:.1f} MB); parity with "
-                f"PyTorch on {self.images} real faces: min cosine {self.min_cosine:.6f} ({self.seconds:.1f} s)")
+        return (
+            f"exported {self.model} to {self.onnx} ({self.onnx.stat().st_size / 1e6:.1f} MB); parity with "
+            f"PyTorch on {self.images} real faces: min cosine {self.min_cosine:.6f} ({self.seconds:.1f} s)"
+        )
 
 
 def run(cfg: ExportParams, root: Path = Path(".")) -> ExportSummary:
@@ -79,8 +81,16 @@ def run(cfg: ExportParams, root: Path = Path(".")) -> ExportSummary:
     except ExportError as exc:
         raise StageError(str(exc)) from None
     passed = check.min_cosine >= cfg.min_cosine
-    write_metrics(paths.metrics, {**check.as_dict(), "opset": cfg.opset, "min_cosine_required": cfg.min_cosine,
-                                  "passed": passed, "onnx_bytes": paths.onnx.stat().st_size})
+    write_metrics(
+        paths.metrics,
+        {
+            **check.as_dict(),
+            "opset": cfg.opset,
+            "min_cosine_required": cfg.min_cosine,
+            "passed": passed,
+            "onnx_bytes": paths.onnx.stat().st_size,
+        },
+    )
     try:
         require_parity(check, cfg.min_cosine)
     except ExportError as exc:

@@ -71,9 +71,14 @@ class FinetunePaths:
     @classmethod
     def under(cls, root: Path, out_dir: Path | None = None) -> FinetunePaths:
         """The pipeline layout below a project root (``out_dir`` defaults to ``root/models/finetune``)."""
-        return cls(root, root / "data", out_dir or root / "models" / "finetune",
-                   root / "models" / "pretrain" / "teacher_backbone.pt", root / "models" / "landmark_net.pt",
-                   root / "metrics" / "finetune.json")
+        return cls(
+            root,
+            root / "data",
+            out_dir or root / "models" / "finetune",
+            root / "models" / "pretrain" / "teacher_backbone.pt",
+            root / "models" / "landmark_net.pt",
+            root / "metrics" / "finetune.json",
+        )
 
 
 @dataclass
@@ -97,10 +102,12 @@ class FinetuneSummary:
         resumed = f", resumed at iteration {self.resumed_from}" if self.resumed_from else ""
         stopped = " (stopped early)" if self.stopped_early else ""
         tuned = f"; tuned params {sorted(self.tuned)}" if self.tuned else ""
-        return (f"finetuned {self.epochs_run} epochs{stopped} on {self.train_images} images of "
-                f"{self.train_identities} identities{resumed}; best validation accuracy "
-                f"{self.best_val_accuracy:.4f} at epoch {self.best_epoch} ({self.val_pairs} pairs of "
-                f"{self.val_identities} held-out identities){tuned}")
+        return (
+            f"finetuned {self.epochs_run} epochs{stopped} on {self.train_images} images of "
+            f"{self.train_identities} identities{resumed}; best validation accuracy "
+            f"{self.best_val_accuracy:.4f} at epoch {self.best_epoch} ({self.val_pairs} pairs of "
+            f"{self.val_identities} held-out identities){tuned}"
+        )
 
     def metrics(self) -> dict[str, Any]:
         out = asdict(self)
@@ -140,8 +147,10 @@ def select_data(cfg: FinetuneParams, paths: FinetunePaths) -> FinetuneData:
     if cfg.fewshot_k is not None:
         sources["train"] = splits / f"fewshot_k{cfg.fewshot_k}.csv"
         if not sources["train"].exists():
-            raise StageError(f"{sources['train']} not found: add {cfg.fewshot_k} to split.fewshot_k and rerun split, "
-                             "or set finetune.fewshot_k to one of the existing views")
+            raise StageError(
+                f"{sources['train']} not found: add {cfg.fewshot_k} to split.fewshot_k and rerun split, "
+                "or set finetune.fewshot_k to one of the existing views"
+            )
     finetune = _read_split(sources["finetune"])
     train = _read_split(sources["train"]) if "train" in sources else finetune
     counts = finetune.groupby("identity").size()
@@ -151,13 +160,15 @@ def select_data(cfg: FinetuneParams, paths: FinetunePaths) -> FinetuneData:
         raise StageError(
             f"{sources['finetune']}: {finetune['identity'].nunique()} identities ({len(eligible)} with >= 2 images) "
             f"cannot give {n_val} validation identities with >= 2 images and still leave 2 to train on; "
-            "ingest more identities or lower split.test_fraction")
+            "ingest more identities or lower split.test_fraction"
+        )
     val_ids = set(seeded_order(eligible, cfg.seed, "finetune-validation")[:n_val])
     val_rows = finetune[finetune["identity"].isin(val_ids)]
     by_identity: dict[str, list[Image]] = {}
     for row in val_rows.itertuples():
-        by_identity.setdefault(row.identity, []).append(Image(row.identity, row.aligned_path, row.sha256,
-                                                              row.aligned_path))
+        by_identity.setdefault(row.identity, []).append(
+            Image(row.identity, row.aligned_path, row.sha256, row.aligned_path)
+        )
     folds = min(cfg.val_folds, n_val // 2)
     pairs, _ = generate_pairs({k: sorted(v) for k, v in by_identity.items()}, folds, cfg.val_pairs_per_fold, cfg.seed)
     train = train[~train["identity"].isin(val_ids)]
@@ -183,11 +194,18 @@ def uses_landmarks(cfg: FinetuneParams) -> bool:
 
 def recogniser_kwargs(cfg: FinetuneParams) -> dict[str, Any]:
     """What ``create_model(cfg.model, **kwargs)`` needs to rebuild the whole recogniser (saved in model.pt)."""
-    kwargs: dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate, "embedding": cfg.embedding,
-                              "embedding_dim": cfg.embedding_dim, "embedding_dropout": cfg.embedding_dropout}
+    kwargs: dict[str, Any] = {
+        "drop_path_rate": cfg.drop_path_rate,
+        "embedding": cfg.embedding,
+        "embedding_dim": cfg.embedding_dim,
+        "embedding_dropout": cfg.embedding_dropout,
+    }
     if uses_landmarks(cfg):
-        kwargs |= {"num_landmarks": cfg.num_landmarks, "padding_mode": cfg.patch_padding,
-                   "landmark_net": cfg.landmark_net}
+        kwargs |= {
+            "num_landmarks": cfg.num_landmarks,
+            "padding_mode": cfg.patch_padding,
+            "landmark_net": cfg.landmark_net,
+        }
     return kwargs
 
 
@@ -200,14 +218,18 @@ def _read(path: Path, what: str, stage: str) -> dict[str, Any]:
 
 def _check_teacher(cfg: FinetuneParams, teacher: dict[str, Any], path: Path) -> None:
     if teacher["model"] != cfg.model:
-        raise StageError(f"{path} holds a pretrained {teacher['model']!r} but finetune.model is {cfg.model!r}: set "
-                         f"finetune.model: {teacher['model']} (the backbone must be the one pretrained), or init: "
-                         "scratch")
+        raise StageError(
+            f"{path} holds a pretrained {teacher['model']!r} but finetune.model is {cfg.model!r}: set "
+            f"finetune.model: {teacher['model']} (the backbone must be the one pretrained), or init: "
+            "scratch"
+        )
     for key, param in (("num_landmarks", "num_landmarks"), ("padding_mode", "patch_padding")):
         theirs, ours = teacher["kwargs"].get(key), getattr(cfg, param)
         if theirs is not None and theirs != ours:
-            raise StageError(f"{path} was pretrained with {key}={theirs!r} but finetune.{param} is {ours!r}: set "
-                             f"finetune.{param}: {theirs}")
+            raise StageError(
+                f"{path} was pretrained with {key}={theirs!r} but finetune.{param} is {ours!r}: set "
+                f"finetune.{param}: {theirs}"
+            )
 
 
 def build_recogniser(cfg: FinetuneParams, paths: FinetunePaths) -> FaceViT:
@@ -223,13 +245,17 @@ def build_recogniser(cfg: FinetuneParams, paths: FinetunePaths) -> FaceViT:
         # The landmark net and the recognition embedding head are not part of what SSL trains.
         missing = [k for k in missing if not k.startswith(("landmark_net.", "embedding_head."))]
         if missing or unexpected:
-            raise StageError(f"{paths.teacher} does not fit {cfg.model}: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}; rerun `dvc repro pretrain`")
+            raise StageError(
+                f"{paths.teacher} does not fit {cfg.model}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; rerun `dvc repro pretrain`"
+            )
     if model.landmark_net is not None:
         net = _read(paths.landmark_net, "landmark network", "landmark_net")
         if net["model"] != cfg.landmark_net or net["kwargs"] != {"num_landmarks": cfg.num_landmarks}:
-            raise StageError(f"{paths.landmark_net} holds {net['model']!r} with {net['kwargs']} but finetune has "
-                             f"landmark_net={cfg.landmark_net!r}, num_landmarks={cfg.num_landmarks}: make them agree")
+            raise StageError(
+                f"{paths.landmark_net} holds {net['model']!r} with {net['kwargs']} but finetune has "
+                f"landmark_net={cfg.landmark_net!r}, num_landmarks={cfg.num_landmarks}: make them agree"
+            )
         model.landmark_net.load_state_dict(net["state_dict"])
     return model
 
@@ -258,8 +284,9 @@ class Progress:
         return False
 
 
-def validate(model: torch.nn.Module, loader: DataLoader, val_paths: list[str], pairs: list[PairRow],
-             device: torch.device) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module, loader: DataLoader, val_paths: list[str], pairs: list[PairRow], device: torch.device
+) -> dict[str, float]:
     """k-fold verification accuracy (identity-disjoint folds) of cosine scores between L2-normalised embeddings."""
     emb = embed(model, loader, device).numpy()
     index = {p: i for i, p in enumerate(val_paths)}
@@ -282,8 +309,14 @@ def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) 
     return {name: file_sha256(f) for name, f in sorted(files.items())}
 
 
-def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback | None = None,
-          parent_run_id: str | None = None, restart_on_change: bool = False) -> FinetuneSummary:
+def train(
+    cfg: FinetuneParams,
+    paths: FinetunePaths,
+    *,
+    on_epoch: EpochCallback | None = None,
+    parent_run_id: str | None = None,
+    restart_on_change: bool = False,
+) -> FinetuneSummary:
     """Finetune (or resume) to the last epoch or an early stop; ``model.pt`` holds the best epoch's weights.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation and checkpoint (metrics hold at least
@@ -297,36 +330,65 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
     model = build_recogniser(cfg, paths).to(device)
     anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
     reference = frozen_copy(model.landmark_net) if anchored else None
-    train_set = LabelledFaces(data.train_paths, data.train_labels, recognition_augment(cfg.crop_scale, cfg.flip),
-                              seed=cfg.seed, preload=True)
+    train_set = LabelledFaces(
+        data.train_paths, data.train_labels, recognition_augment(cfg.crop_scale, cfg.flip), seed=cfg.seed, preload=True
+    )
     sampler = ResumableSampler(train_set, seed=cfg.seed)
     iters_per_epoch = len(sampler) // cfg.batch_size
     if iters_per_epoch == 0:
-        raise StageError(f"{len(train_set)} training images is less than one batch of {cfg.batch_size}: lower "
-                         "finetune.batch_size")
+        raise StageError(
+            f"{len(train_set)} training images is less than one batch of {cfg.batch_size}: lower finetune.batch_size"
+        )
     trainer = FinetuneTrainer(model, data.num_classes, cfg, iters_per_epoch, reference)
     val_set = LabelledFaces([paths.root / p for p in data.val_paths], [0] * len(data.val_paths))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
     inputs = _fingerprint(cfg, paths, data)
-    state = resume_state(paths.last, resolved(cfg), inputs, stage="finetune",
-                         input_names="splits, landmark net, teacher", restart_on_change=restart_on_change)
+    state = resume_state(
+        paths.last,
+        resolved(cfg),
+        inputs,
+        stage="finetune",
+        input_names="splits, landmark net, teacher",
+        restart_on_change=restart_on_change,
+    )
     start_it, run_id, progress = 0, None, Progress()
     if state is None:
         paths.model.unlink(missing_ok=True)  # starting over: a model.pt left over is not this run's best
     else:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
-        start_it, run_id, progress = int(state["iteration"]), state["mlflow_run_id"] or None, Progress(
-            **state["progress"])
+        start_it, run_id, progress = (
+            int(state["iteration"]),
+            state["mlflow_run_id"] or None,
+            Progress(**state["progress"]),
+        )
     total = cfg.epochs * iters_per_epoch
     tags = {"stage": "finetune", "init": cfg.init, "model": cfg.model, "fewshot_k": str(cfg.fewshot_k)}
-    logger = RunLogger(True, cfg.experiment, f"finetune-{cfg.init}", resolved(cfg), run_id=run_id,
-                       uri=cfg.tracking_uri, tags=tags, parent_run_id=parent_run_id)
+    logger = RunLogger(
+        True,
+        cfg.experiment,
+        f"finetune-{cfg.init}",
+        resolved(cfg),
+        run_id=run_id,
+        uri=cfg.tracking_uri,
+        tags=tags,
+        parent_run_id=parent_run_id,
+    )
 
     def checkpoint(it: int) -> None:
-        save_checkpoint({**trainer.state_dict(), "iteration": it, "progress": asdict(progress), "rng": rng_state(),
-                         "config": resolved(cfg), "inputs": inputs, "mlflow_run_id": logger.run_id or ""}, paths.last)
+        save_checkpoint(
+            {
+                **trainer.state_dict(),
+                "iteration": it,
+                "progress": asdict(progress),
+                "rng": rng_state(),
+                "config": resolved(cfg),
+                "inputs": inputs,
+                "mlflow_run_id": logger.run_id or "",
+            },
+            paths.last,
+        )
 
     it, seen, t0 = start_it, 0, time.perf_counter()
     bar = tqdm(total=total, initial=start_it, desc=f"finetune {cfg.init}", unit="it")
@@ -339,32 +401,51 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
                 sampler.set_epoch(epoch)
                 sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
                 train_set.set_epoch(epoch)
-                loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                loader = DataLoader(
+                    train_set,
+                    batch_size=cfg.batch_size,
+                    sampler=sampler,
+                    drop_last=True,
+                    num_workers=cfg.num_workers,
+                    pin_memory=device.type == "cuda",
+                )
                 for images, labels in loader:
                     torch.manual_seed(derived_seed(cfg.seed, "finetune", it))  # dropout / drop-path: by iteration
                     try:
                         metrics = trainer.train_step(images, labels, it)
                     except NonFiniteLossError as exc:
-                        raise StageError(f"{exc}; the last good checkpoint {paths.last} is kept. Lower finetune.lr, "
-                                         "raise warmup_epochs or use dtype fp32") from None
+                        raise StageError(
+                            f"{exc}; the last good checkpoint {paths.last} is kept. Lower finetune.lr, "
+                            "raise warmup_epochs or use dtype fp32"
+                        ) from None
                     it += 1
                     seen += cfg.batch_size
                     rate = seen / (time.perf_counter() - t0)
                     logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}",
-                                    img_s=f"{rate:.1f}")
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}", img_s=f"{rate:.1f}"
+                    )
                     if sigterm.raised or (it % cfg.checkpoint_every == 0 and it % iters_per_epoch):
                         checkpoint(it)  # (an epoch end checkpoints after validation)
                     if sigterm.raised:
                         status = "KILLED"
-                        raise Preempted(f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; rerun the same "
-                                        "command to resume")
+                        raise Preempted(
+                            f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; rerun the same "
+                            "command to resume"
+                        )
                 val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
                 if progress.update(epoch, val["val_accuracy"], cfg):
-                    save_model(model, cfg.model, recogniser_kwargs(cfg), paths.model, config=resolved(cfg),
-                               embed_dim=model.embedding_dim, epoch=epoch, val_accuracy=val["val_accuracy"])
+                    save_model(
+                        model,
+                        cfg.model,
+                        recogniser_kwargs(cfg),
+                        paths.model,
+                        config=resolved(cfg),
+                        embed_dim=model.embedding_dim,
+                        epoch=epoch,
+                        val_accuracy=val["val_accuracy"],
+                    )
                 logger.log_metrics({**val, "best_val_accuracy": progress.best_accuracy}, it)
                 checkpoint(it)
                 if on_epoch is not None:
@@ -374,8 +455,10 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
                         status = "KILLED"  # pruned / interrupted by the caller: not a failure of the run
                         raise
             if not paths.model.exists():
-                raise StageError(f"{paths.last} says training finished but {paths.model} is missing: delete "
-                                 f"{paths.last} to train again")
+                raise StageError(
+                    f"{paths.last} says training finished but {paths.model} is missing: delete "
+                    f"{paths.last} to train again"
+                )
             logger.log_metrics({"best_val_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch}, it)
             logger.log_artifact(paths.model, "model")
             status = "FINISHED"
@@ -383,11 +466,20 @@ def train(cfg: FinetuneParams, paths: FinetunePaths, *, on_epoch: EpochCallback 
         bar.close()
         logger.end(status)
     return FinetuneSummary(
-        best_val_accuracy=progress.best_accuracy, best_epoch=progress.best_epoch, epochs_run=len(progress.history),
-        stopped_early=progress.stopped_early, iterations=it, resumed_from=start_it,
-        train_images=len(train_set), train_identities=data.num_classes, val_identities=data.val_identities,
-        val_pairs=len(data.val_pairs), images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
-        val_history=list(progress.history), run_id=logger.run_id)
+        best_val_accuracy=progress.best_accuracy,
+        best_epoch=progress.best_epoch,
+        epochs_run=len(progress.history),
+        stopped_early=progress.stopped_early,
+        iterations=it,
+        resumed_from=start_it,
+        train_images=len(train_set),
+        train_identities=data.num_classes,
+        val_identities=data.val_identities,
+        val_pairs=len(data.val_pairs),
+        images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
+        val_history=list(progress.history),
+        run_id=logger.run_id,
+    )
 
 
 def tuned_overlay(cfg: FinetuneParams, root: Path) -> tuple[FinetuneParams, dict[str, Any]]:
@@ -403,8 +495,9 @@ def tuned_overlay(cfg: FinetuneParams, root: Path) -> tuple[FinetuneParams, dict
     return (update_section(cfg, overlay, str(path)) if overlay else cfg), overlay
 
 
-def run(cfg: FinetuneParams, paths: FinetunePaths = FinetunePaths(),
-        restart_on_change: bool = False) -> FinetuneSummary:
+def run(
+    cfg: FinetuneParams, paths: FinetunePaths = FinetunePaths(), restart_on_change: bool = False
+) -> FinetuneSummary:
     """The stage: overlay the tuned params, train (or resume), write ``metrics/finetune.json``."""
     cfg, overlay = tuned_overlay(cfg, paths.root)
     if overlay:

@@ -53,9 +53,11 @@ class LandmarkNetSummary:
     seconds: float
 
     def describe(self) -> str:
-        return (f"landmark net: held-out NME {self.nme:.2%} of eye distance (mean shape alone "
-                f"{self.mean_shape_nme:.2%}; {self.crop_nme:.2%} on 0.4-1 crops) on {self.heldout_images} faces, "
-                f"trained on {self.train_images} in {self.seconds:.0f} s")
+        return (
+            f"landmark net: held-out NME {self.nme:.2%} of eye distance (mean shape alone "
+            f"{self.mean_shape_nme:.2%}; {self.crop_nme:.2%} on 0.4-1 crops) on {self.heldout_images} faces, "
+            f"trained on {self.train_images} in {self.seconds:.0f} s"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ class MixedViews:
     augment: LandmarkAugment
     full_fraction: float
 
-    def __call__(self, image: torch.Tensor, landmarks: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, landmarks: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = image.shape[-2:]
         geometry = self.augment.sample(h, w, generator)
         if torch.rand((), generator=generator) < self.full_fraction:
@@ -75,8 +78,9 @@ class MixedViews:
         return self.augment.apply(image, landmarks, geometry)
 
 
-def _table(paths: LandmarkNetPaths, landmarks: pd.DataFrame,
-           split_files: list[str]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+def _table(
+    paths: LandmarkNetPaths, landmarks: pd.DataFrame, split_files: list[str]
+) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
     """Image paths, dense landmarks (N, K, 2) and eye centres (N, 2, 2) of the images in ``split_files``."""
     frames = []
     for name in split_files:
@@ -106,13 +110,14 @@ def evaluate_nme(net: torch.nn.Module, loader: DataLoader, eyes: torch.Tensor) -
     offset = 0
     for images, target in loader:
         n = images.shape[0]
-        errors.append(normalised_mean_error(net(images), target, eyes[offset:offset + n]))
+        errors.append(normalised_mean_error(net(images), target, eyes[offset : offset + n]))
         offset += n
     return float(torch.cat(errors).mean())
 
 
-def heldout_crops(paths: list[Path], dense: torch.Tensor, eyes: torch.Tensor, augment: LandmarkAugment,
-                  seed: int) -> LandmarkFaces:
+def heldout_crops(
+    paths: list[Path], dense: torch.Tensor, eyes: torch.Tensor, augment: LandmarkAugment, seed: int
+) -> LandmarkFaces:
     """One seeded random crop (+ flip) of each held-out face, with the two eye centres carried through the crop
     as extra points (so the NME is normalised by the eye distance *in the view*). Targets: (K + 2, 2)."""
     k = dense.shape[1]
@@ -161,11 +166,15 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths) -> LandmarkNetSummar
     augment = LandmarkAugment(size=112, scale=cfg.crop_scale, flip_p=0.5 if cfg.flip else 0.0, flip_perm=perm)
     train_set = LandmarkFaces(train_paths, train_lm, MixedViews(augment, cfg.full_view_fraction), seed=cfg.seed)
     test_set = LandmarkFaces(test_paths, test_lm, None)
-    crop_loader = DataLoader(heldout_crops(test_paths, test_lm, test_eyes, augment, cfg.seed + 1),
-                             batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    crop_loader = DataLoader(
+        heldout_crops(test_paths, test_lm, test_eyes, augment, cfg.seed + 1),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+    )
     if len(train_set) < cfg.batch_size:
-        raise StageError(f"{len(train_set)} training faces is less than one batch of {cfg.batch_size}: "
-                         "lower landmark_net.batch_size")
+        raise StageError(
+            f"{len(train_set)} training faces is less than one batch of {cfg.batch_size}: lower landmark_net.batch_size"
+        )
     test_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
     net = create_model(cfg.model, num_landmarks=k)
@@ -179,8 +188,14 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths) -> LandmarkNetSummar
     for epoch in tqdm(range(cfg.epochs), desc="landmark_net", unit="epoch"):
         net.train()
         train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+        )
         for images, target in loader:
             set_lr_wd(optimizer, float(lr[it]), cfg.weight_decay)
             loss = _loss(net, net.stages(images), target, cfg.coarse_loss_weight)
@@ -192,18 +207,38 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths) -> LandmarkNetSummar
     nme = evaluate_nme(net, test_loader, test_eyes)
     crop_nme = evaluate_crop_nme(net, crop_loader)
     seconds = time.perf_counter() - t0
-    logger.log_metrics({"heldout_nme": nme, "heldout_crop_nme": crop_nme, "mean_shape_nme": mean_nme,
-                        "train_seconds": seconds}, cfg.epochs)
+    logger.log_metrics(
+        {"heldout_nme": nme, "heldout_crop_nme": crop_nme, "mean_shape_nme": mean_nme, "train_seconds": seconds},
+        cfg.epochs,
+    )
 
-    save_model(net, cfg.model, {"num_landmarks": k}, paths.model, mean_shape=mean_shape, flip_perm=perm, nme=nme,
-               config=resolved(cfg))
+    save_model(
+        net,
+        cfg.model,
+        {"num_landmarks": k},
+        paths.model,
+        mean_shape=mean_shape,
+        flip_perm=perm,
+        nme=nme,
+        config=resolved(cfg),
+    )
     summary = LandmarkNetSummary(len(train_set), len(test_set), nme, mean_nme, crop_nme, seconds)
-    write_metrics(paths.metrics, {"heldout_nme": nme, "heldout_crop_nme": crop_nme, "mean_shape_nme": mean_nme,
-                                  "num_landmarks": k, "train_images": len(train_set),
-                                  "heldout_images": len(test_set)})
+    write_metrics(
+        paths.metrics,
+        {
+            "heldout_nme": nme,
+            "heldout_crop_nme": crop_nme,
+            "mean_shape_nme": mean_nme,
+            "num_landmarks": k,
+            "train_images": len(train_set),
+            "heldout_images": len(test_set),
+        },
+    )
     logger.log_artifact(paths.model, "landmark_net")
     logger.end()
     if nme > cfg.max_nme:
-        raise StageError(f"landmark net held-out NME {nme:.2%} is above landmark_net.max_nme {cfg.max_nme:.2%}; "
-                         "train longer (epochs) or check the landmarks stage output")
+        raise StageError(
+            f"landmark net held-out NME {nme:.2%} is above landmark_net.max_nme {cfg.max_nme:.2%}; "
+            "train longer (epochs) or check the landmarks stage output"
+        )
     return summary

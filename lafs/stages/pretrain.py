@@ -73,15 +73,19 @@ class PretrainSummary:
 
     def describe(self) -> str:
         resumed = f", resumed at iteration {self.resumed_from}" if self.resumed_from else ""
-        return (f"pretrained {self.iterations} iterations / {self.epochs} epochs{resumed}; "
-                f"final loss {self.final_loss:.4f}, {self.images_per_s:.1f} images/s")
+        return (
+            f"pretrained {self.iterations} iterations / {self.epochs} epochs{resumed}; "
+            f"final loss {self.final_loss:.4f}, {self.images_per_s:.1f} images/s"
+        )
 
 
 def load_landmark_net(path: Path, device: torch.device) -> torch.nn.Module:
     """The frozen landmark CNN written by the landmark_net stage (a :mod:`lafs.models.io` model file)."""
     if not path.exists():
-        raise StageError(f"landmark network {path} not found: run `dvc repro landmark_net` first, or set "
-                         "pretrain.landmark_source: extracted to place patches at the extracted landmarks")
+        raise StageError(
+            f"landmark network {path} not found: run `dvc repro landmark_net` first, or set "
+            "pretrain.landmark_source: extracted to place patches at the extracted landmarks"
+        )
     return load_model(path, device)
 
 
@@ -101,8 +105,10 @@ def _ssl_table(cfg: SSLParams, root: Path, data_dir: Path) -> tuple[list[Path], 
         raise StageError("some SSL images have no dense landmarks in data/landmarks.parquet; rerun landmarks")
     landmarks = torch.tensor([list(d) for d in dense["dense"]], dtype=torch.float32).reshape(len(paths), -1, 2)
     if landmarks.shape[1] != cfg.num_landmarks:
-        raise StageError(f"extracted landmarks have K={landmarks.shape[1]} points but pretrain.num_landmarks is "
-                         f"{cfg.num_landmarks}; set them equal")
+        raise StageError(
+            f"extracted landmarks have K={landmarks.shape[1]} points but pretrain.num_landmarks is "
+            f"{cfg.num_landmarks}; set them equal"
+        )
     return paths, landmarks
 
 
@@ -138,14 +144,22 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     sampler = ResumableSampler(dataset, env.world_size, env.rank, seed=cfg.seed)
     iters_per_epoch = len(sampler) // cfg.batch_size
     if iters_per_epoch == 0:
-        raise StageError(f"{len(dataset)} SSL images over {env.world_size} process(es) is less than one batch of "
-                         f"{cfg.batch_size}: lower pretrain.batch_size")
+        raise StageError(
+            f"{len(dataset)} SSL images over {env.world_size} process(es) is less than one batch of "
+            f"{cfg.batch_size}: lower pretrain.batch_size"
+        )
 
-    net = load_landmark_net(paths.landmark_net, env.device) if (
-        cfg.method != "dino_face" and cfg.landmark_source == "net") else None
+    net = (
+        load_landmark_net(paths.landmark_net, env.device)
+        if (cfg.method != "dino_face" and cfg.landmark_source == "net")
+        else None
+    )
     task = build_ssl_task(cfg, net).to(env.device)
-    student_ddp = DistributedDataParallel(task.student, device_ids=[env.device.index] if env.device.type == "cuda"
-                                          else None) if env.distributed else None
+    student_ddp = (
+        DistributedDataParallel(task.student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if env.distributed
+        else None
+    )
     trainer = SSLTrainer(task, iters_per_epoch, cfg.batch_size * env.world_size, student_ddp)
     initial = {k: v.detach().clone() for k, v in task.teacher.backbone.state_dict().items()}  # seeded: same on resume
 
@@ -157,21 +171,44 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     barrier()
     inputs = _input_fingerprint(cfg, paths)
     # every rank reads last.pt and decides alike; rank 0 alone sets a changed one aside, once all have read it
-    state = resume_state(paths.last, resolved(cfg), inputs, stage="pretrain", input_names="SSL split, landmark net",
-                         restart_on_change=restart_on_change, map_location=env.device, set_aside=env.is_main,
-                         before_set_aside=barrier)
+    state = resume_state(
+        paths.last,
+        resolved(cfg),
+        inputs,
+        stage="pretrain",
+        input_names="SSL split, landmark net",
+        restart_on_change=restart_on_change,
+        map_location=env.device,
+        set_aside=env.is_main,
+        before_set_aside=barrier,
+    )
     if state is not None:
         trainer.load_state_dict(state)
         start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id") or None
     total = cfg.epochs * iters_per_epoch
 
-    logger = RunLogger(env.is_main, cfg.experiment, f"pretrain-{cfg.method}", resolved(cfg), run_id=run_id,
-                       uri=cfg.tracking_uri, tags={"stage": "pretrain", "method": cfg.method})
+    logger = RunLogger(
+        env.is_main,
+        cfg.experiment,
+        f"pretrain-{cfg.method}",
+        resolved(cfg),
+        run_id=run_id,
+        uri=cfg.tracking_uri,
+        tags={"stage": "pretrain", "method": cfg.method},
+    )
 
     def checkpoint(it: int) -> None:
         if env.is_main:
-            save_checkpoint({**trainer.state_dict(), "iteration": it, "config": resolved(cfg), "inputs": inputs,
-                             "mlflow_run_id": logger.run_id or ""}, paths.last)
+            save_checkpoint(
+                {
+                    **trainer.state_dict(),
+                    "iteration": it,
+                    "config": resolved(cfg),
+                    "inputs": inputs,
+                    "mlflow_run_id": logger.run_id or "",
+                },
+                paths.last,
+            )
             if cfg.checkpoint_uri:
                 remote.upload(paths.last, cfg.checkpoint_uri)
         barrier()
@@ -185,9 +222,15 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
                 sampler.set_epoch(epoch)
                 sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
                 dataset.set_epoch(epoch)
-                loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                    num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda",
-                                    persistent_workers=False)
+                loader = DataLoader(
+                    dataset,
+                    batch_size=cfg.batch_size,
+                    sampler=sampler,
+                    drop_last=True,
+                    num_workers=cfg.num_workers,
+                    pin_memory=env.device.type == "cuda",
+                    persistent_workers=False,
+                )
                 for batch in loader:
                     seed = derived_seed(cfg.seed, env.rank, it)
                     torch.manual_seed(seed)  # drop-path etc.: a function of the iteration, not of history
@@ -195,8 +238,9 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
                     try:
                         metrics = trainer.train_step(batch, it, generator)
                     except NonFiniteLossError as exc:
-                        raise StageError(f"{exc}; the last good checkpoint {paths.last} is kept. Lower the lr "
-                                         "or use dtype fp32") from None
+                        raise StageError(
+                            f"{exc}; the last good checkpoint {paths.last} is kept. Lower the lr or use dtype fp32"
+                        ) from None
                     it += 1
                     seen += cfg.batch_size * env.world_size
                     rate = seen / (time.perf_counter() - t0)
@@ -205,7 +249,8 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
                         raise StageError(
                             f"teacher collapsed at iteration {it}: output std {metrics['teacher_std']:.2e} < "
                             f"{cfg.collapse_std} for {low_std} iterations (entropy {metrics['teacher_entropy']:.3f});"
-                            f" the last good checkpoint {paths.last} is kept. Check centring/temperatures/lr")
+                            f" the last good checkpoint {paths.last} is kept. Check centring/temperatures/lr"
+                        )
                     logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.1f}")
@@ -213,8 +258,10 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
                     if stop or it % cfg.checkpoint_every == 0:
                         checkpoint(it)
                     if stop:
-                        raise Preempted(f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; "
-                                        "rerun the same command to resume")
+                        raise Preempted(
+                            f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; "
+                            "rerun the same command to resume"
+                        )
                 if it % cfg.checkpoint_every:
                     checkpoint(it)
         status = "FINISHED"
@@ -229,22 +276,33 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     in_sync = ranks_in_sync(task.student, env.device)
     if not in_sync:
         raise StageError("DDP ranks ended with different student weights; this is a bug, please report it")
-    summary = PretrainSummary(iterations=it, epochs=cfg.epochs, final_loss=metrics["loss"], resumed_from=start_it,
-                              images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
-                              metrics={k: float(v) for k, v in metrics.items()})
+    summary = PretrainSummary(
+        iterations=it,
+        epochs=cfg.epochs,
+        final_loss=metrics["loss"],
+        resumed_from=start_it,
+        images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
     if env.is_main:
         backbone = task.teacher.backbone
         save_model(backbone, cfg.model, backbone_kwargs(cfg), paths.teacher, config=resolved(cfg))
         moved = relative_change(initial, backbone.state_dict())
         log.info("pretrain: the teacher moved %.2f%% (relative L2) from its initialisation", 100 * moved)
-        write_metrics(paths.metrics, {"iterations": it, "final_loss": summary.final_loss,
-                                      "teacher_relative_change": moved,
-                                      "teacher_entropy": metrics.get("teacher_entropy"),
-                                      "images_per_s": summary.images_per_s, "world_size": env.world_size,
-                                      "ranks_in_sync": in_sync})
+        write_metrics(
+            paths.metrics,
+            {
+                "iterations": it,
+                "final_loss": summary.final_loss,
+                "teacher_relative_change": moved,
+                "teacher_entropy": metrics.get("teacher_entropy"),
+                "images_per_s": summary.images_per_s,
+                "world_size": env.world_size,
+                "ranks_in_sync": in_sync,
+            },
+        )
         logger.log_artifact(paths.teacher, "teacher")
         logger.log_metrics({"final_loss": summary.final_loss, "teacher_relative_change": moved}, it)
         logger.end("FINISHED")
     barrier()
     return summary
-

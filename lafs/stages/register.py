@@ -49,8 +49,15 @@ class RegisterPaths:
         """Every default path relative to the project root ``root``."""
         root = Path(root)
         d = cls()
-        return cls(root, root / d.model, root / d.onnx, root / d.eval_metrics, root / d.dvc_lock,
-                   root / d.promotion, root / d.report)
+        return cls(
+            root,
+            root / d.model,
+            root / d.onnx,
+            root / d.eval_metrics,
+            root / d.dvc_lock,
+            root / d.promotion,
+            root / d.report,
+        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ RUN_STATE_FILES = ("params.yaml", "dvc.lock")
 def git_tags(root: Path) -> dict[str, str]:
     """``git.commit`` (``unknown`` outside a git checkout), ``git.dirty`` (tracked files other than
     :data:`RUN_STATE_FILES` changed) and ``git.params_changed`` (params.yaml differs from the commit)."""
+
     def git(*args: str) -> str | None:
         try:
             proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
@@ -92,8 +100,9 @@ def git_tags(root: Path) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"git.commit": "unknown"}
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                 *(f":(exclude){f}" for f in RUN_STATE_FILES))
+    status = git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){f}" for f in RUN_STATE_FILES)
+    )
     params = git("status", "--porcelain", "--untracked-files=no", "--", RUN_STATE_FILES[0])
     return {"git.commit": commit, "git.dirty": _flag(status), "git.params_changed": _flag(params)}
 
@@ -178,13 +187,20 @@ def _check_inputs(cfg: RegisterParams, paths: RegisterPaths) -> tuple[dict[str, 
     wanted = [cfg.primary_metric, *cfg.secondary_metrics]
     missing = [k for k in wanted if k not in metrics]
     if missing:
-        raise StageError(f"{paths.eval_metrics} has no metric {missing} (it has {sorted(metrics)[:20]}...): "
-                         "fix register.primary_metric / register.secondary_metrics")
+        raise StageError(
+            f"{paths.eval_metrics} has no metric {missing} (it has {sorted(metrics)[:20]}...): "
+            "fix register.primary_metric / register.secondary_metrics"
+        )
     return report, metrics
 
 
-def _registration(cfg: RegisterParams, paths: RegisterPaths, report: dict[str, Any], metrics: dict[str, float],
-                  model_file: dict[str, Any]) -> registry.Registration:
+def _registration(
+    cfg: RegisterParams,
+    paths: RegisterPaths,
+    report: dict[str, Any],
+    metrics: dict[str, float],
+    model_file: dict[str, Any],
+) -> registry.Registration:
     onnx = paths.onnx if cfg.register_onnx else None
     tags = {
         **git_tags(paths.root),
@@ -199,8 +215,10 @@ def _registration(cfg: RegisterParams, paths: RegisterPaths, report: dict[str, A
     tags |= measured_on(report)
     # dvc.lock's evaluate entry names both files: the model it read (a dep) and the metrics it wrote (an out)
     evaluate = dvc_lineage(paths.dvc_lock, ("evaluate",))
-    locked = (evaluate.get(f"dvc.evaluate.deps.{RegisterPaths.model}") == tags["model_file.md5"]
-              and evaluate.get(f"dvc.evaluate.outs.{RegisterPaths.eval_metrics}") == tags["eval.md5"])
+    locked = (
+        evaluate.get(f"dvc.evaluate.deps.{RegisterPaths.model}") == tags["model_file.md5"]
+        and evaluate.get(f"dvc.evaluate.outs.{RegisterPaths.eval_metrics}") == tags["eval.md5"]
+    )
     tags["provenance"] = registry.PROVENANCE_LOCKED if locked else "outside dvc.lock"
     params = {
         **registry.safe_params(resolved(cfg), "register."),
@@ -216,8 +234,12 @@ def _write_outputs(paths: RegisterPaths, decision: registry.Decision) -> None:
     paths.report.write_text(registry.report_markdown(decision))
 
 
-def run(cfg: RegisterParams, root: Path | RegisterPaths = Path("."), client: MlflowClient | None = None,
-        landmarks: LandmarksParams | None = None) -> RegisterSummary:
+def run(
+    cfg: RegisterParams,
+    root: Path | RegisterPaths = Path("."),
+    client: MlflowClient | None = None,
+    landmarks: LandmarksParams | None = None,
+) -> RegisterSummary:
     """Register the evaluated model, point ``challenger`` at it and run the promotion gate (module docstring).
 
     ``client`` defaults to one on the configured tracking URI (tests pass one to inject faults); ``landmarks``

@@ -60,8 +60,13 @@ class TunePaths:
     @classmethod
     def under(cls, root: Path, best_params: str = "params/best_finetune.yaml") -> TunePaths:
         """The pipeline layout below a project root (``best_params`` relative to it: ``tune.out``)."""
-        return cls(root, FinetunePaths.under(root), root / "models" / "tune", root / best_params,
-                   root / "metrics" / "tune.json")
+        return cls(
+            root,
+            FinetunePaths.under(root),
+            root / "models" / "tune",
+            root / best_params,
+            root / "metrics" / "tune.json",
+        )
 
 
 @dataclass
@@ -79,8 +84,10 @@ class TuneSummary:
     def describe(self) -> str:
         resumed = f", resumed with {self.resumed} finished" if self.resumed else ""
         counts = ", ".join(f"{k} {v}" for k, v in self.states.items() if v)
-        return (f"study {self.study_name}: ran {self.ran} trial(s){resumed}; {counts}; best trial "
-                f"#{self.best_trial} val_accuracy {self.best_value:.4f} with {self.best_params}")
+        return (
+            f"study {self.study_name}: ran {self.ran} trial(s){resumed}; {counts}; best trial "
+            f"#{self.best_trial} val_accuracy {self.best_value:.4f} with {self.best_params}"
+        )
 
 
 class TrialFailed(Exception):
@@ -161,11 +168,14 @@ def _storage(cfg: TuneParams, url: str, on_stale: Callable[[Any, Any], None]):
     with warnings.catch_warnings(), first_open_lock(url):
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are "experimental" since Optuna 2.9
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_s,
-                                              heartbeat_stale_trial_callback=on_stale, **kwargs)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=cfg.heartbeat_s, heartbeat_stale_trial_callback=on_stale, **kwargs
+            )
         except Exception as exc:  # sqlalchemy / driver errors: unreachable server, missing driver, bad URL
-            raise StageError(f"cannot open the Optuna storage {masked(url)} ({type(exc).__name__}: "
-                             f"{str(exc).replace(url, masked(url))}); check tune.storage") from None
+            raise StageError(
+                f"cannot open the Optuna storage {masked(url)} ({type(exc).__name__}: "
+                f"{str(exc).replace(url, masked(url))}); check tune.storage"
+            ) from None
 
 
 def trial_sampler(cfg: TuneParams, trial_number: int):
@@ -173,8 +183,9 @@ def trial_sampler(cfg: TuneParams, trial_number: int):
     import optuna
 
     seed = int.from_bytes(hashlib.sha256(f"{cfg.sampler.seed}:{trial_number}".encode()).digest()[:4], "little")
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler.n_startup_trials,
-                                      constant_liar=cfg.sampler.constant_liar)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=cfg.sampler.n_startup_trials, constant_liar=cfg.sampler.constant_liar
+    )
 
 
 def _pruner(cfg: TuneParams):
@@ -184,8 +195,9 @@ def _pruner(cfg: TuneParams):
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
     if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource,
-                                              reduction_factor=p.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=p.max_resource, reduction_factor=p.reduction_factor
+        )
     if p.name == "threshold":
         return optuna.pruners.ThresholdPruner(lower=p.lower, n_warmup_steps=p.n_warmup_steps)
     return optuna.pruners.NopPruner()
@@ -206,12 +218,17 @@ def fingerprint(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths)
     start from and the finetune inputs (the splits hold every image's sha256). Budget and bookkeeping
     (n_trials, timeout, storage, tracking) are left out, so raising n_trials extends the same study."""
     ft = paths.finetune
-    inputs = {"splits": _digest(ft.data_dir / "splits"), "teacher": _digest(ft.teacher),
-              "landmark_net": _digest(ft.landmark_net)}
+    inputs = {
+        "splits": _digest(ft.data_dir / "splits"),
+        "teacher": _digest(ft.teacher),
+        "landmark_net": _digest(ft.landmark_net),
+    }
     search = resolved(cfg)
     base = {k: v for k, v in resolved(finetune_cfg).items() if k not in _OVERLAID}
-    data = {key: search[key] for key in ("direction", "sampler", "pruner", "search_space", "enqueue",
-                                         "trial_overrides", "trial_epochs")}
+    data = {
+        key: search[key]
+        for key in ("direction", "sampler", "pruner", "search_space", "enqueue", "trial_overrides", "trial_epochs")
+    }
     data |= {"finetune": base, "inputs": inputs}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -286,8 +303,7 @@ class _Tracker:
             self.experiment_id = ensure_experiment(cfg.experiment, self.uri)
 
     def create_parent(self, name: str, params: dict[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"stage": "tune", "optuna.study": name})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"stage": "tune", "optuna.study": name})
         for key, value in flatten(params).items():
             self.client.log_param(run.info.run_id, key, value)
         return run.info.run_id
@@ -314,8 +330,11 @@ class _Tracker:
             self.client.set_terminated(run_id, status)
 
     def running_children(self, parent: str) -> list[str]:
-        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
-                                       "attributes.status = 'RUNNING'", max_results=1000)
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
         return [r.info.run_id for r in runs]
 
     def killed(self, run_id: str | None) -> None:
@@ -358,9 +377,11 @@ def _open_study(cfg: TuneParams, name: str, storage: Any, tracker: _Tracker, fp:
         time.sleep(1.0)
     attrs = study.user_attrs
     if attrs.get(FINGERPRINT_ATTR, fp) != fp:
-        raise StageError(f"study {name!r} in {masked(storage.url)} was created with other search/finetune params "
-                         "or inputs; its trials are not comparable with these. Use another tune.study_name (or "
-                         "null for a name derived from the params), or delete the study")
+        raise StageError(
+            f"study {name!r} in {masked(storage.url)} was created with other search/finetune params "
+            "or inputs; its trials are not comparable with these. Use another tune.study_name (or "
+            "null for a name derived from the params), or delete the study"
+        )
     if PARENT_ATTR not in attrs or not tracker.reopen(attrs[PARENT_ATTR]):
         log.warning("study %s has no usable MLflow parent run; opening a new one", name)
         study.set_user_attr(FINGERPRINT_ATTR, fp)
@@ -384,8 +405,15 @@ def suggest(trial, search_space: dict[str, SearchDim]) -> dict[str, Any]:
 class _Objective:
     """One trial: suggest params, overlay them on the finetune section, train, report every epoch."""
 
-    def __init__(self, cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths, tracker: _Tracker,
-                 parent_run_id: str, trial_dir: Callable[[int], Path]) -> None:
+    def __init__(
+        self,
+        cfg: TuneParams,
+        finetune_cfg: FinetuneParams,
+        paths: TunePaths,
+        tracker: _Tracker,
+        parent_run_id: str,
+        trial_dir: Callable[[int], Path],
+    ) -> None:
         self.cfg, self.finetune_cfg, self.paths, self.tracker = cfg, finetune_cfg, paths, tracker
         self.parent_run_id, self.trial_dir = parent_run_id, trial_dir
         self.surplus = False
@@ -393,14 +421,21 @@ class _Objective:
     def trial_params(self, suggested: dict[str, Any]) -> FinetuneParams:
         from pydantic import ValidationError
 
-        data = {**resolved(self.finetune_cfg), **self.cfg.trial_overrides, **suggested,
-                "experiment": self.cfg.experiment, "tracking_uri": self.cfg.tracking_uri, "tuned_params": None}
+        data = {
+            **resolved(self.finetune_cfg),
+            **self.cfg.trial_overrides,
+            **suggested,
+            "experiment": self.cfg.experiment,
+            "tracking_uri": self.cfg.tracking_uri,
+            "tuned_params": None,
+        }
         try:
             return FinetuneParams.model_validate(data)
         except ValidationError as exc:
             reasons = "; ".join(e["msg"] for e in exc.errors())
-            raise TrialFailed(f"suggested params {suggested} are not valid finetune params ({reasons}); narrow "
-                              "tune.search_space") from None
+            raise TrialFailed(
+                f"suggested params {suggested} are not valid finetune params ({reasons}); narrow tune.search_space"
+            ) from None
 
     def __call__(self, trial) -> float:
         import mlflow
@@ -423,14 +458,20 @@ class _Objective:
             if run_id is None and mlflow.active_run() is not None:  # the finetune run of this trial
                 run_id = mlflow.active_run().info.run_id
                 trial.set_user_attr("mlflow_run_id", run_id)
-                mlflow.set_tags({"optuna.study": study.study_name, "optuna.trial": trial.number,
-                                 "mlflow.runName": f"trial-{trial.number:04d}"})
+                mlflow.set_tags(
+                    {
+                        "optuna.study": study.study_name,
+                        "optuna.trial": trial.number,
+                        "mlflow.runName": f"trial-{trial.number:04d}",
+                    }
+                )
             value = float(metrics["val_accuracy"])
             trial.report(value, epoch)
             if trial.should_prune():
                 trial.set_user_attr("pruned_at_epoch", epoch)
-                raise optuna.TrialPruned(f"val_accuracy {value:.4f} after epoch {epoch}: pruned by the "
-                                         f"{self.cfg.pruner.name} pruner")
+                raise optuna.TrialPruned(
+                    f"val_accuracy {value:.4f} after epoch {epoch}: pruned by the {self.cfg.pruner.name} pruner"
+                )
             history.append(value)
             if self.cfg.trial_epochs is not None and len(history) >= self.cfg.trial_epochs:
                 raise _Truncated(history)
@@ -439,8 +480,9 @@ class _Objective:
         try:
             try:
                 trial_cfg = self.trial_params(suggest(trial, self.cfg.search_space))
-                trial_paths = dataclasses.replace(self.paths.finetune, out_dir=out_dir,
-                                                  metrics=out_dir / "metrics.json")
+                trial_paths = dataclasses.replace(
+                    self.paths.finetune, out_dir=out_dir, metrics=out_dir / "metrics.json"
+                )
                 summary = train(trial_cfg, trial_paths, on_epoch=on_epoch, parent_run_id=self.parent_run_id)
             except StageError as exc:  # the finetune refused (e.g. a diverged loss at this lr): a result too
                 raise TrialFailed(str(exc)) from None
@@ -458,8 +500,9 @@ class _Objective:
         trial.set_user_attr("best_epoch", summary.best_epoch)
         trial.set_user_attr("epochs_run", summary.epochs_run)
         self.tracker.tag(run_id, {"optuna.state": "COMPLETE"}, "FINISHED" if isinstance(summary, _Truncated) else None)
-        self.tracker.client.log_metric(self.parent_run_id, "trial_val_accuracy", summary.best_val_accuracy,
-                                       step=trial.number)
+        self.tracker.client.log_metric(
+            self.parent_run_id, "trial_val_accuracy", summary.best_val_accuracy, step=trial.number
+        )
         return float(summary.best_val_accuracy)
 
 
@@ -556,8 +599,9 @@ def run(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths = TunePa
     return _finish(cfg, study, paths, tracker, parent, ran, start.finished if resumed else 0)
 
 
-def _finish(cfg: TuneParams, study, paths: TunePaths, tracker: _Tracker, parent: str, ran: int,
-            resumed: int) -> TuneSummary:
+def _finish(
+    cfg: TuneParams, study, paths: TunePaths, tracker: _Tracker, parent: str, ran: int, resumed: int
+) -> TuneSummary:
     """Write the best trial's params and the study metrics; log the best to the parent run."""
     from optuna.trial import TrialState
 
@@ -568,23 +612,43 @@ def _finish(cfg: TuneParams, study, paths: TunePaths, tracker: _Tracker, parent:
     if not complete:
         write_metrics(paths.metrics, metrics)
         errors = sorted({t.user_attrs["error"] for t in trials if "error" in t.user_attrs})
-        raise StageError(f"study {study.study_name}: no trial completed ({final.states()}); "
-                         f"errors: {errors or 'none recorded'}. Widen tune.search_space or relax the pruner")
+        raise StageError(
+            f"study {study.study_name}: no trial completed ({final.states()}); "
+            f"errors: {errors or 'none recorded'}. Widen tune.search_space or relax the pruner"
+        )
     best = study.best_trial
-    header = (f"# Written by `lafs tune`: best of {final.finished} finished trials in Optuna study "
-              f"{study.study_name!r}:\n# trial #{best.number}, val_accuracy {best.value:.6f}. "
-              "Overlaid on params.yaml's finetune section by `lafs finetune` (finetune.tuned_params).\n")
+    header = (
+        f"# Written by `lafs tune`: best of {final.finished} finished trials in Optuna study "
+        f"{study.study_name!r}:\n# trial #{best.number}, val_accuracy {best.value:.6f}. "
+        "Overlaid on params.yaml's finetune section by `lafs finetune` (finetune.tuned_params).\n"
+    )
     write_text(paths.best_params, header + yaml.safe_dump(dict(best.params), sort_keys=True))
-    write_metrics(paths.metrics, {**metrics, "best_value": best.value, "best_trial": best.number,
-                                  "best_params": dict(best.params)})
+    write_metrics(
+        paths.metrics,
+        {**metrics, "best_value": best.value, "best_trial": best.number, "best_params": dict(best.params)},
+    )
     tracker.client.log_metric(parent, "best_val_accuracy", best.value, step=final.finished)
     # tags, not params: MLflow params are immutable and a resumed study with a larger n_trials may find a new best
-    tracker.tag(parent, {"best_trial": best.number, "finished_trials": final.finished, "n_trials": cfg.n_trials,
-                         **{f"best.{k}": v for k, v in best.params.items()}})
+    tracker.tag(
+        parent,
+        {
+            "best_trial": best.number,
+            "finished_trials": final.finished,
+            "n_trials": cfg.n_trials,
+            **{f"best.{k}": v for k, v in best.params.items()},
+        },
+    )
     tracker.client.log_artifact(parent, str(paths.best_params))
     if final.running == 0:  # else a worker is still at it and closes the run when it ends; a resume reopens it
         tracker.client.set_terminated(parent, "FINISHED")
-    return TuneSummary(study.study_name, cfg.n_trials, final.states(), ran, resumed, best.number, float(best.value),
-                       dict(best.params), parent)
-
-
+    return TuneSummary(
+        study.study_name,
+        cfg.n_trials,
+        final.states(),
+        ran,
+        resumed,
+        best.number,
+        float(best.value),
+        dict(best.params),
+        parent,
+    )
