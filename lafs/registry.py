@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lafs.config import RegisterParams
+from lafs.conventions import ALIGNED_SIZE
 from lafs.errors import StageError
 from lafs.tracking import flatten, metric_leaves
 
@@ -386,7 +387,9 @@ def register_version(cfg: RegisterParams, model: nn.Module, reg: Registration, e
     uri = tracking_uri(cfg.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    example = torch.rand(example_batch, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    example = (
+        torch.rand(example_batch, 3, ALIGNED_SIZE, ALIGNED_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
     with torch.no_grad():
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy().astype(np.float32))
@@ -451,7 +454,7 @@ def _log_onnx(path: Path, signature: Any) -> None:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    inputs = Schema([TensorSpec(signature.inputs.numpy_types()[0], (-1, 3, 112, 112), "images")])
+    inputs = Schema([TensorSpec(signature.inputs.numpy_types()[0], (-1, 3, ALIGNED_SIZE, ALIGNED_SIZE), "images")])
     outputs = Schema([TensorSpec(signature.outputs.numpy_types()[0], signature.outputs.inputs[0].shape, "embedding")])
     mlflow.onnx.log_model(
         onnx.load(str(path)),

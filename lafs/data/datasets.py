@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from lafs.conventions import ALIGNED_SIZE
 from lafs.data.aligned import read_aligned
 from lafs.data.sampling import derived_seed
 from lafs.data.transforms import LandmarkAugment
@@ -98,7 +99,7 @@ RECOGNITION_CROP_RATIO = (0.9, 1.1)
 
 
 def recognition_augment(
-    crop_scale: tuple[float, float] = (0.8, 1.0), flip: bool = True, size: int = 112
+    crop_scale: tuple[float, float] = (0.8, 1.0), flip: bool = True, size: int = ALIGNED_SIZE
 ) -> LandmarkAugment:
     """Random mirror + mild random resized crop for recognition finetuning (the official FaceDataset's
     flip + RandomResizedCrop; its RandAugment and mixup are not reproduced). It is the landmark-exact

@@ -17,6 +17,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from lafs.conventions import ALIGNED_SIZE
+
 Box = tuple[int, int, int, int]  # (top, left, height, width), as torchvision's crop
 Size = int | tuple[int, int]
 
@@ -250,7 +252,7 @@ class LandmarkAugment:
     ``torch.arange(K)`` for point sets whose indices have no left/right meaning.
     """
 
-    size: Size = 112
+    size: Size = ALIGNED_SIZE
     scale: tuple[float, float] = (0.4, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5

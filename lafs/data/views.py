@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from lafs.conventions import ALIGNED_SIZE, PIXEL_MEAN, PIXEL_STD
 from lafs.data.transforms import CropFlip, LandmarkAugment, flip_permutation
 
-# LAFS (and, in this project, DINO-face) normalise with mean = std = 0.5: values in [-1, 1].
-NORM_MEAN = (0.5, 0.5, 0.5)
-NORM_STD = (0.5, 0.5, 0.5)
+NORM_MEAN = (PIXEL_MEAN,) * 3  # per channel: values in [-1, 1] (lafs.conventions)
+NORM_STD = (PIXEL_STD,) * 3
 # PIL's ImageOps.solarize default threshold (128 on uint8), which the official recipe relies on.
 SOLARIZE_THRESHOLD = 128 / 255
 
@@ -97,7 +97,7 @@ def photometric(image: torch.Tensor, recipe: PhotometricRecipe, generator: torch
     return image
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
+def normalise(image: torch.Tensor) -> torch.Tensor:
     return TF.normalize(image, list(NORM_MEAN), list(NORM_STD))
 
 
@@ -143,7 +143,7 @@ def _check_crop_counts(global_crops: int, local_crops: int) -> None:
 
 def _augmented(view: torch.Tensor, recipe: PhotometricRecipe, generator: torch.Generator, colour: bool) -> torch.Tensor:
     """The normalised training view: ``recipe`` applied when ``colour`` is on; off, no draws from ``generator``."""
-    return normalize(photometric(view, recipe, generator) if colour else view)
+    return normalise(photometric(view, recipe, generator) if colour else view)
 
 
 def _global_recipe(index: int) -> PhotometricRecipe:
@@ -166,7 +166,7 @@ class LAFSViews:
         self,
         global_crops: int = 2,
         local_crops: int = 8,
-        size: int = 112,
+        size: int = ALIGNED_SIZE,
         scale: tuple[float, float] = (0.4, 1.0),
         flip_perm: torch.Tensor | None = None,
         photometric: bool = True,
@@ -199,7 +199,7 @@ class LAFSViews:
         for recipe in self.recipes:
             geometry: CropFlip = aug.sample(img.shape[-2], img.shape[-1], geo_gen)
             view, lm = aug.apply(img, landmarks, geometry)
-            clean.append(normalize(view))
+            clean.append(normalise(view))
             augmented.append(_augmented(view, recipe, colour_gen, self.photometric))
             if lm is not None:
                 carried.append(lm)
@@ -219,7 +219,7 @@ class DINOFaceViews:
         self,
         global_crops: int = 2,
         local_crops: int = 8,
-        global_size: int = 112,
+        global_size: int = ALIGNED_SIZE,
         local_size: int = 48,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),

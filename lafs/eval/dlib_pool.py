@@ -1,8 +1,8 @@
-"""dlib's ResNet recognizer in worker processes: it costs ~110 ms of CPU per face here and holds the GIL, so
+"""dlib's ResNet recogniser in worker processes: it costs ~110 ms of CPU per face here and holds the GIL, so
 more cores means more processes.
 
 Workers are spawned (not forked: the parent may hold torch / ONNX Runtime thread pools) and import only this
-module, dlib and numpy, so they start in well under a second. Each loads the recognizer once; faces travel as
+module, dlib and numpy, so they start in well under a second. Each loads the recogniser once; faces travel as
 150 x 150 chips (67 kB each), already cut by the parent's shape predictor.
 """
 
@@ -16,11 +16,11 @@ import numpy as np
 _net = None
 
 
-def _init(recognizer: str) -> None:
+def _init(recogniser: str) -> None:
     global _net
     import dlib
 
-    _net = dlib.face_recognition_model_v1(recognizer)
+    _net = dlib.face_recognition_model_v1(recogniser)
 
 
 def _describe(chips: list[np.ndarray]) -> np.ndarray:
@@ -31,10 +31,10 @@ def _describe(chips: list[np.ndarray]) -> np.ndarray:
 class DescriptorPool:
     """``describe(chips) -> (N, 128)`` spread over ``workers`` processes, in input order."""
 
-    def __init__(self, recognizer: str, workers: int) -> None:
+    def __init__(self, recogniser: str, workers: int) -> None:
         self.workers = workers
         self._pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(recognizer,)
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init, initargs=(recogniser,)
         )
 
     def describe(self, chips: list[np.ndarray]) -> np.ndarray:

@@ -6,7 +6,7 @@ latency and the benchmarks never ask which runtime they hold:
 - a model file (:mod:`lafs.models.io`): the finetuned recogniser, or a pretrained backbone that can embed an
   image alone (a grid ``dino_vit_*`` teacher; a landmark backbone needs its landmark net inside);
 - a ``.onnx`` file written by the ``export`` stage (ONNX Runtime, CPU);
-- ``dlib_resnet``: dlib's ResNet recognizer (PyPI ``face-recognition-models``; 99.38% on LFW as published),
+- ``dlib_resnet``: dlib's ResNet recogniser (PyPI ``face-recognition-models``; 99.38% on LFW as published),
   the reference that checks the evaluation itself. It needs its own alignment (68-point shape predictor +
   ``get_face_chip``) on the original photo, so it also exposes ``embed_photos(photos, boxes)``;
 - ``pixels`` and ``hog``: non-learned floors on the same aligned crops (:class:`PixelEmbedder`,
@@ -41,7 +41,7 @@ from lafs.faces.align import ALIGNED_SIZE
 from lafs.faces.dense import dlib68_model_path, dlib_box
 
 DLIB_RESNET: Final = "dlib_resnet"
-DLIB_CHIP_SIZE: Final = 150  # dlib's recognizer input (dnn_face_recognition_ex.cpp: get_face_chip 150, pad 0.25)
+DLIB_CHIP_SIZE: Final = 150  # dlib's recogniser input (dnn_face_recognition_ex.cpp: get_face_chip 150, pad 0.25)
 DLIB_CHIP_PADDING: Final = 0.25
 PIXELS: Final = "pixels"
 HOG: Final = "hog"
@@ -98,15 +98,15 @@ class TorchEmbedder:
 
 
 def dlib_model_paths() -> tuple[Path, Path]:
-    """(68-point shape predictor, ResNet recognizer) shipped by PyPI ``face-recognition-models``."""
+    """(68-point shape predictor, ResNet recogniser) shipped by PyPI ``face-recognition-models``."""
     predictor = dlib68_model_path()
-    recognizer = predictor.parent / "dlib_face_recognition_resnet_model_v1.dat"
-    if not recognizer.is_file():
+    recogniser = predictor.parent / "dlib_face_recognition_resnet_model_v1.dat"
+    if not recogniser.is_file():
         raise EmbedderError(
-            f"{recognizer} is missing: reinstall face-recognition-models (pip install "
+            f"{recogniser} is missing: reinstall face-recognition-models (pip install "
             "--force-reinstall face-recognition-models)"
         )
-    return predictor, recognizer
+    return predictor, recogniser
 
 
 class DlibEmbedder:
@@ -122,11 +122,11 @@ class DlibEmbedder:
     def __init__(self, batch_size: int = 64, workers: int = 1, name: str = DLIB_RESNET) -> None:
         import dlib
 
-        predictor, recognizer = dlib_model_paths()
+        predictor, recogniser = dlib_model_paths()
         self._dlib = dlib
         self._predictor = dlib.shape_predictor(str(predictor))
-        self._net = dlib.face_recognition_model_v1(str(recognizer))
-        self._recognizer = str(recognizer)
+        self._net = dlib.face_recognition_model_v1(str(recogniser))
+        self._recogniser = str(recogniser)
         self._pool = None
         self.name = name
         self.batch_size = batch_size
@@ -140,7 +140,7 @@ class DlibEmbedder:
 
                 from lafs.eval.dlib_pool import DescriptorPool
 
-                self._pool = DescriptorPool(self._recognizer, self.workers)
+                self._pool = DescriptorPool(self._recogniser, self.workers)
                 weakref.finalize(self, self._pool.close)
             return self._pool.describe(chips)
         return np.asarray(self._net.compute_face_descriptor(chips), dtype=np.float32).reshape(len(chips), -1)

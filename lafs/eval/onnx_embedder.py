@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lafs.faces.align import ALIGNED_SIZE
+from lafs.conventions import ALIGNED_SIZE, PIXEL_MEAN, PIXEL_STD
 
 
 class EmbedderError(ValueError):
@@ -32,7 +32,7 @@ def check_faces(faces: np.ndarray) -> np.ndarray:
 def to_model_input(faces: np.ndarray) -> np.ndarray:
     """(N, 112, 112, 3) uint8 -> (N, 3, 112, 112) float32 in [-1, 1], computed as the training data is."""
     x = check_faces(faces).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    return (x - np.float32(0.5)) / np.float32(0.5)
+    return (x - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Raw photo -> the face every evaluated model sees: the SCRFD box, its 5 keypoints and the 112x112 crop.
 
-One detector serves every candidate (ours embed the aligned crop; dlib's recognizer gets the same detection,
+One detector serves every candidate (ours embed the aligned crop; dlib's recogniser gets the same detection,
 as a box in its own convention, for its 68-point alignment), so accuracy differences come from the recognisers,
 not from face finding. The
 detector settings are the ``landmarks`` section's, the ones the training faces were made with.

@@ -11,10 +11,9 @@ import warnings
 import cv2
 import numpy as np
 
+from lafs.conventions import ALIGNED_SIZE
 from lafs.data.images import ImageRejected
 from lafs.faces import ALIGN_FAILED
-
-ALIGNED_SIZE = 112  # ArcFace template size; a multiple of 112, so insightface's 128-grid x-shift never applies
 
 
 def similarity_matrix(kps5: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:

@@ -33,7 +33,7 @@ INSIGHTFACE106_FILE: Final = "2d106det.onnx"
 # dlib's shape predictor was trained on boxes of dlib's own HOG face detector. From SCRFD's 5 keypoints the box
 # dlib expects is placed in the keypoint frame (origin: midpoint of the eye centre and the mouth centre; unit:
 # their distance): x1, y1, x2, y2 measured as the mean over the 180 shared LFW photos that no pair uses (SCRFD 500m
-# at 320 px; per-face std 0.15-0.19). The dlib recognizer reaches 98.75% on 240 pairs of the subset with these
+# at 320 px; per-face std 0.15-0.19). The dlib recogniser reaches 98.75% on 240 pairs of the subset with these
 # boxes, as with its own HOG boxes, and 96.7% with the raw SCRFD box.
 DLIB_BOX_IN_KPS_FRAME: Final = (-1.1709, -1.1833, 1.1422, 1.1281)
 
@@ -50,7 +50,7 @@ class DenseLandmarker(Protocol):
 
 def dlib_box(kps5: np.ndarray) -> np.ndarray:
     """The (x1, y1, x2, y2) box dlib's HOG detector would draw around the face with these 5 SCRFD keypoints
-    (see :data:`DLIB_BOX_IN_KPS_FRAME`): what dlib's predictor (and so its recognizer's chip) expects."""
+    (see :data:`DLIB_BOX_IN_KPS_FRAME`): what dlib's predictor (and so its recogniser's chip) expects."""
     kps5 = np.asarray(kps5, dtype=np.float64).reshape(5, 2)
     eyes, mouth = kps5[:2].mean(axis=0), kps5[3:].mean(axis=0)
     origin, unit = (eyes + mouth) / 2, float(np.linalg.norm(mouth - eyes))

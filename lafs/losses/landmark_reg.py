@@ -11,11 +11,13 @@ from collections.abc import Sequence
 
 import torch
 
+from lafs.conventions import ALIGNED_SIZE
+
 # (first epoch, weight) steps of the official schedule (train_largescale.py).
 OFFICIAL_SCHEDULE: tuple[tuple[int, float], ...] = ((0, 1000.0), (8, 100.0), (14, 1.0), (21, 0.11), (28, 0.0))
 
 
-def landmark_regulariser(pred: torch.Tensor, frozen: torch.Tensor, img_size: int = 112) -> torch.Tensor:
+def landmark_regulariser(pred: torch.Tensor, frozen: torch.Tensor, img_size: int = ALIGNED_SIZE) -> torch.Tensor:
     scale = 1.0 / (img_size - 1)
     return torch.mean((pred.float() * scale - frozen.float().detach() * scale) ** 2)
 

@@ -35,7 +35,7 @@ def _init_linear(m: nn.Module) -> None:
 
 
 class DINOHead(nn.Module):
-    """z = W_g * V / ||V|| . normalize(MLP(x)); with norm_last_layer the scale g is fixed to 1."""
+    """z = W_g * V / ||V|| . normalise(MLP(x)); with norm_last_layer the scale g is fixed to 1."""
 
     def __init__(
         self,
@@ -62,7 +62,7 @@ class DINOHead(nn.Module):
 
 
 class PrototypeHead(nn.Module):
-    """ProS head: logits = <normalize(MLP(x)), normalize(prototypes)> (cosine similarities)."""
+    """ProS head: logits = <normalise(MLP(x)), normalise(prototypes)> (cosine similarities)."""
 
     def __init__(
         self,

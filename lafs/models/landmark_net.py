@@ -27,6 +27,8 @@ from timm.models import FeatureInfo
 from torch import nn
 from torch.nn import functional as F
 
+from lafs.conventions import ALIGNED_SIZE
+
 
 class LandmarkNet(nn.Module):
     """timm CNN -> FPN-lite heatmaps -> soft-argmax + global offset; outputs pixel coordinates (B, K, 2).
@@ -53,7 +55,7 @@ class LandmarkNet(nn.Module):
         self,
         num_landmarks: int = 68,
         backbone: str = "mobilenetv3_large_100",
-        img_size: int = 112,
+        img_size: int = ALIGNED_SIZE,
         heatmap_stride: int = 8,
         width: int = 128,
         refine_steps: int = 1,

@@ -16,6 +16,7 @@ from timm.layers.weight_init import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from lafs.conventions import ALIGNED_SIZE
 from lafs.models.patches import patchify, sample_patches
 
 Tokenizer = Literal["landmark", "grid"]
@@ -53,7 +54,7 @@ class FaceViT(nn.Module):
         *,
         tokenizer: Tokenizer = "landmark",
         num_landmarks: int = 196,
-        img_size: int = 112,
+        img_size: int = ALIGNED_SIZE,
         patch_size: int = 8,
         in_chans: int = 3,
         embed_dim: int = 768,

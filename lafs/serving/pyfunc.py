@@ -40,6 +40,7 @@ IMAGE, IMAGE_A, IMAGE_B = "image", "image_a", "image_b"
 # The package files the served model runs (no torch among their imports); copied into the model's code/.
 SERVING_MODULES = (
     "__init__.py",
+    "conventions.py",
     "serving/__init__.py",
     "serving/faces.py",
     "serving/pyfunc.py",

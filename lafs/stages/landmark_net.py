@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lafs.config import LandmarkNetParams, resolved
+from lafs.conventions import ALIGNED_SIZE
 from lafs.data.datasets import LandmarkFaces
 from lafs.data.transforms import CropFlip, LandmarkAugment, flip_permutation, flip_permutation_from_mean_shape
 from lafs.engine.optim import param_groups, set_lr_wd
@@ -162,8 +163,8 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths) -> LandmarkNetSummar
     try:
         perm = flip_permutation(k)
     except ValueError:
-        perm = flip_permutation_from_mean_shape(mean_shape, 112)
-    augment = LandmarkAugment(size=112, scale=cfg.crop_scale, flip_p=0.5 if cfg.flip else 0.0, flip_perm=perm)
+        perm = flip_permutation_from_mean_shape(mean_shape, ALIGNED_SIZE)
+    augment = LandmarkAugment(size=ALIGNED_SIZE, scale=cfg.crop_scale, flip_p=0.5 if cfg.flip else 0.0, flip_perm=perm)
     train_set = LandmarkFaces(train_paths, train_lm, MixedViews(augment, cfg.full_view_fraction), seed=cfg.seed)
     test_set = LandmarkFaces(test_paths, test_lm, None)
     crop_loader = DataLoader(

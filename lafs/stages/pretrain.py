@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lafs.config import SSLParams, resolved
+from lafs.conventions import ALIGNED_SIZE
 from lafs.data.datasets import ResumableSampler, SSLFaces
 from lafs.data.images import file_sha256
 from lafs.data.sampling import derived_seed
@@ -122,8 +123,10 @@ def _input_fingerprint(cfg: SSLParams, paths: PretrainPaths) -> dict[str, str]:
 
 def _views(cfg: SSLParams):
     if cfg.method == "dino_face":
-        return DINOFaceViews(cfg.global_crops, cfg.local_crops, 112, cfg.local_size, cfg.global_scale, cfg.local_scale)
-    return LAFSViews(cfg.global_crops, cfg.local_crops, 112, cfg.global_scale)
+        return DINOFaceViews(
+            cfg.global_crops, cfg.local_crops, ALIGNED_SIZE, cfg.local_size, cfg.global_scale, cfg.local_scale
+        )
+    return LAFSViews(cfg.global_crops, cfg.local_crops, ALIGNED_SIZE, cfg.global_scale)
 
 
 def run(cfg: SSLParams, paths: PretrainPaths = PretrainPaths(), restart_on_change: bool = False) -> PretrainSummary:
