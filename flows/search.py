@@ -15,6 +15,7 @@ across machines point ``tune.storage`` at Postgres (infra/compose.yaml has an ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,11 +41,28 @@ from lafs.cli import parse_sets
 REPORT_KEY = "lafs-search-report"
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (or their indices)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def helper_gpu(number: int, gpus: Sequence[str]) -> dict[str, str]:
+    """``CUDA_VISIBLE_DEVICES`` for tune helper ``number`` (1, 2, ...): with several GPUs the workers take them in
+    turn (the DVC-recorded worker is on the first), so N workers on N GPUs do not all train on ``cuda:0``."""
+    return {"CUDA_VISIBLE_DEVICES": gpus[number % len(gpus)]} if len(gpus) > 1 else {}
+
+
 @task(name="tune-worker", cache_policy=NO_CACHE)
 def tune_worker(root: Path, number: int) -> str:
     """One extra ``lafs tune`` process on the shared study; its output goes to the log, not the terminal."""
     logger = get_run_logger()
-    code, tail, _ = run_streaming([sys.executable, "-m", "lafs", "tune"], root, stage_env(), echo=None)
+    env = {**stage_env(), **helper_gpu(number, visible_gpus())}
+    code, tail, _ = run_streaming([sys.executable, "-m", "lafs", "tune"], root, env, echo=None)
     last = tail.splitlines()[-1] if tail else ""
     if code:
         # Not fatal: the DVC-recorded worker carries the study on (a dead helper's trial goes stale and reruns).

@@ -299,3 +299,18 @@ def test_promote_flow_builds_the_lafs_promote_command_and_refuses_contradictions
         promote_args(None, "3", None, True, None, report)
     with pytest.raises(ValueError, match="not both"):
         promote_args(None, "3", "challenger", False, None, report)
+
+
+def test_tune_helpers_take_the_visible_gpus_in_turn(monkeypatch):
+    from flows.search import helper_gpu, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert visible_gpus() == ["2", "3"]
+    assert [helper_gpu(n, ["2", "3"]) for n in (1, 2, 3)] == [
+        {"CUDA_VISIBLE_DEVICES": "3"},
+        {"CUDA_VISIBLE_DEVICES": "2"},
+        {"CUDA_VISIBLE_DEVICES": "3"},
+    ]
+    assert helper_gpu(1, ["0"]) == {} and helper_gpu(1, []) == {}  # one GPU or none: nothing to spread
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
