@@ -9,7 +9,7 @@ from test_dvc_deps import PACKAGE, REPO, imports_of
 LAYERS = [
     {"errors", "atomic", "config", "conventions", "params_edit", "tensor_files"},
     {"data", "faces", "models", "losses"},
-    {"engine", "eval", "tracking", "export"},
+    {"engine", "eval", "tracking", "export", "tuning"},
     {"serving", "registry"},
     {"stages"},
     {"cli", "__main__"},

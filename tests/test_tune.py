@@ -24,19 +24,9 @@ from optuna.trial import TrialState
 from lafs.config import ConfigError, FinetuneParams, TuneParams, parse_params
 from lafs.stages import StageError
 from lafs.stages.finetune import FinetunePaths, tuned_overlay
-from lafs.stages.tune import (
-    PARENT_ATTR,
-    TunePaths,
-    _Objective,
-    fingerprint,
-    first_open_lock,
-    masked,
-    run,
-    storage_url,
-    suggest,
-    tally,
-    trial_sampler,
-)
+from lafs.stages.tune import PARENT_ATTR, TunePaths, _Objective, fingerprint, run
+from lafs.tuning.storage import first_open_lock, masked, storage_url
+from lafs.tuning.trials import suggest, tally, trial_sampler
 
 # A finetune trial of a few seconds on the tiny project (its teacher is lafs_vit_tiny with 68 landmarks).
 FINETUNE = {
@@ -126,16 +116,19 @@ def test_suggestions_follow_the_finetune_param_types():
 
 def test_storage_defaults_to_an_absolute_sqlite_file_and_passwords_are_masked(tmp_path, monkeypatch):
     paths = TunePaths.under(tmp_path)
-    assert storage_url(TuneParams(), paths) == f"sqlite:///{tmp_path.resolve()}/models/tune/optuna.db"
+    assert (
+        storage_url(TuneParams(), paths.root, paths.study_dir)
+        == f"sqlite:///{tmp_path.resolve()}/models/tune/optuna.db"
+    )
     relative = TuneParams(storage="sqlite:///studies/x.db")
-    assert storage_url(relative, paths) == f"sqlite:///{tmp_path.resolve()}/studies/x.db"
+    assert storage_url(relative, paths.root, paths.study_dir) == f"sqlite:///{tmp_path.resolve()}/studies/x.db"
     url = "postgresql+psycopg://tuner:s3cr3t@db.example:5432/optuna"
-    assert storage_url(TuneParams(storage=url), paths) == url
+    assert storage_url(TuneParams(storage=url), paths.root, paths.study_dir) == url
     shown = masked(url)
     assert "s3cr3t" not in shown and "tuner:***@db.example:5432/optuna" in shown
     monkeypatch.setenv("TUNE_DB_PASSWORD", "s3cr3t")  # the password can stay out of params.yaml and dvc.lock
     from_env = TuneParams(storage="postgresql+psycopg://tuner:${TUNE_DB_PASSWORD}@db.example:5432/optuna")
-    assert storage_url(from_env, paths) == url
+    assert storage_url(from_env, paths.root, paths.study_dir) == url
 
 
 def test_budget_counts_finished_trials_not_killed_or_surplus_ones():
@@ -473,7 +466,7 @@ def test_trial_epochs_truncate_each_trial_on_the_final_schedule(tiny_project, tm
         study_name="truncated",
     )
     run(tune, FinetuneParams(**{**FINETUNE, "epochs": 3, "warmup_epochs": 1}), TunePaths.under(root))
-    study = optuna.load_study(study_name="truncated", storage=storage_url(tune, TunePaths.under(root)))
+    study = optuna.load_study(study_name="truncated", storage=storage_url(tune, root, root / "models" / "tune"))
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert all(t.user_attrs["epochs_run"] == 1 and t.value == t.intermediate_values[0] for t in trials)

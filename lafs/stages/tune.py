@@ -17,15 +17,12 @@ finetune run is its child (``mlflow.parentRunId``), tagged with the trial number
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +30,13 @@ from typing import Any
 import yaml
 
 from lafs.atomic import write_text
-from lafs.config import FinetuneParams, SearchDim, TuneParams, resolved, search_kind
+from lafs.config import FinetuneParams, TuneParams, resolved
 from lafs.data.images import file_sha256
 from lafs.stages import StageError, write_metrics
 from lafs.stages.finetune import FinetunePaths, build_recogniser, select_data, train
-from lafs.tracking import ensure_experiment, flatten, tracking_uri
+from lafs.tuning.storage import masked, open_storage, storage_url
+from lafs.tuning.tracker import StudyTracker
+from lafs.tuning.trials import counts, pruner, suggest, tally, trial_sampler
 
 log = logging.getLogger(__name__)
 
@@ -109,100 +108,6 @@ class _Surplus(Exception):
     """Two workers started the last free slot at once; the later trial steps aside (FAIL, ``surplus`` attr)."""
 
 
-# ------------------------------------------------------------------------------------------------ storage
-
-
-def storage_url(cfg: TuneParams, paths: TunePaths) -> str:
-    """The Optuna RDB URL: the configured one with ``$VARS`` expanded (a password stays out of params.yaml and
-    dvc.lock), or sqlite in the study dir; sqlite paths made absolute."""
-    if cfg.storage is None:
-        return f"sqlite:///{(paths.study_dir / 'optuna.db').resolve()}"
-    url, prefix = os.path.expandvars(cfg.storage), "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
-        relative = url.removeprefix(prefix)
-        if relative and relative != ":memory:":
-            return f"{prefix}{(paths.root / relative).resolve()}"
-    return url
-
-
-def masked(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe for logs and MLflow params)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable storage URL>"
-
-
-@contextmanager
-def first_open_lock(url: str) -> Iterator[None]:
-    """Serialise opening a local sqlite store (Optuna's or MLflow's) across processes.
-
-    Workers started together on a new database would each create its tables and all but one fail ("table
-    already exists"). An flock on the database file itself (created empty if missing, which sqlite takes as a
-    new database) orders them; sqlite's own locks are fcntl locks, which flock does not touch.
-    """
-    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
-        yield
-        return
-    db = Path(url.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with db.open("ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _storage(cfg: TuneParams, url: str, on_stale: Callable[[Any, Any], None]):
-    import optuna
-    from optuna.exceptions import ExperimentalWarning
-
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        # workers and heartbeat threads write concurrently: wait for sqlite's lock instead of failing at once
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings(), first_open_lock(url):
-        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are "experimental" since Optuna 2.9
-        try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=cfg.heartbeat_s, heartbeat_stale_trial_callback=on_stale, **kwargs
-            )
-        except Exception as exc:  # sqlalchemy / driver errors: unreachable server, missing driver, bad URL
-            raise StageError(
-                f"cannot open the Optuna storage {masked(url)} ({type(exc).__name__}: "
-                f"{str(exc).replace(url, masked(url))}); check tune.storage"
-            ) from None
-
-
-def trial_sampler(cfg: TuneParams, trial_number: int):
-    """TPE seeded per trial: parallel workers draw differently, a resumed study draws as an uninterrupted one."""
-    import optuna
-
-    seed = int.from_bytes(hashlib.sha256(f"{cfg.sampler.seed}:{trial_number}".encode()).digest()[:4], "little")
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=cfg.sampler.n_startup_trials, constant_liar=cfg.sampler.constant_liar
-    )
-
-
-def _pruner(cfg: TuneParams):
-    import optuna
-
-    p = cfg.pruner
-    if p.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource, max_resource=p.max_resource, reduction_factor=p.reduction_factor
-        )
-    if p.name == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=p.lower, n_warmup_steps=p.n_warmup_steps)
-    return optuna.pruners.NopPruner()
-
-
 def _digest(path: Path) -> str:
     """sha256 of a file, or of a folder's (name, sha256) list."""
     if path.is_file():
@@ -233,127 +138,10 @@ def fingerprint(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-# ----------------------------------------------------------------------------------------- trial states
-
-
-@dataclass
-class Tally:
-    """Trial counts by what they mean for the budget (``finished`` = counted toward ``n_trials``)."""
-
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0  # an expected failure with an ``error`` attr (counted)
-    killed: int = 0  # the worker died or was interrupted (not counted; re-queued when max_retry allows)
-    surplus: int = 0  # stepped aside for a parallel worker (not counted)
-    running: int = 0
-    waiting: int = 0
-
-    @property
-    def finished(self) -> int:
-        return self.complete + self.pruned + self.failed
-
-    def states(self) -> dict[str, int]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "surplus"}
-
-
-def counts(trial) -> bool:
-    """Whether a trial uses up one of ``n_trials`` (finished, or running in some worker)."""
-    from optuna.trial import TrialState
-
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-        return True
-    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
-
-
-def tally(trials: Iterable[Any]) -> Tally:
-    from optuna.trial import TrialState
-
-    t = Tally()
-    for trial in trials:
-        if trial.state == TrialState.COMPLETE:
-            t.complete += 1
-        elif trial.state == TrialState.PRUNED:
-            t.pruned += 1
-        elif trial.state == TrialState.RUNNING:
-            t.running += 1
-        elif trial.state == TrialState.WAITING:
-            t.waiting += 1
-        elif trial.user_attrs.get("surplus"):
-            t.surplus += 1
-        elif "error" in trial.user_attrs:
-            t.failed += 1
-        else:
-            t.killed += 1
-    return t
-
-
-# ------------------------------------------------------------------------------------------------ MLflow
-
-
-class _Tracker:
-    """The study's MLflow parent run and its trials' child runs (client API: the fluent active-run stack
-    belongs to the finetune run each trial opens)."""
-
-    def __init__(self, cfg: TuneParams) -> None:
-        import mlflow
-
-        self.uri = tracking_uri(cfg.tracking_uri)
-        with first_open_lock(self.uri):  # the client creates a new store's tables; the experiment is made once
-            self.client = mlflow.MlflowClient(self.uri)
-            self.experiment_id = ensure_experiment(cfg.experiment, self.uri)
-
-    def create_parent(self, name: str, params: dict[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"stage": "tune", "optuna.study": name})
-        for key, value in flatten(params).items():
-            self.client.log_param(run.info.run_id, key, value)
-        return run.info.run_id
-
-    def reopen(self, run_id: str) -> bool:
-        """Mark a resumed study's parent RUNNING again; False if it no longer exists (deleted, other store)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            return False
-        if run.info.lifecycle_stage != "active":
-            return False
-        self.client.update_run(run_id, status="RUNNING")
-        return True
-
-    def tag(self, run_id: str | None, tags: dict[str, Any], status: str | None = None) -> None:
-        if not run_id:
-            return
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
-        if status is not None:
-            self.client.set_terminated(run_id, status)
-
-    def running_children(self, parent: str) -> list[str]:
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
-            max_results=1000,
-        )
-        return [r.info.run_id for r in runs]
-
-    def killed(self, run_id: str | None) -> None:
-        """A dead worker's child run is left RUNNING forever: close it as KILLED."""
-        from mlflow.exceptions import MlflowException
-
-        if not run_id:
-            return
-        try:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.tag(run_id, {"optuna.state": "KILLED"}, "KILLED")
-        except MlflowException:
-            log.warning("MLflow run %s of a killed trial not found; left as is", run_id)
-
-
 # ------------------------------------------------------------------------------------------------- study
 
 
-def _open_study(cfg: TuneParams, name: str, storage: Any, tracker: _Tracker, fp: str, params: dict[str, Any]):
+def _open_study(cfg: TuneParams, name: str, storage: Any, tracker: StudyTracker, fp: str, params: dict[str, Any]):
     """Create the study or load it (``load_if_exists``), whoever created it recording the MLflow parent run.
 
     ``create_study`` fails on an existing name atomically in the storage, so exactly one of several workers
@@ -361,7 +149,7 @@ def _open_study(cfg: TuneParams, name: str, storage: Any, tracker: _Tracker, fp:
     """
     import optuna
 
-    kwargs = {"study_name": name, "storage": storage, "sampler": trial_sampler(cfg, 0), "pruner": _pruner(cfg)}
+    kwargs = {"study_name": name, "storage": storage, "sampler": trial_sampler(cfg, 0), "pruner": pruner(cfg)}
     try:
         study = optuna.create_study(direction=cfg.direction, load_if_exists=False, **kwargs)
     except optuna.exceptions.DuplicatedStudyError:
@@ -389,19 +177,6 @@ def _open_study(cfg: TuneParams, name: str, storage: Any, tracker: _Tracker, fp:
     return study, True
 
 
-def suggest(trial, search_space: dict[str, SearchDim]) -> dict[str, Any]:
-    """The trial's value for every searched param (ints for int finetune params, e.g. ``epochs``)."""
-    out: dict[str, Any] = {}
-    for name, dim in search_space.items():
-        if dim.choices is not None:
-            out[name] = trial.suggest_categorical(name, list(dim.choices))
-        elif search_kind(name) is int:
-            out[name] = trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
-        else:
-            out[name] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
-    return out
-
-
 class _Objective:
     """One trial: suggest params, overlay them on the finetune section, train, report every epoch."""
 
@@ -410,7 +185,7 @@ class _Objective:
         cfg: TuneParams,
         finetune_cfg: FinetuneParams,
         paths: TunePaths,
-        tracker: _Tracker,
+        tracker: StudyTracker,
         parent_run_id: str,
         trial_dir: Callable[[int], Path],
     ) -> None:
@@ -545,10 +320,10 @@ def run(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths = TunePa
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     preflight(finetune_cfg, paths.finetune)
-    url = storage_url(cfg, paths)
+    url = storage_url(cfg, paths.root, paths.study_dir)
     fp = fingerprint(cfg, finetune_cfg, paths)
     name = cfg.study_name or default_study_name(fp)
-    tracker = _Tracker(cfg)
+    tracker = StudyTracker(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry) if cfg.max_retry else None
@@ -558,7 +333,7 @@ def run(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths = TunePa
         if retry is not None:
             retry(study, trial)
 
-    storage = _storage(cfg, url, on_stale)
+    storage = open_storage(cfg, url, on_stale)
     params = {**resolved(cfg), "storage": masked(url), "study_name": name, "fingerprint": fp}
     study, resumed = _open_study(cfg, name, storage, tracker, fp, params)
     parent = study.user_attrs[PARENT_ATTR]
@@ -600,7 +375,7 @@ def run(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths = TunePa
 
 
 def _finish(
-    cfg: TuneParams, study, paths: TunePaths, tracker: _Tracker, parent: str, ran: int, resumed: int
+    cfg: TuneParams, study, paths: TunePaths, tracker: StudyTracker, parent: str, ran: int, resumed: int
 ) -> TuneSummary:
     """Write the best trial's params and the study metrics; log the best to the parent run."""
     from optuna.trial import TrialState
