@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import importlib.util
 import json
 import os
@@ -104,6 +105,7 @@ def served(
     }
 
 
+@functools.cache  # once per process: _fr_photo calls it for every photo
 def _import_face_recognition() -> Any:
     if importlib.util.find_spec("face_recognition") is None:
         raise SystemExit("face_recognition is not installed: pip install --no-deps face-recognition")

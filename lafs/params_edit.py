@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from lafs.atomic import write_text
-from lafs.config import ConfigError, parse_params, read_yaml_mapping
+from lafs.config import ConfigError, parse_params
 
 
 def _round_trip() -> Any:
@@ -58,7 +58,6 @@ def set_params(path: Path, sets: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     text = buf.getvalue()
     parse_params(yaml.safe_load(text) or {}, f"{path} with {', '.join(changed)} set")  # refuse a bad value
     write_text(path, text)
-    read_yaml_mapping(path)  # written as PyYAML (and DVC) read it
     return changed
 
 
