@@ -4,6 +4,7 @@ half of one, even when the writer is killed or several workers write the same fi
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,3 +44,10 @@ def write_bytes(path: Path, data: bytes) -> Path:
     with replacing(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def copy_atomic(src: Path, dst: Path) -> Path:
+    """Copy ``src`` to ``dst`` (contents and mode); a reader sees the old ``dst`` or the whole copy."""
+    with replacing(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)

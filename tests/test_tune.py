@@ -12,18 +12,20 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
 from lafs.config import ConfigError, FinetuneParams, TuneParams, parse_params
 from lafs.stages import StageError
-from lafs.stages.finetune import FinetunePaths, tuned_overlay
+from lafs.stages.finetune import FinetunePaths, WarmStart, train, tuned_overlay, warm_state
+from lafs.stages.finetune import run as finetune_run
 from lafs.stages.tune import PARENT_ATTR, TunePaths, _Objective, fingerprint, run
 from lafs.tuning.storage import first_open_lock, masked, storage_url
 from lafs.tuning.trials import suggest, tally, trial_sampler
@@ -306,7 +308,8 @@ def test_killed_study_resumes_keeping_finished_trials_and_running_only_the_rest(
     assert (t.finished, t.killed, t.running, t.waiting) == (N_TRIALS, len(killed), 0, 0)
     assert sum(_ran(out) for out in resumed.outs) == N_TRIALS - len(finished_before)
     assert all("resumed with " in out for out in resumed.outs)
-    assert not list((resumed.root / "models" / "tune").rglob("*.pt"))  # no trial keeps checkpoints
+    kept = {p.parent.name for p in (resumed.root / "models" / "tune").rglob("*.pt")}
+    assert kept == {f"trial_{resumed.study.best_trial.number:04d}"}  # only the best trial keeps its weights
 
 
 @pytest.mark.slow
@@ -450,6 +453,70 @@ def test_trial_overrides_fix_finetune_params_of_every_trial_but_not_searched_one
     objective.cfg, objective.finetune_cfg = cfg, FinetuneParams(**{**FINETUNE, "epochs": 6})
     trial = objective.trial_params({"lr": 0.002})
     assert (trial.epochs, trial.lr, trial.tuned_params) == (2, 0.002, None)
+
+
+def test_final_finetune_continues_the_best_truncated_trial_exactly(tiny_project, tmp_path, monkeypatch):
+    """With trials truncated on the final schedule, the best trial's checkpoint goes to models/tune_best and the
+    finetune stage continues it: the same weights and validation curve as training the best params from the
+    first step, minus the trial's epochs. Other params do not continue it; the other trials' weights are gone."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = _project(tmp_path, tiny_project, {})
+    schedule = {**FINETUNE, "epochs": 3, "warmup_epochs": 1}
+    tune = TuneParams(
+        n_trials=2,
+        trial_epochs=1,
+        search_space={"m": {"low": 0.2, "high": 0.4}},
+        sampler={"n_startup_trials": 1},
+        pruner={"name": "none"},
+        study_name="continued",
+    )
+    summary = run(tune, FinetuneParams(**schedule), TunePaths.under(root))
+    paths = FinetunePaths.under(root)
+    ws = WarmStart(paths.warm_start)
+    info = json.loads(ws.info.read_text())
+    assert ws.last.exists() and ws.model.exists()
+    assert (info["checkpoint"], info["trial"], info["epochs_run"]) == (True, summary.best_trial, 1)
+    trial_dirs = sorted((root / "models" / "tune" / "continued").glob("trial_*"))
+    assert [sorted(p.name for p in d.glob("*.pt")) != [] for d in trial_dirs] == [
+        int(d.name[-4:]) == summary.best_trial for d in trial_dirs
+    ]
+
+    final_cfg = FinetuneParams(**schedule, tuned_params="params/best_finetune.yaml")
+    continued = finetune_run(final_cfg, paths)
+    iters_per_epoch = continued.iterations // 3
+    assert continued.warm_start["trial"] == summary.best_trial
+    assert continued.resumed_from == iters_per_epoch
+    assert continued.val_history[0] == pytest.approx(summary.best_value, abs=0)
+
+    tuned, _ = tuned_overlay(final_cfg, root)
+    fresh_paths = replace(paths, out_dir=tmp_path / "fresh", metrics=tmp_path / "fresh.json", warm_start=None)
+    fresh = train(tuned, fresh_paths)
+    assert fresh.resumed_from == 0 and fresh.val_history == continued.val_history
+    ours, theirs = torch.load(paths.model, weights_only=True), torch.load(fresh_paths.model, weights_only=True)
+    assert ours["epoch"] == theirs["epoch"]
+    for key, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][key], value), key
+
+    state = torch.load(ws.last, weights_only=True)
+    for changed in ({"epochs": 4}, {"lr": tuned.lr * 2}, {"seed": 1}):
+        assert warm_state(ws.folder, tuned.model_copy(update=changed), state["inputs"]) == (None, {})
+    bookkeeping = {"experiment": "elsewhere", "checkpoint_every": 7, "num_workers": 2}
+    assert warm_state(ws.folder, tuned.model_copy(update=bookkeeping), state["inputs"])[0] is not None
+    assert warm_state(ws.folder, tuned, {**state["inputs"], "teacher": "0" * 64}) == (None, {})
+
+
+def test_compressed_trials_leave_no_checkpoint_to_continue(tiny_project, tmp_path, monkeypatch):
+    """Trials on another schedule (tune.trial_overrides) are not the final run's first epochs: tune_best records
+    why and holds no weights, and the finetune trains from its first step."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = _project(tmp_path, tiny_project, {})
+    tune = TuneParams(n_trials=1, trial_overrides={"epochs": 1, "warmup_epochs": 0}, study_name="compressed")
+    run(tune, FinetuneParams(**{**FINETUNE, "epochs": 2, "warmup_epochs": 1}), TunePaths.under(root))
+    ws = WarmStart(FinetunePaths.under(root).warm_start)
+    info = json.loads(ws.info.read_text())
+    assert info["checkpoint"] is False and "trial_overrides" in info["reason"]
+    assert not ws.last.exists() and not ws.model.exists()
+    assert json.loads((root / "metrics" / "tune.json").read_text())["warm_start"]["checkpoint"] is False
 
 
 def test_trial_epochs_truncate_each_trial_on_the_final_schedule(tiny_project, tmp_path, monkeypatch):

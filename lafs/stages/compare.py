@@ -241,7 +241,7 @@ def run(
                 teachers[cell.init] = _pretrained(cfg, pretrain_cfg, paths, cell.init, parent)
             ft = finetune_config(cfg, finetune_cfg, cell)
             out = paths.out_dir / cell.name
-            ft_paths = replace(FinetunePaths.under(paths.root, out), metrics=out / "metrics.json")
+            ft_paths = replace(FinetunePaths.under(paths.root, out), metrics=out / "metrics.json", warm_start=None)
             if cell.init in teachers:
                 ft_paths = replace(ft_paths, teacher=teachers[cell.init])
             log.info("compare: cell %s (finetune %d epochs, batch %d)", cell.name, ft.epochs, ft.batch_size)

@@ -7,6 +7,11 @@ to a frozen copy by the landmark regulariser. Training data: ``data/splits/finet
 those identities give a k-fold accuracy each epoch (the test identities are never looked at), which picks the
 best epoch and drives early stopping. ``params/best_finetune.yaml`` (written by ``tune``) overlays the section.
 
+Warm start: when ``tune`` ran truncated trials of this very schedule (``tune.trial_epochs``), its best trial *is*
+the first epochs of this run, so ``models/tune_best/`` holds that trial's checkpoint and the run continues it
+instead of training those epochs again (only when the params that shape training and the inputs are identical;
+anything else trains from the first step).
+
 Outputs in ``out_dir``: ``model.pt`` (the best epoch's recogniser, a :mod:`lafs.models.io` model file that
 rebuilds the whole model incl. its landmark net) and ``last.pt``, written atomically every
 ``checkpoint_every`` iterations and at each epoch end. An existing ``last.pt`` with the same params and inputs
@@ -16,10 +21,11 @@ epoch, index)) and dropout (a torch seed per iteration) never depend on state lo
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,7 @@ from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augm
 from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
 from lafs.data.sampling import Image, derived_seed, fraction_count, generate_pairs, seeded_order
-from lafs.engine.checkpoint import resume_state, rng_state, save_checkpoint, set_rng_state
+from lafs.engine.checkpoint import load_checkpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import resolve_device, under_torchrun
 from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, embed, frozen_copy
 from lafs.engine.preemption import Preempted, SigtermFlag
@@ -49,6 +55,9 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 MIN_VAL_IDENTITIES = 4  # two identity-disjoint folds of two identities: the least k-fold accuracy needs
+# Finetune params that do not change the trained weights: a warm-start checkpoint written under other values
+# (an Optuna trial logs to the tune experiment, without the tuned-params overlay) continues the same training.
+BOOKKEEPING_PARAMS = ("experiment", "tracking_uri", "tuned_params", "checkpoint_every", "num_workers")
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class FinetunePaths:
     teacher: Path = Path("models/pretrain/teacher_backbone.pt")
     landmark_net: Path = Path("models/landmark_net.pt")
     metrics: Path = Path("metrics/finetune.json")
+    warm_start: Path | None = Path("models/tune_best")  # WarmStart folder continued when out_dir has no last.pt
 
     @property
     def last(self) -> Path:
@@ -78,7 +88,29 @@ class FinetunePaths:
             root / "models" / "pretrain" / "teacher_backbone.pt",
             root / "models" / "landmark_net.pt",
             root / "metrics" / "finetune.json",
+            root / "models" / "tune_best",
         )
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A finetune's first epochs, trained elsewhere (the tune stage's best truncated trial): its ``last.pt``,
+    its best ``model.pt`` so far and ``warm_start.json`` (what it is; ``checkpoint: false`` with a reason when
+    the trials cannot be continued)."""
+
+    folder: Path
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.folder / "model.pt"
+
+    @property
+    def info(self) -> Path:
+        return self.folder / "warm_start.json"
 
 
 @dataclass
@@ -97,9 +129,12 @@ class FinetuneSummary:
     val_history: list[float] = field(default_factory=list)
     run_id: str | None = None
     tuned: dict[str, Any] = field(default_factory=dict)  # the params/best_finetune.yaml overlay applied by run()
+    warm_start: dict[str, Any] = field(default_factory=dict)  # warm_start.json of the trial continued, if any
 
     def describe(self) -> str:
         resumed = f", resumed at iteration {self.resumed_from}" if self.resumed_from else ""
+        if self.warm_start:
+            resumed = f", continued from tune trial #{self.warm_start.get('trial')} at iteration {self.resumed_from}"
         stopped = " (stopped early)" if self.stopped_early else ""
         tuned = f"; tuned params {sorted(self.tuned)}" if self.tuned else ""
         return (
@@ -309,6 +344,34 @@ def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) 
     return {name: file_sha256(f) for name, f in sorted(files.items())}
 
 
+def training_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved finetune section without :data:`BOOKKEEPING_PARAMS`: what must match to continue a run."""
+    return {k: v for k, v in config.items() if k not in BOOKKEEPING_PARAMS}
+
+
+def warm_state(
+    folder: Path, cfg: FinetuneParams, inputs: dict[str, str]
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The checkpoint of a :class:`WarmStart` folder and its ``warm_start.json``, when it continues this exact
+    training (same training params, same input files); else ``(None, {})`` with the reason logged."""
+    ws = WarmStart(folder)
+    info = json.loads(ws.info.read_text()) if ws.info.exists() else {}
+    if not (ws.last.exists() and ws.model.exists()):
+        if info:
+            log.info("finetune: no warm start (%s)", info.get("reason", f"no checkpoint in {folder}"))
+        return None, {}
+    state = load_checkpoint(ws.last)
+    if state.get("inputs") != inputs:
+        log.info("finetune: %s was trained on other inputs; training from the first step", ws.last)
+        return None, {}
+    theirs, ours = training_params(state.get("config", {})), training_params(resolved(cfg))
+    if theirs != ours:
+        changed = sorted(k for k in ours.keys() | theirs.keys() if theirs.get(k) != ours.get(k))
+        log.info("finetune: %s was trained with other %s; training from the first step", ws.last, changed)
+        return None, {}
+    return state, {"trial": None, **info}
+
+
 def train(
     cfg: FinetuneParams,
     paths: FinetunePaths,
@@ -352,6 +415,14 @@ def train(
         input_names="splits, landmark net, teacher",
         restart_on_change=restart_on_change,
     )
+    warm: dict[str, Any] = {}
+    if state is None and paths.warm_start is not None:
+        state, warm = warm_state(paths.warm_start, cfg, inputs)
+        if state is not None:
+            state["mlflow_run_id"] = ""  # the trial's run stays the trial's; this run is the stage's own
+            # The best epoch so far, carrying this run's params (the trial's name its tune experiment).
+            best_so_far = read_model_file(WarmStart(paths.warm_start).model)
+            save_checkpoint({**best_so_far, "config": resolved(cfg)}, paths.model)
     start_it, run_id, progress = 0, None, Progress()
     if state is None:
         paths.model.unlink(missing_ok=True)  # starting over: a model.pt left over is not this run's best
@@ -365,6 +436,8 @@ def train(
         )
     total = cfg.epochs * iters_per_epoch
     tags = {"stage": "finetune", "init": cfg.init, "model": cfg.model, "fewshot_k": str(cfg.fewshot_k)}
+    if warm:
+        tags |= {"warm_start.trial": str(warm.get("trial")), "warm_start.iteration": str(start_it)}
     logger = RunLogger(
         True,
         cfg.experiment,
@@ -375,6 +448,9 @@ def train(
         tags=tags,
         parent_run_id=parent_run_id,
     )
+    if warm:  # the epochs trained by the trial, so this run's validation curve starts at epoch 0
+        for epoch, accuracy in enumerate(progress.history):
+            logger.log_metrics({"val_accuracy": accuracy}, (epoch + 1) * iters_per_epoch)
 
     def checkpoint(it: int) -> None:
         save_checkpoint(
@@ -479,6 +555,7 @@ def train(
         images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
         val_history=list(progress.history),
         run_id=logger.run_id,
+        warm_start=warm,
     )
 
 

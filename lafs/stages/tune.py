@@ -9,6 +9,10 @@ never deletes it). That makes a study durable and shared:
 - **parallel workers**: several ``lafs tune`` processes on one storage share the budget. Before a trial starts,
   the trials already finished or running elsewhere are counted, so the study ends with exactly ``n_trials``.
 
+The best trial's checkpoint is kept and copied to ``models/tune_best/`` (a :class:`WarmStart`): with truncated
+trials of the final schedule (``trial_epochs``, no ``trial_overrides``) it is the final finetune's first epochs,
+which that stage continues instead of training them again.
+
 One MLflow parent run per study (its id is a study user attr, so resumes and workers reuse it); each trial's
 finetune run is its child (``mlflow.parentRunId``), tagged with the trial number and final state. Optuna's
 ``MLflowCallback`` is not used: it logs a *second* run per trial after the fact and opens no parent.
@@ -22,18 +26,18 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lafs.atomic import write_text
+from lafs.atomic import copy_atomic, write_text
 from lafs.config import FinetuneParams, TuneParams, resolved
 from lafs.data.images import file_sha256
 from lafs.stages import StageError, write_metrics
-from lafs.stages.finetune import FinetunePaths, build_recogniser, select_data, train
+from lafs.stages.finetune import FinetunePaths, WarmStart, build_recogniser, select_data, train
 from lafs.tuning.storage import masked, open_storage, storage_url
 from lafs.tuning.tracker import StudyTracker
 from lafs.tuning.trials import counts, pruner, suggest, tally, trial_sampler
@@ -55,6 +59,11 @@ class TunePaths:
     study_dir: Path = Path("models/tune")  # storage (default) and one directory per trial
     best_params: Path = Path("params/best_finetune.yaml")
     metrics: Path = Path("metrics/tune.json")
+
+    @property
+    def warm_start(self) -> Path:
+        """Where the best trial's checkpoint goes: the folder the finetune stage continues from."""
+        return self.finetune.warm_start or self.study_dir / "best"
 
     @classmethod
     def under(cls, root: Path, best_params: str = "params/best_finetune.yaml") -> TunePaths:
@@ -256,7 +265,7 @@ class _Objective:
             try:
                 trial_cfg = self.trial_params(suggest(trial, self.cfg.search_space))
                 trial_paths = dataclasses.replace(
-                    self.paths.finetune, out_dir=out_dir, metrics=out_dir / "metrics.json"
+                    self.paths.finetune, out_dir=out_dir, metrics=out_dir / "metrics.json", warm_start=None
                 )
                 summary = train(trial_cfg, trial_paths, on_epoch=on_epoch, parent_run_id=self.parent_run_id)
             except StageError as exc:  # the finetune refused (e.g. a diverged loss at this lr): a result too
@@ -264,14 +273,14 @@ class _Objective:
             except _Truncated as stop:  # tune.trial_epochs reached: the schedule's first epochs are the trial
                 summary = stop
         except optuna.TrialPruned:
+            _drop_checkpoints(out_dir)
             self.tracker.tag(run_id, {"optuna.state": "PRUNED", "pruned": "true"}, "KILLED")
             raise
         except TrialFailed as exc:
+            _drop_checkpoints(out_dir)
             trial.set_user_attr("error", str(exc))
             self.tracker.tag(run_id, {"optuna.state": "FAIL"}, "FAILED")
             raise
-        finally:
-            _drop_checkpoints(out_dir)
         trial.set_user_attr("best_epoch", summary.best_epoch)
         trial.set_user_attr("epochs_run", summary.epochs_run)
         self.tracker.tag(run_id, {"optuna.state": "COMPLETE"}, "FINISHED" if isinstance(summary, _Truncated) else None)
@@ -282,17 +291,60 @@ class _Objective:
 
 
 def _drop_checkpoints(folder: Path) -> None:
-    """A finished trial needs no weights (finetune retrains the best params): keep only its small files."""
+    """Weights of a trial that is not the best: keep only its small files."""
     for f in folder.rglob("*.pt") if folder.exists() else ():
         f.unlink(missing_ok=True)
 
 
-def _sweep(trials: Sequence[Any], trial_dir: Callable[[int], Path]) -> None:
+def _best_number(study) -> int | None:
     from optuna.trial import TrialState
 
-    for t in trials:
-        if t.state not in (TrialState.RUNNING, TrialState.WAITING):
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return study.best_trial.number if complete else None
+
+
+def _sweep(study, trial_dir: Callable[[int], Path]) -> None:
+    """Drop the checkpoints of every finished trial but the best (one trial's weights on disk, not n_trials')."""
+    from optuna.trial import TrialState
+
+    keep = _best_number(study)
+    for t in study.get_trials(deepcopy=False):
+        if t.state not in (TrialState.RUNNING, TrialState.WAITING) and t.number != keep:
             _drop_checkpoints(trial_dir(t.number))
+
+
+def continuable(cfg: TuneParams) -> str | None:
+    """None when a trial is the final finetune's own schedule (so its checkpoint continues into it), else why
+    not."""
+    if cfg.trial_overrides:
+        return f"trials ran with tune.trial_overrides {dict(cfg.trial_overrides)}, not the final schedule"
+    return None
+
+
+def export_warm_start(cfg: TuneParams, study, trial_dir: Callable[[int], Path], folder: Path) -> dict[str, Any]:
+    """Copy the best trial's checkpoint into the :class:`WarmStart` ``folder`` (or record why there is none);
+    the info written to its ``warm_start.json``."""
+    best = study.best_trial
+    ws, src = WarmStart(folder), WarmStart(trial_dir(best.number))
+    info: dict[str, Any] = {
+        "study": study.study_name,
+        "trial": best.number,
+        "val_accuracy": best.value,
+        "epochs_run": best.user_attrs.get("epochs_run"),
+        "params": dict(best.params),
+    }
+    reason = continuable(cfg)
+    if reason is None and not (src.last.exists() and src.model.exists()):
+        reason = f"trial {best.number}'s checkpoint is gone from {src.folder}"
+    if reason is None:
+        copy_atomic(src.model, ws.model)
+        copy_atomic(src.last, ws.last)
+    else:
+        ws.last.unlink(missing_ok=True)
+        ws.model.unlink(missing_ok=True)
+    info |= {"checkpoint": reason is None} | ({"reason": reason} if reason else {})
+    write_text(ws.info, json.dumps(info, indent=2) + "\n")
+    return info
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -366,16 +418,24 @@ def run(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths = TunePa
                 continue
             study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus), gc_after_trial=True)
             ran += 0 if objective.surplus else 1
+            _sweep(study, trial_dir)
     except BaseException as exc:
         if tally(study.get_trials(deepcopy=False)).running == 0:  # else another worker carries the study on
             tracker.client.set_terminated(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    _sweep(study.get_trials(deepcopy=False), trial_dir)
-    return _finish(cfg, study, paths, tracker, parent, ran, start.finished if resumed else 0)
+    _sweep(study, trial_dir)
+    return _finish(cfg, study, paths, tracker, parent, ran, start.finished if resumed else 0, trial_dir)
 
 
 def _finish(
-    cfg: TuneParams, study, paths: TunePaths, tracker: StudyTracker, parent: str, ran: int, resumed: int
+    cfg: TuneParams,
+    study,
+    paths: TunePaths,
+    tracker: StudyTracker,
+    parent: str,
+    ran: int,
+    resumed: int,
+    trial_dir: Callable[[int], Path],
 ) -> TuneSummary:
     """Write the best trial's params and the study metrics; log the best to the parent run."""
     from optuna.trial import TrialState
@@ -398,9 +458,16 @@ def _finish(
         "Overlaid on params.yaml's finetune section by `lafs finetune` (finetune.tuned_params).\n"
     )
     write_text(paths.best_params, header + yaml.safe_dump(dict(best.params), sort_keys=True))
+    warm = export_warm_start(cfg, study, trial_dir, paths.warm_start)
     write_metrics(
         paths.metrics,
-        {**metrics, "best_value": best.value, "best_trial": best.number, "best_params": dict(best.params)},
+        {
+            **metrics,
+            "best_value": best.value,
+            "best_trial": best.number,
+            "best_params": dict(best.params),
+            "warm_start": {k: warm[k] for k in ("checkpoint", "epochs_run", "reason") if k in warm},
+        },
     )
     tracker.client.log_metric(parent, "best_val_accuracy", best.value, step=final.finished)
     # tags, not params: MLflow params are immutable and a resumed study with a larger n_trials may find a new best
