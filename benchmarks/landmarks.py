@@ -130,7 +130,8 @@ def variant_ours(project: Path, models_root: str, det_size: int, workers: int, r
     import insightface.model_zoo  # noqa: F401
     import pyarrow.parquet as pq
 
-    from lafs.config import LandmarksParams
+    from lafs.config import LandmarksParams, Params
+    from lafs.layout import Layout
     from lafs.stages import landmarks
 
     import_s = time.perf_counter() - start
@@ -140,7 +141,7 @@ def variant_ours(project: Path, models_root: str, det_size: int, workers: int, r
     cfg = LandmarksParams(models_root=models_root, det_size=det_size, workers=workers, max_reject_fraction=1.0)
     with PeakMemory() as mem:
         t0, c0 = time.perf_counter(), _cpu_seconds()
-        summary = landmarks.run(cfg, project)
+        summary = landmarks.run(Params(landmarks=cfg), Layout(project))
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     table = pq.read_table(project / "data" / "landmarks.parquet", columns=["path", "bbox", "kps5"]).to_pylist()
     result.write_text(

@@ -20,6 +20,7 @@ from typing import Any
 
 from lafs.config import load_params
 from lafs.eval.significance import paired_test
+from lafs.layout import Layout
 from lafs.stages.compare import evaluate_on_test_pairs
 from lafs.stages.finetune import FinetunePaths, train
 
@@ -41,16 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = args.root
     params = load_params(root / "params.yaml")
-    tune = json.loads((root / "metrics" / "tune.json").read_text())
+    tune = json.loads(Layout(root).metrics("tune").read_text())
     study = trials(root, tune["study"])
     default = params.finetune.model_copy(update={"tuned_params": None})
     start = time.perf_counter()
-    paths = FinetunePaths.under(root, root / "models" / "finetune_default")
+    layout = Layout(root)
+    paths = FinetunePaths.of(layout, layout.models / "finetune_default")
     summary = train(default, paths, restart_on_change=True)
     seconds = time.perf_counter() - start
     flip = params.evaluate.flip
-    tuned_report, tuned = evaluate_on_test_pairs(root / "models" / "finetune" / "model.pt", root, 64, flip)
-    default_report, base = evaluate_on_test_pairs(paths.model, root, 64, flip)
+    tuned_report, tuned = evaluate_on_test_pairs(layout.model, layout, 64, flip)
+    default_report, base = evaluate_on_test_pairs(paths.model, layout, 64, flip)
     result = {
         "cpu": platform.processor() or platform.machine(),
         "trials": study,

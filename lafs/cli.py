@@ -1,9 +1,11 @@
 """``lafs <stage>``: the command line that ``dvc.yaml`` stages and people call.
 
-Every stage subcommand takes the same options (``--params``, ``--set key=value``, ``--out``), loads and
-validates the params once, and calls the stage's ``run`` function; adding a stage is one small function
-decorated with :func:`stage`. Expected failures (bad params, a stage refusing its input) print one
-``error:`` line and exit 1; anything else is a bug and keeps its traceback.
+Every pipeline stage is one row of :data:`PIPELINE` and one call, the stage contract of :mod:`lafs.stages`:
+``lafs.stages.<name>.run(params, Layout(--root), RunOptions(...))``, with the same options everywhere
+(``--params``, ``--set key=value``, ``--root``, ``--restart-on-change``). A few commands add their own options
+(pretrain: ``--checkpoint-uri`` and the torchrun relaunch; evaluate: scoring any ``--model``; compare: its
+report folder). Expected failures (bad params, a stage refusing its input) print one ``error:`` line and
+exit 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import yaml
 
 from lafs.config import PARAMS_FILE, ConfigError, Params, load_params
 from lafs.faces import FaceModelError
-from lafs.stages import StageError
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError
 from lafs.tracking import ModelSpecError
 
 StageFn = Callable[[Params, argparse.Namespace], str]
@@ -37,13 +40,28 @@ class Stage:
 
 STAGES: dict[str, Stage] = {}
 
+# The dvc.yaml stages, in pipeline order: name -> help. Each is `lafs.stages.<name>.run` (lafs.stages).
+PIPELINE = {
+    "ingest": "copy face photos from ingest.source into data/raw and write data/manifest.parquet",
+    "landmarks": "detect, align to 112x112 and place dense landmarks: data/aligned, data/landmarks.parquet",
+    "validate": "check data/manifest.parquet and data/landmarks.parquet with great-expectations",
+    "split": "identity-disjoint ssl/finetune/test sets, few-shot views and verification pairs (data/splits)",
+    "landmark_net": "train the landmark CNN on the dense landmarks: models/landmark_net.pt",
+    "pretrain": "self-supervised pretraining (LAFS / DINO-face / ProS) into models/pretrain, torchrun-aware",
+    "tune": "Optuna search over the finetune params, one finetune run (an MLflow child run) per trial: "
+    "params/best_finetune.yaml, models/tune_best; rerun to resume, start several to share the study",
+    "finetune": "supervised finetuning (margin head, landmark regulariser) of the pretrained backbone: "
+    "models/finetune/model.pt",
+    "export": "export models/finetune/model.pt to models/model.onnx and check parity with PyTorch",
+    "evaluate": "verification, few-shot and latency of the finetuned model (metrics/eval.json, plots/), or of "
+    "any --model on --images + --pairs",
+    "register": "log the evaluated model to the MLflow Model Registry (alias challenger) as a served pyfunc "
+    "(detector + ONNX recogniser + threshold), run the promotion gate: metrics/promotion.json",
+}
+
 
 def stage(name: str, help: str, options: OptionsFn | None = None) -> Callable[[StageFn], StageFn]:
-    """Register ``fn(params, args) -> one-line summary`` as ``lafs <name>``; ``options`` adds stage flags.
-
-    Every stage gets ``--params``, ``--set`` and ``--out`` (the project root, unless ``options`` gives
-    ``--out`` its own meaning, as ``pretrain`` does for its checkpoint directory).
-    """
+    """Register ``fn(params, args) -> one-line summary`` as ``lafs <name>``; ``options`` adds its flags."""
 
     def register(fn: StageFn) -> StageFn:
         STAGES[name] = Stage(help, fn, options)
@@ -52,161 +70,65 @@ def stage(name: str, help: str, options: OptionsFn | None = None) -> Callable[[S
     return register
 
 
-def _root_out(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("."), help="project root for outputs (default: .)")
-
-
-def _simple_stage(name: str, help: str) -> None:
-    """Register a stage whose ``lafs.stages.<name>.run(params.<name>, out_dir)`` needs nothing else."""
-
-    def call(params: Params, args: argparse.Namespace) -> str:
-        module = importlib.import_module(f"lafs.stages.{name}")  # lazily: torch/GX load only when needed
-        return module.run(getattr(params, name), args.out).describe()
-
-    stage(name, help)(call)
-
-
-_simple_stage("ingest", "copy face photos from ingest.source into data/raw and write data/manifest.parquet")
-_simple_stage("landmarks", "detect, align to 112x112 and place dense landmarks: data/aligned, data/landmarks.parquet")
-_simple_stage("validate", "check data/manifest.parquet and data/landmarks.parquet with great-expectations")
-_simple_stage("split", "identity-disjoint ssl/finetune/test sets, few-shot views and verification pairs (data/splits)")
-
-
-@stage("landmark_net", "train the landmark CNN on the dense landmarks: models/landmark_net.pt")
-def _landmark_net(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import landmark_net
-
-    root = args.out
-    paths = landmark_net.LandmarkNetPaths(
-        root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"
-    )
-    return landmark_net.run(params.landmark_net, paths).describe()
-
-
-def _pretrain_options(parser: argparse.ArgumentParser) -> None:
+def _stage_options(parser: argparse.ArgumentParser, out_alias: bool = True) -> None:
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("models/pretrain"),
-        help="checkpoint directory: DIR/last.pt is the latest state, resumed automatically (default: %(default)s)",
+        "--root", type=Path, default=Path("."), help="project root: every file is below it (lafs.layout; default: .)"
     )
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root holding data/ (default: .)")
-    parser.add_argument("--checkpoint-uri", default=None, help="s3://bucket/prefix mirror of DIR/last.pt")
+    if out_alias:  # --root's name before lafs.layout
+        parser.add_argument("--out", dest="root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--restart-on-change",
         action="store_true",
-        help="if DIR/last.pt was written with other params, set it aside and start over "
-        "(dvc.yaml uses this: a params change means a new run)",
+        help="checkpointed stages (pretrain, finetune): if the checkpoint was written with other params or "
+        "inputs, set it aside (*.previous.pt) and start over instead of refusing (dvc.yaml uses this)",
     )
 
 
-@stage("pretrain", "self-supervised pretraining (LAFS / DINO-face / ProS), torchrun-aware", _pretrain_options)
+def run_stage(name: str, params: Params, args: argparse.Namespace) -> str:
+    """The stage contract: ``lafs.stages.<name>.run(params, layout, options)`` (imported lazily: torch / GX
+    load only for the stages that need them)."""
+    module = importlib.import_module(f"lafs.stages.{name}")
+    options = RunOptions(restart_on_change=args.restart_on_change)
+    summary = module.run(params, Layout(args.root), options)
+    return str(summary.describe())
+
+
+def _pipeline_stage(name: str, fn: StageFn | None = None, extra: OptionsFn | None = None) -> None:
+    """Register ``lafs <name>``: :func:`run_stage`, or ``fn`` for a stage with ``extra`` flags of its own."""
+
+    def options(parser: argparse.ArgumentParser) -> None:
+        _stage_options(parser, out_alias=name != "evaluate")  # evaluate --model has its own --out
+        if extra is not None:
+            extra(parser)
+
+    stage(name, PIPELINE[name], options)(fn or (lambda params, args: run_stage(name, params, args)))
+
+
+def _pretrain_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-uri", default=None, help="s3://bucket/prefix mirror of models/pretrain/last.pt")
+
+
 def _pretrain(params: Params, args: argparse.Namespace) -> str:
+    """Under torchrun already (or one process): the stage; else relaunch this command under torchrun."""
     from lafs.engine.distributed import relaunch_with_torchrun, resolve_nproc, under_torchrun
-    from lafs.stages import pretrain
 
     cfg = params.pretrain
     if args.checkpoint_uri:
-        cfg = cfg.model_copy(update={"checkpoint_uri": args.checkpoint_uri})
+        params = params.model_copy(update={"pretrain": cfg.model_copy(update={"checkpoint_uri": args.checkpoint_uri})})
     nproc = resolve_nproc(cfg.nproc_per_node)
     if not under_torchrun() and (nproc > 1 or cfg.nnodes > 1):
         code = relaunch_with_torchrun(sys.argv[1:], nproc, cfg.nnodes, cfg.node_rank, cfg.rdzv_endpoint)
         if code:
             raise StageError(f"torchrun with {nproc} process(es) x {cfg.nnodes} node(s) failed (see above)")
-        return f"pretrained with {nproc} process(es) per node on {cfg.nnodes} node(s); checkpoints in {args.out}"
-    root = args.root
-    paths = pretrain.PretrainPaths(
-        root=root,
-        data_dir=root / "data",
-        out_dir=args.out,
-        landmark_net=root / "models" / "landmark_net.pt",
-        metrics=root / "metrics" / "pretrain.json",
-    )
-    return pretrain.run(cfg, paths, restart_on_change=args.restart_on_change).describe()
-
-
-@stage(
-    "tune",
-    "Optuna search over the finetune params, one finetune run (an MLflow child run) per trial: "
-    "params/best_finetune.yaml, metrics/tune.json; rerun to resume, start several to share the study",
-)
-def _tune(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import tune
-
-    return tune.run(params.tune, params.finetune, tune.TunePaths.under(args.out, params.tune.out)).describe()
-
-
-def _finetune_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("models/finetune"),
-        help="output directory: DIR/model.pt is the best epoch's recogniser, DIR/last.pt the latest "
-        "state, resumed automatically (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("."),
-        help="project root holding data/, models/ and params/best_finetune.yaml (default: .)",
-    )
-    parser.add_argument(
-        "--restart-on-change",
-        action="store_true",
-        help="if DIR/last.pt was written with other params or inputs, set it aside and start over (dvc.yaml uses this)",
-    )
-
-
-@stage(
-    "finetune",
-    "supervised finetuning (margin head, landmark regulariser) of the pretrained backbone: "
-    "models/finetune/model.pt, metrics/finetune.json",
-    _finetune_options,
-)
-def _finetune(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import finetune
-
-    paths = finetune.FinetunePaths.under(args.root, args.out)
-    return finetune.run(params.finetune, paths, restart_on_change=args.restart_on_change).describe()
-
-
-def _compare_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("reports/comparison"),
-        help="one folder per cell (a cell with a result.json is skipped: rerun to resume); the "
-        "table is written to OUT.md (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("."),
-        help="project root holding data/ and models/landmark_net.pt (default: .)",
-    )
-
-
-@stage(
-    "compare",
-    "scratch vs DINO-face vs LAFS pretraining x full / few-shot finetuning at equal budgets: "
-    "reports/comparison.md (not a DVC stage; `make compare`)",
-    _compare_options,
-)
-def _compare(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import compare
-
-    paths = compare.ComparePaths(args.root, args.out)
-    return compare.run(params.compare, params.pretrain, params.finetune, paths).describe()
-
-
-_simple_stage("export", "export models/finetune/model.pt to models/model.onnx and check parity with PyTorch")
+        return f"pretrained with {nproc} process(es) per node on {cfg.nnodes} node(s) into {Layout(args.root).pretrain}"
+    return run_stage("pretrain", params, args)
 
 
 def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="evaluate this model file (.pt), exported .onnx, models:/<name>@<alias> (or runs:/, a "
+        help="score this model instead: an .onnx / .pt file, a models:/ or runs:/ URI (or a served "
         "pyfunc folder), dlib_resnet, pixels or hog on "
         "--images/--pairs instead of the pipeline's finetuned model",
     )
@@ -220,26 +142,21 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="with --model: output folder (metrics.json, evaluation.md, roc.png, scores.png, "
-        "roc.csv); without: the project root (default: .)",
+        help="with --model: output folder (metrics.json, evaluation.md, roc.png, scores.png, roc.csv); "
+        "without: the project root, like --root",
     )
     parser.add_argument(
         "--no-floors",
         action="store_true",
-        help="with --model: the model alone, without the evaluate.floors and evaluate.ceiling "
+        help="with --model: score only that model, without the pixel / HOG floors and the dlib ceiling "
         "scored beside it (the pipeline form: set evaluate.floors / evaluate.ceiling)",
     )
 
 
-@stage(
-    "evaluate",
-    "verification, few-shot and latency of the finetuned model (metrics/eval.json, plots/), or of "
-    "any --model on --images + --pairs",
-    _evaluate_options,
-)
 def _evaluate(params: Params, args: argparse.Namespace) -> str:
     from lafs.stages import evaluate
 
+    out = args.out
     if args.model is None:
         if args.images is not None or args.pairs is not None:
             raise ConfigError(
@@ -250,33 +167,53 @@ def _evaluate(params: Params, args: argparse.Namespace) -> str:
                 "--no-floors goes with --model; the pipeline form reads evaluate.floors / "
                 "evaluate.ceiling (e.g. --set floors=[] --set ceiling=null)"
             )
-        paths = evaluate.EvaluatePaths(args.out or Path("."))
-        return evaluate.run(params.evaluate, params.landmarks, paths).describe()
-    missing = [
-        flag
-        for flag, value in (("--images", args.images), ("--pairs", args.pairs), ("--out", args.out))
-        if value is None
-    ]
+        if out is not None:
+            args.root = out
+        return run_stage("evaluate", params, args)
+    flags = (("--images", args.images), ("--pairs", args.pairs), ("--out", out))
+    missing = [flag for flag, value in flags if value is None]
     if missing:
         raise ConfigError(
             f"--model needs {', '.join(missing)} (e.g. lafs evaluate --model dlib_resnet --images "
             "../shared/data/lfw_subset --pairs ../shared/data/lfw_subset_pairs.txt --out /tmp/eval)"
         )
+    assert out is not None
     return evaluate.run_model(
-        params.evaluate, params.landmarks, args.model, args.images, args.pairs, args.out, baselines=not args.no_floors
+        params.evaluate, params.landmarks, args.model, args.images, args.pairs, out, baselines=not args.no_floors
     ).describe()
 
 
-@stage(
-    "register",
-    "log the evaluated model to the MLflow Model Registry (alias challenger) as a served pyfunc "
-    "(detector + ONNX recogniser + threshold), run the promotion gate: metrics/promotion.json, "
-    "reports/promotion.md",
-)
-def _register(params: Params, args: argparse.Namespace) -> str:
-    from lafs.stages import register
+_CUSTOM: dict[str, tuple[StageFn, OptionsFn]] = {
+    "pretrain": (_pretrain, _pretrain_options),
+    "evaluate": (_evaluate, _evaluate_options),
+}
+for _name in PIPELINE:
+    _pipeline_stage(_name, *_CUSTOM.get(_name, (None, None)))
 
-    return register.run(params.register, args.out, landmarks=params.landmarks).describe()
+
+def _compare_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: .)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder of the cells' results and pretrainings; the table is written to OUT.md "
+        "(default: reports/comparison)",
+    )
+
+
+@stage(
+    "compare",
+    "scratch vs DINO-face vs LAFS pretraining x full / few-shot finetuning at equal budgets: "
+    "reports/comparison.md (not a DVC stage; `make compare`)",
+    _compare_options,
+)
+def _compare(params: Params, args: argparse.Namespace) -> str:
+    from lafs.stages import compare
+
+    layout = Layout(args.root)
+    paths = compare.ComparePaths(layout, args.out or layout.comparison)
+    return compare.compare(params.compare, params.pretrain, params.finetune, paths).describe()
 
 
 def _promote_options(parser: argparse.ArgumentParser) -> None:
@@ -512,7 +449,8 @@ def _build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a param for this call only (repeatable); `lafs set-params` changes params.yaml",
         )
-        (spec.options or _root_out)(p)
+        if spec.options is not None:
+            spec.options(p)
     p = sub.add_parser(
         "set-params",
         help="set values in params.yaml, comments kept (what `dvc exp run "

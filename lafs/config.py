@@ -180,6 +180,7 @@ class LandmarkNetParams(Section):
     num_workers: int = Field(0, ge=0)
     threads: int = Field(0, ge=0)  # torch intra-op threads while training; 0 = torch's default (all cores)
     seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (plus one at each epoch end)
     max_nme: float = Field(0.2, gt=0.0)  # sanity gate on held-out NME (fraction of eye distance); goal: 0.05
 
 

@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,6 +282,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, sha
     ``models/pretrain/teacher_backbone.pt``. Treat it as read-only (write outputs to your own tmp dirs);
     ``TINY_PROJECT`` holds the params used."""
     from lafs.config import parse_params
+    from lafs.layout import Layout
     from lafs.stages import ingest, landmark_net, landmarks, pretrain, split
 
     root = tmp_path_factory.mktemp("tiny_project")
@@ -293,25 +295,9 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, sha
     )
     with pytest.MonkeyPatch.context() as mp, single_torch_thread():
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")  # the stages' runs: a throwaway store
-        ingest.run(params.ingest, root)
-        landmarks.run(params.landmarks, root)
-        split.run(params.split, root)
-        landmark_net.run(
-            params.landmark_net,
-            landmark_net.LandmarkNetPaths(
-                root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"
-            ),
-        )
-        pretrain.run(
-            params.pretrain,
-            pretrain.PretrainPaths(
-                root,
-                root / "data",
-                root / "models" / "pretrain",
-                root / "models" / "landmark_net.pt",
-                root / "metrics" / "pretrain.json",
-            ),
-        )
+        layout = Layout(root)
+        for stage in (ingest, landmarks, split, landmark_net, pretrain):
+            stage.run(params, layout)
     return root
 
 
@@ -339,6 +325,20 @@ _COPY_SKIP_AT_ROOT = {
     "optuna.db",
 }
 _COPY_SKIP_ANYWHERE = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def section_runner(stage: str) -> Callable[[Any, Path], Any]:
+    """``run(cfg, root)`` for a stage: the stage contract with ``cfg`` as its params section (the others at their
+    defaults) on the project at ``root``."""
+    import importlib
+
+    from lafs.config import Params
+    from lafs.layout import Layout
+
+    def run(cfg: Any, root: Path) -> Any:
+        return importlib.import_module(f"lafs.stages.{stage}").run(Params(**{stage: cfg}), Layout(Path(root)))
+
+    return run
 
 
 def set_run(root: Path, run: dict[str, dict]) -> None:

@@ -9,7 +9,9 @@ import pytest
 from conftest import TINY_PROJECT, single_torch_thread
 
 from lafs.config import parse_params
-from lafs.stages.compare import ComparePaths, cells, finetune_config, pretrain_config, run
+from lafs.layout import Layout
+from lafs.stages.compare import ComparePaths, cells, finetune_config, pretrain_config
+from lafs.stages.compare import compare as run
 
 FINETUNE = {
     "model": "lafs_vit_tiny",
@@ -63,7 +65,7 @@ def test_compare_fills_the_table_logs_a_parent_run_and_resumes(tiny_project, tmp
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = _params()
-    paths = ComparePaths(tiny_project, tmp_path / "reports" / "comparison")
+    paths = ComparePaths(Layout(tiny_project), tmp_path / "reports" / "comparison")
     with single_torch_thread():
         summary = run(params.compare, params.pretrain, params.finetune, paths)
     assert sorted(summary.ran) == sorted(c.name for c in cells(params.compare)) and not summary.skipped

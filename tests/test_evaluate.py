@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from lafs.cli import main
-from lafs.config import EvaluateParams, ExportParams, LandmarksParams
+from lafs.config import EvaluateParams, ExportParams, LandmarksParams, Params
 from lafs.eval.embedders import load_embedder
 from lafs.eval.latency import budget_report, end_to_end, measure_latency
 from lafs.eval.photos import FaceFinder
+from lafs.layout import Layout
 from lafs.stages.evaluate import WRONG_SCORE, apply_missed_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,7 +279,7 @@ def evaluated_project(tiny_project, tmp_path_factory, shared):
     model = create_model(teacher["model"], **kwargs)
     model.load_state_dict({**teacher["state_dict"], **{f"landmark_net.{k}": v for k, v in net["state_dict"].items()}})
     save_model(model, teacher["model"], kwargs, root / "models" / "finetune" / "model.pt", embed_dim=model.embed_dim)
-    export_stage.run(ExportParams(parity_images=8), root)
+    export_stage.run(Params(export=ExportParams(parity_images=8)), Layout(root))
 
     uri = f"sqlite:///{root.parent / 'mlflow.db'}"
     cfg = EvaluateParams(
@@ -290,7 +291,8 @@ def evaluated_project(tiny_project, tmp_path_factory, shared):
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        summary = evaluate.run(cfg, LandmarksParams(models_root=str(shared / "models")), evaluate.EvaluatePaths(root))
+        params = Params(evaluate=cfg, landmarks=LandmarksParams(models_root=str(shared / "models")))
+        summary = evaluate.run(params, Layout(root))
     return root, uri, summary
 
 

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lafs.config import ExportParams
+from lafs.config import ExportParams, Params
 from lafs.eval.embedders import OnnxEmbedder, load_embedder
 from lafs.export import ExportError, export_onnx, parity, require_parity
+from lafs.layout import Layout
 from lafs.models.io import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_export_stage_writes_onnx_and_parity_metrics(tmp_path, tiny_model_file, 
     (root / "data" / "splits").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(root / "data" / "splits" / "test.csv", index=False)
 
-    summary = export_stage.run(ExportParams(parity_images=6), root)
+    summary = export_stage.run(Params(export=ExportParams(parity_images=6)), Layout(root))
     assert summary.images == 6 and summary.min_cosine >= 0.9999
     metrics = json.loads((root / "metrics" / "export.json").read_text())
     assert metrics["passed"] is True and metrics["opset"] == 17 and metrics["images"] == 6
@@ -88,7 +89,7 @@ def test_export_stage_writes_onnx_and_parity_metrics(tmp_path, tiny_model_file, 
 
     (root / "data" / "splits" / "test.csv").unlink()
     with pytest.raises(StageError, match="run the split stage"):
-        export_stage.run(ExportParams(), root)
+        export_stage.run(Params(), Layout(root))
 
 
 @pytest.mark.integration  # several processes / a real training run

@@ -24,6 +24,7 @@ from lafs.config import ConfigError, FinetuneParams
 from lafs.data.datasets import LabelledFaces
 from lafs.engine.checkpoint import load_checkpoint
 from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, frozen_copy, reg_weight_schedule
+from lafs.layout import Layout
 from lafs.losses.landmark_reg import OFFICIAL_SCHEDULE
 from lafs.models.io import load_model, read_model_file
 from lafs.stages import StageError
@@ -71,7 +72,7 @@ def _cfg(**overrides) -> FinetuneParams:
 
 def _paths(project: Path, out: Path) -> FinetunePaths:
     """The project's inputs, outputs in ``out`` (the session project stays read-only)."""
-    return replace(FinetunePaths.under(project, out / "ft"), metrics=out / "finetune.json")
+    return replace(FinetunePaths.of(Layout(project), out / "ft"), metrics=out / "finetune.json")
 
 
 def _runs(uri: str, experiment: str = "t-finetune"):
@@ -172,17 +173,17 @@ def test_a_backbone_other_than_the_pretrained_one_fails_clearly(tiny_project, tm
 def test_tuned_params_overlay_validates_keys_and_values(tmp_path):
     tuned = tmp_path / "best.yaml"
     cfg = _cfg(tuned_params=str(tuned))
-    assert tuned_overlay(cfg, tmp_path) == (cfg, {})  # absent file: the section as it is
+    assert tuned_overlay(cfg, Layout(tmp_path)) == (cfg, {})  # absent file: the section as it is
     tuned.write_text(yaml.safe_dump({"lr": 0.003, "reg_weight": 0.25, "head": "arcface"}))
-    overlaid, applied = tuned_overlay(cfg, tmp_path)
+    overlaid, applied = tuned_overlay(cfg, Layout(tmp_path))
     assert (overlaid.lr, overlaid.reg_weight, overlaid.head, overlaid.epochs) == (0.003, 0.25, "arcface", 2)
     assert applied == {"lr": 0.003, "reg_weight": 0.25, "head": "arcface"}
     tuned.write_text(yaml.safe_dump({"lr": 0.003, "learning_rat": 0.1}))
     with pytest.raises(ConfigError, match=r"best\.yaml(.|\n)*learning_rat: unknown key"):
-        tuned_overlay(cfg, tmp_path)
+        tuned_overlay(cfg, Layout(tmp_path))
     tuned.write_text(yaml.safe_dump({"reg_weight": -1}))
     with pytest.raises(ConfigError, match=r"reg_weight: Input should be greater than or equal to 0"):
-        tuned_overlay(cfg, tmp_path)
+        tuned_overlay(cfg, Layout(tmp_path))
 
 
 def test_cli_run_writes_the_best_model_metrics_and_mlflow_run(tiny_project, tmp_path, _fast_and_tracked):
@@ -203,8 +204,6 @@ def test_cli_run_writes_the_best_model_metrics_and_mlflow_run(tiny_project, tmp_
             str(REPO / "params.yaml"),
             "--root",
             str(root),
-            "--out",
-            str(root / "models" / "finetune"),
             *args,
         ]
     )
@@ -224,7 +223,7 @@ def test_cli_run_writes_the_best_model_metrics_and_mlflow_run(tiny_project, tmp_
     assert emb.shape == (3, state["embed_dim"]) and torch.isfinite(emb).all()
     # model.pt is the best epoch: re-validating the rebuilt model gives the recorded best accuracy
     cfg = FinetuneParams(**state["config"])
-    data = select_data(cfg, FinetunePaths.under(root))
+    data = select_data(cfg, FinetunePaths.of(Layout(root)))
     loader = DataLoader(LabelledFaces([root / p for p in data.val_paths], [0] * len(data.val_paths)), batch_size=8)
     assert validate(model, loader, data.val_paths, data.val_pairs, torch.device("cpu"))[
         "val_accuracy"
@@ -336,9 +335,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_project, tmp_pat
 def _script(project: Path, out: Path, cfg: dict) -> list[str]:
     code = (
         "import json, torch\nfrom dataclasses import replace\nfrom pathlib import Path\n"
-        "from lafs.config import FinetuneParams\nfrom lafs.stages.finetune import FinetunePaths, train\n"
+        "from lafs.config import FinetuneParams\nfrom lafs.layout import Layout\n"
+        "from lafs.stages.finetune import FinetunePaths, train\n"
         f"cfg = FinetuneParams(**json.loads({json.dumps(json.dumps(cfg))}))\n"
-        f"paths = replace(FinetunePaths.under(Path({str(project)!r}), Path({str(out)!r})),"
+        f"paths = replace(FinetunePaths.of(Layout(Path({str(project)!r})), Path({str(out)!r})),"
         f" metrics=Path({str(out)!r}) / 'metrics.json')\n"
         "print(train(cfg, paths).describe())\n"
     )

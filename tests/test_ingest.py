@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import section_runner
 from PIL import Image
 
 from lafs.cli import main
@@ -29,7 +30,9 @@ from lafs.data import images
 from lafs.data.images import ImageRejected, decode_image, load_rgb
 from lafs.data.sources import SourceError, SourceFile, iter_folder, iter_s3
 from lafs.stages import ingest
-from lafs.stages.ingest import IngestError, check_accounting, run, select_identities
+from lafs.stages.ingest import IngestError, check_accounting, select_identities
+
+run = section_runner("ingest")
 
 MAX_PIXELS = 40_000_000
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from lafs.cli import _build_parser
+from lafs.layout import Layout
 
 MANIFEST = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "pytorchjob.yaml"
 
@@ -29,10 +30,12 @@ def test_pytorchjob_runs_torchrun_lafs_pretrain_on_every_node():
         assert cmd[:4] == ["torchrun", "--module", "lafs", "pretrain"]
         # the arguments after `torchrun --module lafs` must be a valid `lafs` command line
         args = _build_parser().parse_args(cmd[3:])
-        assert args.command == "pretrain" and str(args.out).startswith("/checkpoints")
+        assert args.command == "pretrain"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == nproc
-        mounts = {m["mountPath"] for m in container["volumeMounts"]}
-        assert {"/checkpoints", "/dev/shm"} <= mounts
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        # the checkpoint volume backs the stage's own folder below the project root (the working directory)
+        assert mounts["checkpoints"] == str(Layout(Path(container["workingDir"]) / args.root).pretrain)
+        assert mounts["dshm"] == "/dev/shm"
         assert any(e.get("secretRef", {}).get("name") == "lafs-s3" for e in container["envFrom"])
         assert pod["initContainers"][0]["command"][:2] == ["dvc", "pull"]
         volumes = {v["name"]: v for v in pod["volumes"]}

@@ -12,9 +12,11 @@ import torch
 from lafs.config import parse_params
 from lafs.data.datasets import read_face
 from lafs.engine.checkpoint import load_checkpoint
+from lafs.layout import Layout
 from lafs.models import create_model
 from lafs.stages import StageError
-from lafs.stages.landmark_net import LandmarkNetPaths, _table, normalised_mean_error, run
+from lafs.stages.landmark_net import LandmarkNetPaths, _table, normalised_mean_error
+from lafs.stages.landmark_net import train as run
 
 
 def test_nme_is_normalised_by_eye_distance():
@@ -37,9 +39,8 @@ def pipeline_data(tmp_path_factory, lfw_subset, shared) -> Path:
             "split": {"test_fraction": 0.4, "folds": 2, "pairs_per_fold": 4},
         }
     )
-    ingest.run(params.ingest, root)
-    landmarks.run(params.landmarks, root)
-    split.run(params.split, root)
+    for stage in (ingest, landmarks, split):
+        stage.run(params, Layout(root))
     return root
 
 
@@ -47,7 +48,9 @@ def test_landmark_net_trains_and_saves_a_loadable_net(pipeline_data, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     root = pipeline_data
     cfg = parse_params({"landmark_net": {"epochs": 2, "batch_size": 8, "num_workers": 0, "max_nme": 10.0}}).landmark_net
-    paths = LandmarkNetPaths(root, root / "data", tmp_path / "landmark_net.pt", tmp_path / "landmark_net.json")
+    paths = LandmarkNetPaths(
+        Layout(root), tmp_path / "landmark_net.pt", tmp_path / "landmark_net.json", tmp_path / "landmark_net.last.pt"
+    )
     summary = run(cfg, paths)
     assert summary.train_images > 0 and summary.heldout_images > 0
     metrics = json.loads(paths.metrics.read_text())
@@ -78,7 +81,7 @@ def test_landmark_net_learns_beyond_the_mean_shape(pipeline_data, monkeypatch, t
             }
         }
     ).landmark_net
-    paths = LandmarkNetPaths(root, root / "data", tmp_path / "net.pt", tmp_path / "net.json")
+    paths = LandmarkNetPaths(Layout(root), tmp_path / "net.pt", tmp_path / "net.json", tmp_path / "net.last.pt")
     summary = run(cfg, paths)
     assert 0.0 < summary.crop_nme < 10.0 and summary.mean_shape_nme > 0.0
     state = load_checkpoint(paths.model)
@@ -99,7 +102,47 @@ def test_landmark_net_fails_above_max_nme(pipeline_data, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     root = pipeline_data
     cfg = parse_params({"landmark_net": {"epochs": 1, "batch_size": 8, "num_workers": 0, "max_nme": 1e-4}}).landmark_net
-    paths = LandmarkNetPaths(root, root / "data", tmp_path / "net.pt", tmp_path / "net.json")
+    paths = LandmarkNetPaths(Layout(root), tmp_path / "net.pt", tmp_path / "net.json", tmp_path / "net.last.pt")
     with pytest.raises(StageError, match=r"above landmark_net\.max_nme"):
         run(cfg, paths)
     assert paths.metrics.exists()  # the numbers are kept for the reader
+
+
+def test_a_sigtermed_landmark_net_resumes_to_the_uninterrupted_weights(pipeline_data, monkeypatch, tmp_path):
+    """The shared training loop: SIGTERM mid-epoch writes a checkpoint and stops (Preempted, exit 143 from the
+    CLI); the rerun resumes there and ends with exactly the weights of a run never interrupted."""
+    import os
+    import signal
+
+    from lafs.engine.preemption import Preempted
+    from lafs.stages import landmark_net
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    root = pipeline_data
+    cfg = parse_params(
+        {"landmark_net": {"epochs": 2, "batch_size": 8, "num_workers": 0, "max_nme": 10.0, "checkpoint_every": 3}}
+    ).landmark_net
+
+    def paths(name: str) -> LandmarkNetPaths:
+        return LandmarkNetPaths(
+            Layout(root), tmp_path / f"{name}.pt", tmp_path / f"{name}.json", tmp_path / f"{name}.last.pt"
+        )
+
+    run(cfg, paths("whole"))
+    real_loss, calls = landmark_net._loss, []
+
+    def loss_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # mid-epoch, between periodic checkpoints
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(landmark_net, "_loss", loss_then_sigterm)
+    with pytest.raises(Preempted, match="SIGTERM at iteration 4"):
+        run(cfg, paths("killed"))
+    assert load_checkpoint(tmp_path / "killed.last.pt")["iteration"] == 4
+    monkeypatch.setattr(landmark_net, "_loss", real_loss)
+    run(cfg, paths("killed"))
+    whole, resumed = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(tmp_path / "killed.pt")
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key

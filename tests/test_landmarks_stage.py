@@ -15,13 +15,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import section_runner
 from PIL import Image
 
 from lafs.config import LandmarksParams, parse_params
 from lafs.data.images import load_rgb
+from lafs.faces import pipeline as face_pipeline
+from lafs.faces import pool as face_pool
 from lafs.faces.detect import FaceDetector
-from lafs.stages import landmarks
-from lafs.stages.landmarks import LandmarksError, run
+from lafs.faces.pipeline import LandmarksError
+
+run = section_runner("landmarks")
 
 N_BASE = 12  # real photos in the first run
 N_NEW = 4  # photos added for the incremental run
@@ -146,10 +150,10 @@ def test_two_face_photo_records_the_choice(first_run) -> None:
 
 def test_worker_processes_match_in_process_results(first_run, shared: Path) -> None:
     project, rows, _ = first_run
-    pipeline = landmarks.FacePipeline(_cfg(shared), landmarks.resolve_models(_cfg(shared)))
+    pipeline = face_pipeline.FacePipeline(_cfg(shared), face_pipeline.resolve_models(_cfg(shared)))
     by_path = {r["path"]: r for r in _table(project)}
     for i, row in enumerate(rows[:2]):
-        job = landmarks.Job(i, row["path"], row["identity"], row["sha256"], by_path[row["path"]]["aligned_path"])
+        job = face_pipeline.Job(i, row["path"], row["identity"], row["sha256"], by_path[row["path"]]["aligned_path"])
         ours = pipeline.process(job, project)
         for key in ("bbox", "kps5", "kps5_aligned", "dense"):
             np.testing.assert_allclose(ours[key], by_path[row["path"]][key], atol=1e-4)
@@ -164,10 +168,10 @@ def test_chunk_runs_in_two_passes_within_the_pixel_budget(
     project, rows, _ = first_run
     by_path = {r["path"]: r for r in _table(project)}
     jobs = [
-        landmarks.Job(i, r["path"], r["identity"], r["sha256"], by_path[r["path"]]["aligned_path"])
+        face_pipeline.Job(i, r["path"], r["identity"], r["sha256"], by_path[r["path"]]["aligned_path"])
         for i, r in enumerate(rows[:4])
     ]
-    pipeline = landmarks.FacePipeline(_cfg(shared), landmarks.resolve_models(_cfg(shared)))
+    pipeline = face_pipeline.FacePipeline(_cfg(shared), face_pipeline.resolve_models(_cfg(shared)))
     expected = {job.index: pipeline.process(job, project) for job in jobs}
     calls: list[str] = []
     detect, dense = pipeline.detector.detect, pipeline.landmarker
@@ -189,7 +193,7 @@ def test_chunk_runs_in_two_passes_within_the_pixel_budget(
     _check(outcomes, expected, failed=jobs[1].index)
 
     calls.clear()
-    monkeypatch.setattr(landmarks, "HELD_PIXELS", 1)  # every photo is over the budget: one photo at a time
+    monkeypatch.setattr(face_pipeline, "HELD_PIXELS", 1)  # every photo is over the budget: one photo at a time
     outcomes, _ = pipeline.process_chunk(jobs, project)
     assert calls == ["detect", "dense"] * 4
     _check(outcomes, expected, failed=jobs[2].index)  # the sixth call is now the third photo's dense call
@@ -200,7 +204,7 @@ def _check(outcomes: list, expected: dict[int, dict], failed: int) -> None:
     assert sorted(index for index, _ in outcomes) == sorted(expected)
     for index, row in outcomes:
         if index == failed:
-            assert isinstance(row, landmarks.Reject) and row.reason == "processing_error"
+            assert isinstance(row, face_pipeline.Reject) and row.reason == "processing_error"
             assert "simulated dlib failure" in row.message
             continue
         for key in ("num_faces", "face_index", "det_score", "bbox", "kps5", "kps5_aligned", "dense"):
@@ -277,24 +281,24 @@ def test_params_section_validates() -> None:
 def test_chunks_are_even_and_a_multiple_of_the_workers(n: int, size: int, workers: int, count: int) -> None:
     """Every job once, in order; no chunk over ``size``; sizes within one of each other and (where the job count
     allows) a multiple of ``workers`` chunks, so no worker is left idle while another runs a last full chunk."""
-    todo = [landmarks.Job(i, f"p{i}", "id", "sha", f"a{i}") for i in range(n)]
-    chunks = landmarks._chunks(todo, size, workers)
+    todo = [face_pipeline.Job(i, f"p{i}", "id", "sha", f"a{i}") for i in range(n)]
+    chunks = face_pool.split_chunks(todo, size, workers)
     assert [job for chunk in chunks for job in chunk] == todo
     sizes = [len(chunk) for chunk in chunks]
     assert len(chunks) == count and max(sizes) <= size and max(sizes) - min(sizes) <= 1
 
 
 def test_workers_forked_in_the_frozen_heap_do_not_collect_what_they_inherit() -> None:
-    """Objects of the parent are frozen in a child forked inside ``_frozen_heap`` (so the child's collector does
+    """Objects of the parent are frozen in a child forked inside ``frozen_heap`` (so the child's collector does
     not write to their pages), and collected normally again in the parent afterwards. In a fresh interpreter
     without torch, like the ``lafs landmarks`` CLI: the stage never forks from a process that has imported it."""
     code = """
 import gc, multiprocessing, sys
-from lafs.stages import landmarks
+from lafs.faces import pool
 assert "torch" not in sys.modules
 ctx = multiprocessing.get_context("fork")
 queue = ctx.Queue()
-with landmarks._frozen_heap():
+with pool.frozen_heap():
     inside = gc.get_freeze_count()
     child = ctx.Process(target=lambda: queue.put(gc.get_freeze_count()))
     child.start()

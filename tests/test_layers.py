@@ -7,7 +7,7 @@ from test_dvc_deps import PACKAGE, REPO, imports_of
 
 # Each layer may import its own and the ones listed before it.
 LAYERS = [
-    {"errors", "atomic", "config", "conventions", "params_edit", "tensor_files"},
+    {"errors", "atomic", "config", "conventions", "layout", "params_edit", "tensor_files"},
     {"data", "faces", "models", "losses"},
     {"engine", "eval", "tracking", "export", "tuning"},
     {"serving", "registry"},

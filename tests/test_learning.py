@@ -21,6 +21,7 @@ from lafs.config import FinetuneParams, LandmarkNetParams, load_params, parse_pa
 from lafs.data.datasets import read_faces
 from lafs.eval.embedders import load_embedder
 from lafs.eval.verification import kfold_accuracy, pair_scores
+from lafs.layout import Layout
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -45,15 +46,10 @@ def subset_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, s
     assert params.landmark_net.max_nme == LandmarkNetParams().max_nme == default_gate
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        ingest.run(params.ingest, root)
-        landmarks.run(params.landmarks, root)
-        split.run(params.split, root)
-        summary = landmark_net.run(
-            params.landmark_net,
-            landmark_net.LandmarkNetPaths(
-                root, root / "data", root / "models" / "landmark_net.pt", root / "metrics" / "landmark_net.json"
-            ),
-        )
+        layout = Layout(root)
+        for stage in (ingest, landmarks, split):
+            stage.run(params, layout)
+        summary = landmark_net.run(params, layout)
     # The stage's own gate (max_nme at its default) has passed; 3 short epochs on ~900 faces do not yet beat the
     # mean shape (measured 15% vs 11.6%), so only a sane range is asserted beyond the gate.
     assert summary.nme < 1.5 * summary.mean_shape_nme
@@ -89,7 +85,7 @@ def test_a_short_finetune_beats_the_pixel_floor_on_held_out_people(subset_projec
             "val_folds": 4,
         }
     )
-    paths = finetune.FinetunePaths.under(subset_project, tmp_path / "finetune")
+    paths = finetune.FinetunePaths.of(Layout(subset_project), tmp_path / "finetune")
     with single_torch_thread():
         torch.set_num_threads(2)
         finetune.train(cfg, paths)
@@ -142,15 +138,9 @@ def test_ssl_moves_the_teacher_away_from_its_initialisation(subset_project, tmp_
         update={"epochs": 2, "batch_size": 16, "num_workers": 0, "nproc_per_node": 1, "device": "cpu"}
     )
     with single_torch_thread():
-        pretrain.run(
-            cfg,
-            pretrain.PretrainPaths(
-                subset_project,
-                subset_project / "data",
-                tmp_path / "pretrain",
-                subset_project / "models" / "landmark_net.pt",
-                tmp_path / "pretrain.json",
-            ),
+        layout = Layout(subset_project)
+        pretrain.train(
+            cfg, pretrain.PretrainPaths(layout, tmp_path / "pretrain", layout.landmark_net, tmp_path / "pretrain.json")
         )
     moved = json.loads((tmp_path / "pretrain.json").read_text())["teacher_relative_change"]
     assert moved > 0.005, f"the teacher moved {moved:.2e} (relative L2) from its initialisation: SSL learned nothing"

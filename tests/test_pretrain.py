@@ -18,9 +18,11 @@ from PIL import Image
 from lafs.config import SSLParams, resolved
 from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
 from lafs.engine.ssl import NonFiniteLossError, SSLTrainer
+from lafs.layout import Layout
 from lafs.models import create_model
 from lafs.stages import StageError
-from lafs.stages.pretrain import PretrainPaths, run
+from lafs.stages.pretrain import PretrainPaths
+from lafs.stages.pretrain import train as run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -79,25 +81,21 @@ def ssl_data(tmp_path_factory, lfw_subset) -> Path:
 
 
 def _paths(root: Path, out: str) -> PretrainPaths:
-    return PretrainPaths(
-        root=root,
-        data_dir=root / "data",
-        out_dir=root / out,
-        landmark_net=root / "models" / "landmark_net.pt",
-        metrics=root / out / "metrics.json",
-    )
+    layout = Layout(root)
+    return PretrainPaths(layout, root / out, layout.landmark_net, root / out / "metrics.json")
 
 
 def _script(root: Path, out: str, cfg: dict) -> list[str]:
     code = (
         "import json, sys; from pathlib import Path\n"
         "from lafs.config import SSLParams\n"
-        "from lafs.stages.pretrain import PretrainPaths, run, Preempted\n"
+        "from lafs.layout import Layout\n"
+        "from lafs.stages.pretrain import PretrainPaths, train, Preempted\n"
         f"cfg = SSLParams(**json.loads({json.dumps(json.dumps(cfg))}))\n"
         f"root = Path({str(root)!r})\n"
-        f"paths = PretrainPaths(root, root / 'data', root / {out!r}, root / 'models' / 'landmark_net.pt',"
+        f"paths = PretrainPaths(Layout(root), root / {out!r}, Layout(root).landmark_net,"
         f" root / {out!r} / 'metrics.json')\n"
-        "try:\n    print(run(cfg, paths).describe())\n"
+        "try:\n    print(train(cfg, paths).describe())\n"
         "except Preempted as e:\n    print(e); sys.exit(143)\n"
     )
     return [sys.executable, "-c", code]
@@ -275,8 +273,6 @@ def test_two_node_run_through_the_cli_launcher(ssl_data, tmp_path):
             "pretrain",
             "--root",
             str(ssl_data),
-            "--out",
-            str(ssl_data / "mn"),
             "--params",
             str(REPO / "params.yaml"),
             *overrides,

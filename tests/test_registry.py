@@ -25,6 +25,7 @@ from conftest import TINY_RECOGNISER, shared_dir, tiny_recogniser
 
 from lafs import cli, registry
 from lafs.config import ConfigError, GateMetric, RegisterParams, load_params
+from lafs.layout import Layout
 from lafs.stages import register as register_stage
 
 # ------------------------------------------------------------------------------------------- gate, no server
@@ -397,7 +398,7 @@ def test_first_registration_becomes_champion_with_lineage_and_no_secrets(first: 
         assert secret not in text
 
     # The same model and eval files again (DVC reran it for a code change only): no second copy.
-    summary = register_stage.run(RegisterParams(model_name=name, experiment=first["experiment"]), root)
+    summary = register_stage.register(RegisterParams(model_name=name, experiment=first["experiment"]), Layout(root))
     assert summary.reused and summary.version == "1"
     assert [v.version for v in client().search_model_versions(f"name='{name}'")] == ["1"]
 
@@ -447,7 +448,9 @@ def assert_failed_promotions_leave_champion(name: str, version: str, root: Path,
     # its report was written (before the move), the stage fails, so DVC does not record it.
     (root / "metrics" / "promotion.json").unlink()
     with pytest.raises(register_stage.StageError, match="went away during set_registered_model_alias"):
-        register_stage.run(cfg, root, client=FailingClient(real, "set_registered_model_alias", registry.CHAMPION))
+        register_stage.register(
+            cfg, Layout(root), client=FailingClient(real, "set_registered_model_alias", registry.CHAMPION)
+        )
     assert champion(name) == before
     assert registry.alias_version(real, name, registry.CHALLENGER).version == version
     assert (root / "metrics" / "promotion.json").exists()

@@ -20,12 +20,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_dir
+from conftest import section_runner, shared_dir
 
 from lafs.config import ConfigError, SplitParams, parse_params
 from lafs.data.pairs import PAIRS_COLUMNS, PairsFormatError, lfw_stem, parse_pairs, parse_people, read_pairs_csv
+from lafs.layout import Layout
 from lafs.stages import split
-from lafs.stages.split import LANDMARKS, MANIFEST, METRICS, SPLITS_DIR, SplitError, check_disjoint, run
+from lafs.stages.split import SplitError, check_disjoint
+
+run = section_runner("split")
+_REL = Layout()  # the stage's files, relative to a project root
+LANDMARKS, MANIFEST, METRICS, SPLITS_DIR = _REL.landmarks, _REL.manifest, _REL.metrics("split"), _REL.splits
 
 
 def rows_for(files: list[tuple[str, str]]) -> list[dict[str, str]]:

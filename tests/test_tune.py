@@ -22,11 +22,13 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from lafs.config import ConfigError, FinetuneParams, TuneParams, parse_params
+from lafs.config import ConfigError, FinetuneParams, Params, TuneParams, parse_params
+from lafs.layout import Layout
 from lafs.stages import StageError
 from lafs.stages.finetune import FinetunePaths, WarmStart, train, tuned_overlay, warm_state
 from lafs.stages.finetune import run as finetune_run
-from lafs.stages.tune import PARENT_ATTR, TunePaths, _Objective, fingerprint, run
+from lafs.stages.tune import PARENT_ATTR, TunePaths, _Objective, fingerprint
+from lafs.stages.tune import search as run
 from lafs.tuning.storage import first_open_lock, masked, storage_url
 from lafs.tuning.trials import suggest, tally, trial_sampler
 
@@ -117,20 +119,20 @@ def test_suggestions_follow_the_finetune_param_types():
 
 
 def test_storage_defaults_to_an_absolute_sqlite_file_and_passwords_are_masked(tmp_path, monkeypatch):
-    paths = TunePaths.under(tmp_path)
+    paths = TunePaths.of(Layout(tmp_path), TuneParams().out)
     assert (
-        storage_url(TuneParams(), paths.root, paths.study_dir)
+        storage_url(TuneParams(), paths.layout.root, paths.study_dir)
         == f"sqlite:///{tmp_path.resolve()}/models/tune/optuna.db"
     )
     relative = TuneParams(storage="sqlite:///studies/x.db")
-    assert storage_url(relative, paths.root, paths.study_dir) == f"sqlite:///{tmp_path.resolve()}/studies/x.db"
+    assert storage_url(relative, paths.layout.root, paths.study_dir) == f"sqlite:///{tmp_path.resolve()}/studies/x.db"
     url = "postgresql+psycopg://tuner:s3cr3t@db.example:5432/optuna"
-    assert storage_url(TuneParams(storage=url), paths.root, paths.study_dir) == url
+    assert storage_url(TuneParams(storage=url), paths.layout.root, paths.study_dir) == url
     shown = masked(url)
     assert "s3cr3t" not in shown and "tuner:***@db.example:5432/optuna" in shown
     monkeypatch.setenv("TUNE_DB_PASSWORD", "s3cr3t")  # the password can stay out of params.yaml and dvc.lock
     from_env = TuneParams(storage="postgresql+psycopg://tuner:${TUNE_DB_PASSWORD}@db.example:5432/optuna")
-    assert storage_url(from_env, paths.root, paths.study_dir) == url
+    assert storage_url(from_env, paths.layout.root, paths.study_dir) == url
 
 
 def test_budget_counts_finished_trials_not_killed_or_surplus_ones():
@@ -152,8 +154,8 @@ def test_budget_counts_finished_trials_not_killed_or_surplus_ones():
 
 
 def test_fingerprint_follows_search_and_inputs_not_budget(tmp_path):
-    paths = TunePaths.under(tmp_path)
-    for f in (paths.finetune.teacher, paths.finetune.landmark_net, paths.finetune.data_dir / "splits" / "a.csv"):
+    paths = TunePaths.of(Layout(tmp_path), TuneParams().out)
+    for f in (paths.finetune.teacher, paths.finetune.landmark_net, paths.finetune.layout.splits / "a.csv"):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")
     cfg, ft = TuneParams(), FinetuneParams()
@@ -165,7 +167,7 @@ def test_fingerprint_follows_search_and_inputs_not_budget(tmp_path):
         fingerprint(parse_params({"tune": {"search_space": {"lr": {"low": 1e-4, "high": 1e-3}}}}).tune, ft, paths)
         != base
     )
-    (paths.finetune.data_dir / "splits" / "a.csv").write_text("y")
+    (paths.finetune.layout.splits / "a.csv").write_text("y")
     assert fingerprint(cfg, ft, paths) != base
 
 
@@ -188,7 +190,7 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _tune_cmd(root: Path) -> list[str]:
-    return [sys.executable, "-m", "lafs", "tune", "--params", str(root / "params.yaml"), "--out", str(root)]
+    return [sys.executable, "-m", "lafs", "tune", "--params", str(root / "params.yaml"), "--root", str(root)]
 
 
 def _ok(proc: subprocess.CompletedProcess | subprocess.Popen, out: str, err: str) -> str:
@@ -387,7 +389,7 @@ def test_best_params_file_is_valid_finetune_params_that_finetune_overlays(resume
     assert "kill-resume" in text.splitlines()[0] and f"trial #{study.best_trial.number}" in text
     assert yaml.safe_load(text) == study.best_params
     base = FinetuneParams(**FINETUNE)  # tuned_params: params/best_finetune.yaml, as in params.yaml
-    cfg, overlay = tuned_overlay(base, resumed.root)
+    cfg, overlay = tuned_overlay(base, Layout(resumed.root))
     assert overlay == study.best_params and cfg.epochs == study.best_params["epochs"] and cfg.s == base.s
     metrics = json.loads((resumed.root / "metrics" / "tune.json").read_text())
     assert metrics["best_value"] == pytest.approx(study.best_value)
@@ -400,7 +402,7 @@ def test_a_finetune_section_that_cannot_train_fails_before_any_trial(tiny_projec
     root = _project(tmp_path, tiny_project, {})
     (root / "models" / "pretrain").unlink()  # no pretrained teacher
     with pytest.raises(StageError, match=r"cannot train, so no trial can: .*teacher_backbone\.pt not found"):
-        run(TuneParams(), FinetuneParams(**FINETUNE), TunePaths.under(root))
+        run(TuneParams(), FinetuneParams(**FINETUNE), TunePaths.of(Layout(root), TuneParams().out))
     assert not (root / "models" / "tune").exists()  # no study was opened
 
 
@@ -410,7 +412,7 @@ def test_other_params_on_an_existing_study_are_refused(resumed, monkeypatch):
     cfg = parse_params({"tune": {**PRUNING, "n_trials": N_TRIALS, "study_name": "kill-resume"}}).tune
     other = FinetuneParams(**{**FINETUNE, "s": 32.0})
     with pytest.raises(StageError, match="created with other search/finetune params"):
-        run(cfg, other, TunePaths.under(resumed.root))
+        run(cfg, other, TunePaths.of(Layout(resumed.root), TuneParams().out))
 
 
 @pytest.mark.slow
@@ -425,12 +427,14 @@ def test_timeout_stops_starting_trials_and_a_larger_budget_resumes_the_study(res
     cfg = parse_params(
         {"tune": {**PRUNING, "n_trials": 10, "timeout_s": 1e-3, "study_name": "kill-resume", "storage": storage}}
     ).tune
+    layout = Layout(resumed.root)
     paths = TunePaths(
-        resumed.root,
-        FinetunePaths.under(resumed.root),
+        layout,
+        FinetunePaths.of(layout),
         tmp_path / "tune",
         tmp_path / "best.yaml",
         tmp_path / "tune.json",
+        tmp_path / "tune_best",
     )
     summary = run(cfg, FinetuneParams(**FINETUNE), paths)
     assert (summary.ran, summary.resumed) == (0, N_TRIALS)
@@ -470,8 +474,8 @@ def test_final_finetune_continues_the_best_truncated_trial_exactly(tiny_project,
         pruner={"name": "none"},
         study_name="continued",
     )
-    summary = run(tune, FinetuneParams(**schedule), TunePaths.under(root))
-    paths = FinetunePaths.under(root)
+    summary = run(tune, FinetuneParams(**schedule), TunePaths.of(Layout(root), TuneParams().out))
+    paths = FinetunePaths.of(Layout(root))
     ws = WarmStart(paths.warm_start)
     info = json.loads(ws.info.read_text())
     assert ws.last.exists() and ws.model.exists()
@@ -482,13 +486,13 @@ def test_final_finetune_continues_the_best_truncated_trial_exactly(tiny_project,
     ]
 
     final_cfg = FinetuneParams(**schedule, tuned_params="params/best_finetune.yaml")
-    continued = finetune_run(final_cfg, paths)
+    continued = finetune_run(Params(finetune=final_cfg), Layout(root))
     iters_per_epoch = continued.iterations // 3
     assert continued.warm_start["trial"] == summary.best_trial
     assert continued.resumed_from == iters_per_epoch
     assert continued.val_history[0] == pytest.approx(summary.best_value, abs=0)
 
-    tuned, _ = tuned_overlay(final_cfg, root)
+    tuned, _ = tuned_overlay(final_cfg, Layout(root))
     fresh_paths = replace(paths, out_dir=tmp_path / "fresh", metrics=tmp_path / "fresh.json", warm_start=None)
     fresh = train(tuned, fresh_paths)
     assert fresh.resumed_from == 0 and fresh.val_history == continued.val_history
@@ -511,8 +515,12 @@ def test_compressed_trials_leave_no_checkpoint_to_continue(tiny_project, tmp_pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     root = _project(tmp_path, tiny_project, {})
     tune = TuneParams(n_trials=1, trial_overrides={"epochs": 1, "warmup_epochs": 0}, study_name="compressed")
-    run(tune, FinetuneParams(**{**FINETUNE, "epochs": 2, "warmup_epochs": 1}), TunePaths.under(root))
-    ws = WarmStart(FinetunePaths.under(root).warm_start)
+    run(
+        tune,
+        FinetuneParams(**{**FINETUNE, "epochs": 2, "warmup_epochs": 1}),
+        TunePaths.of(Layout(root), TuneParams().out),
+    )
+    ws = WarmStart(Layout(root).tune_best)
     info = json.loads(ws.info.read_text())
     assert info["checkpoint"] is False and "trial_overrides" in info["reason"]
     assert not ws.last.exists() and not ws.model.exists()
@@ -532,7 +540,11 @@ def test_trial_epochs_truncate_each_trial_on_the_final_schedule(tiny_project, tm
         sampler={"n_startup_trials": 1},
         study_name="truncated",
     )
-    run(tune, FinetuneParams(**{**FINETUNE, "epochs": 3, "warmup_epochs": 1}), TunePaths.under(root))
+    run(
+        tune,
+        FinetuneParams(**{**FINETUNE, "epochs": 3, "warmup_epochs": 1}),
+        TunePaths.of(Layout(root), TuneParams().out),
+    )
     study = optuna.load_study(study_name="truncated", storage=storage_url(tune, root, root / "models" / "tune"))
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2

@@ -1,6 +1,6 @@
 """Stage ``validate``: a clean table passes; each kind of defect fails, names its expectation and shows the row.
 
-Synthetic tables use the real schemas (ingest's manifest columns, ``lafs.stages.landmarks.SCHEMA``) with faces
+Synthetic tables use the real schemas (ingest's manifest columns, ``lafs.data.landmark_table.SCHEMA``) with faces
 at the ArcFace template; one run goes through the real landmarks stage on LFW photos from ../shared.
 great-expectations takes ~5 s to import, paid once by the first suite run of this module.
 """
@@ -18,18 +18,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import section_runner
 
 from lafs.config import ConfigError, ValidateParams, parse_params
-from lafs.stages.landmarks import SCHEMA
-from lafs.stages.validate import (
-    LANDMARKS,
-    MANIFEST,
-    METRICS,
-    REPORT,
-    ValidationError,
-    build_checks,
-    run,
-)
+from lafs.data.landmark_table import SCHEMA
+from lafs.layout import Layout
+from lafs.stages.validate import ValidationError, build_checks
+
+run = section_runner("validate")
+_REL = Layout()  # the stage's files, relative to a project root
+LANDMARKS, MANIFEST, METRICS, REPORT = _REL.landmarks, _REL.manifest, _REL.metrics("validate"), _REL.validation_report
 
 # ArcFace 112x112 template: left eye, right eye, nose, left mouth, right mouth.
 TEMPLATE = np.array([38.2946, 51.6963, 73.5318, 51.5014, 56.0252, 71.7366, 41.5493, 92.3655, 70.7299, 92.2041])
@@ -243,7 +241,7 @@ def test_params_errors_name_the_key() -> None:
 
 def test_real_landmark_table_passes(tmp_path: Path, lfw_subset: Path, shared: Path) -> None:
     """ingest -> landmarks -> validate on 24 real LFW photos (6 identities x 4) with the staged SCRFD pack."""
-    from lafs.config import IngestParams, LandmarksParams
+    from lafs.config import IngestParams, LandmarksParams, Params
     from lafs.stages import ingest, landmarks
 
     people = [p for p in sorted(lfw_subset.iterdir()) if len(list(p.glob("*.jpg"))) >= 4][:6]
@@ -253,8 +251,10 @@ def test_real_landmark_table_passes(tmp_path: Path, lfw_subset: Path, shared: Pa
         for photo in sorted(person.glob("*.jpg"))[:4]:
             shutil.copyfile(photo, source / person.name / photo.name)
     root = tmp_path / "project"
-    ingest.run(IngestParams(source=str(source), max_identities=6, max_images_per_identity=4), root)
-    landmarks.run(LandmarksParams(models_root=str(shared / "models"), workers=1), root)
+    ingest.run(
+        Params(ingest=IngestParams(source=str(source), max_identities=6, max_images_per_identity=4)), Layout(root)
+    )
+    landmarks.run(Params(landmarks=LandmarksParams(models_root=str(shared / "models"), workers=1)), Layout(root))
     summary = run(ValidateParams(min_eval_identities=5), root)
     assert summary.success, (root / REPORT).read_text()
     assert summary.rows_by_table["landmarks"] >= 20

@@ -21,9 +21,10 @@ from torch import nn
 
 from lafs.config import FinetuneParams
 from lafs.engine.clipping import clip_gradients
+from lafs.engine.loop import NonFiniteLossError
 from lafs.engine.optim import param_groups, set_lr_wd
 from lafs.engine.schedules import cosine_schedule
-from lafs.engine.ssl import NonFiniteLossError, _fused, resolve_dtype
+from lafs.engine.ssl import _fused, resolve_dtype
 from lafs.losses import StepWeight, create_margin_head, landmark_regulariser
 from lafs.losses.landmark_reg import OFFICIAL_SCHEDULE
 from lafs.models import FaceViT

@@ -20,15 +20,12 @@ from lafs.data.views import jitter_landmarks, random_landmark_subset
 from lafs.engine.clipping import cancel_last_layer_gradients, clip_gradients
 from lafs.engine.distributed import all_true
 from lafs.engine.ema import ema_update
+from lafs.engine.loop import NonFiniteLossError
 from lafs.engine.optim import param_groups, set_lr_wd
 from lafs.engine.schedules import cosine_schedule, teacher_temp_schedule
 from lafs.losses import DINOLoss, ProSLoss
 from lafs.models import DINOHead, FaceViT, PrototypeHead, create_model
 from lafs.models.patches import patchify, sample_patches
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 @dataclass

@@ -8,7 +8,7 @@ one it expects.
 
 Batched detector input was measured and not used: the staged SCRFD graphs accept a batch dimension, but on
 CPU a batch of 8 or 16 costs the same CPU time per image as one image (140-160 images/s per core at 320 px,
-dynamic or static shapes), so throughput comes from worker processes instead (``lafs.stages.landmarks``).
+dynamic or static shapes), so throughput comes from worker processes instead (``lafs.faces.pool``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lafs.config import LandmarksParams
+from lafs.layout import Layout
 from lafs.serving.faces import FacePipeline, ServingConfig
 from lafs.tracking import ModelSpecError, pyfunc_dir
 
@@ -64,7 +65,8 @@ def detector_file(landmarks: LandmarksParams) -> Path:
 
 def from_project(root: Path, landmarks: LandmarksParams, threads: int = 0) -> FacePipeline:
     """The project's exported recogniser with its detector and evaluate's calibration."""
-    onnx, metrics = root / "models" / "model.onnx", root / "metrics" / "eval.json"
+    layout = Layout(root)
+    onnx, metrics = layout.onnx, layout.metrics("evaluate")
     if not onnx.is_file():
         raise ModelSpecError(
             f"{onnx} not found: run the pipeline (`make pipeline` or `dvc repro export`) or give "

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from lafs.atomic import write_text
-from lafs.config import CompareParams, FinetuneParams, SSLParams, resolved, update_section
+from lafs.config import CompareParams, FinetuneParams, Params, SSLParams, resolved, update_section
 from lafs.data.pairs import read_pairs_csv
 from lafs.engine.checkpoint import load_checkpoint
-from lafs.stages import StageError, pretrain
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError, pretrain
 from lafs.stages.finetune import FinetunePaths, train
 from lafs.tracking import ensure_experiment, flatten, metric_leaves, tracking_uri
 
@@ -38,16 +39,8 @@ INIT_LABELS = {"scratch": "scratch (no pretraining)", "dino_face": "DINO-face pr
 
 @dataclass(frozen=True)
 class ComparePaths:
-    root: Path = Path(".")
-    out_dir: Path = Path("reports/comparison")
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def landmark_net(self) -> Path:
-        return self.root / "models" / "landmark_net.pt"
+    layout: Layout  # the project whose data, splits and landmark net every cell uses
+    out_dir: Path  # one folder per cell and per pretraining; the table is <out_dir>.md
 
     @property
     def report(self) -> Path:
@@ -130,7 +123,7 @@ def finetune_config(cfg: CompareParams, base: FinetuneParams, cell: Cell) -> Fin
 
 
 def evaluate_on_test_pairs(
-    model_file: Path, root: Path, batch_size: int, flip: bool = False
+    model_file: Path, layout: Layout, batch_size: int, flip: bool = False
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Verification report of ``model_file`` on the test pairs (the evaluate stage's embedders and metrics), with
     its 95% bootstrap interval, and the per-pair 10-fold decisions (True = decided correctly) for paired tests."""
@@ -139,11 +132,11 @@ def evaluate_on_test_pairs(
     from lafs.eval.significance import accuracy_ci
     from lafs.eval.verification import kfold_correct, pair_scores, verification_report
 
-    pairs_file = root / "data" / "splits" / "pairs.csv"
+    pairs_file = layout.splits / "pairs.csv"
     if not pairs_file.exists():
         raise StageError(f"{pairs_file} not found: run the split stage first (`dvc repro split`)")
     rows = read_pairs_csv(pairs_file)
-    faces = aligned_faceset(root, [str(r[k]) for r in rows for k in ("path1", "path2")])
+    faces = aligned_faceset(layout.root, [str(r[k]) for r in rows for k in ("path1", "path2")])
     pairs = pairs_from_rows(rows, faces)
     emb = embed(load_embedder(model_file, batch_size=batch_size), faces, flip=flip)
     scores = pair_scores(emb[pairs.first], emb[pairs.second])
@@ -214,15 +207,20 @@ def _pretrained(cfg: CompareParams, base: SSLParams, paths: ComparePaths, method
     """Pretrain (or resume / reuse) ``method`` at the comparison's budget; its teacher backbone file."""
     ssl = pretrain_config(cfg, base, method)
     out = paths.out_dir / f"pretrain-{method}"
-    pt_paths = pretrain.PretrainPaths(paths.root, paths.data_dir, out, paths.landmark_net, out / "metrics.json")
+    pt_paths = pretrain.PretrainPaths(paths.layout, out, paths.layout.landmark_net, out / "metrics.json")
     log.info("compare: %s pretraining (%d epochs, batch %d) -> %s", method, ssl.epochs, ssl.batch_size, out)
-    pretrain.run(ssl, pt_paths, restart_on_change=True)
+    pretrain.train(ssl, pt_paths, restart_on_change=True)
     parent.adopt(load_checkpoint(pt_paths.last).get("mlflow_run_id"), {"compare.role": f"pretrain-{method}"})
     return pt_paths.teacher
 
 
-def run(
-    cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParams, paths: ComparePaths = ComparePaths()
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> CompareSummary:
+    """``lafs compare`` on the project at ``layout`` into ``layout.comparison``."""
+    return compare(params.compare, params.pretrain, params.finetune, ComparePaths(layout, layout.comparison))
+
+
+def compare(
+    cfg: CompareParams, pretrain_cfg: SSLParams, finetune_cfg: FinetuneParams, paths: ComparePaths
 ) -> CompareSummary:
     """Run every cell not yet done, then (re)write the table from all result files."""
     todo = [c for c in cells(cfg) if not _done(paths.out_dir / c.name / "result.json")]
@@ -241,12 +239,12 @@ def run(
                 teachers[cell.init] = _pretrained(cfg, pretrain_cfg, paths, cell.init, parent)
             ft = finetune_config(cfg, finetune_cfg, cell)
             out = paths.out_dir / cell.name
-            ft_paths = replace(FinetunePaths.under(paths.root, out), metrics=out / "metrics.json", warm_start=None)
+            ft_paths = replace(FinetunePaths.of(paths.layout, out), metrics=out / "metrics.json", warm_start=None)
             if cell.init in teachers:
                 ft_paths = replace(ft_paths, teacher=teachers[cell.init])
             log.info("compare: cell %s (finetune %d epochs, batch %d)", cell.name, ft.epochs, ft.batch_size)
             ft_summary = train(ft, ft_paths, parent_run_id=parent.run_id, restart_on_change=True)
-            verification, correct = evaluate_on_test_pairs(ft_paths.model, paths.root, ft.batch_size)
+            verification, correct = evaluate_on_test_pairs(ft_paths.model, paths.layout, ft.batch_size)
             _log_cell(parent, cell, ft_summary.run_id, verification)
             result = {
                 "cell": cell.name,

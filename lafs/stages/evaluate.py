@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lafs.config import EvaluateParams, LandmarksParams, resolved
+from lafs.config import EvaluateParams, LandmarksParams, Params, resolved
 from lafs.data.images import ImageRejected, load_rgb
 from lafs.data.pairs import PairsFormatError, read_pairs_csv
 from lafs.eval.embedders import DLIB_RESNET, HOG, PIXELS, Embedder, EmbedderError, load_embedder
@@ -75,51 +75,13 @@ from lafs.eval.faceset import (
 from lafs.eval.latency import budget_report, end_to_end, measure_latency, pinned_threads
 from lafs.eval.photos import FaceFinder
 from lafs.faces import FaceModelError
-from lafs.stages import StageError, write_metrics
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError, write_metrics
 from lafs.tracking import RunLogger, metric_leaves
 
 log = logging.getLogger(__name__)
 
 WRONG_SCORE = 2.0  # |cosine| <= 1: +-2 is on the wrong side of every threshold a fold can pick
-
-
-@dataclass(frozen=True)
-class EvaluatePaths:
-    """Inputs and outputs of the pipeline stage, relative to the project root."""
-
-    root: Path = Path(".")
-
-    @property
-    def model(self) -> Path:
-        return self.root / "models" / "finetune" / "model.pt"
-
-    @property
-    def onnx(self) -> Path:
-        return self.root / "models" / "model.onnx"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "data" / "splits"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "data" / "manifest.parquet"
-
-    @property
-    def landmarks(self) -> Path:
-        return self.root / "data" / "landmarks.parquet"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics" / "eval.json"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "reports" / "evaluation.md"
 
 
 @dataclass
@@ -442,31 +404,31 @@ def _split_file(path: Path) -> Path:
 
 
 # -- the pipeline stage -------------------------------------------------------------------------------------
-def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = EvaluatePaths()) -> EvaluateSummary:
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> EvaluateSummary:
     """Evaluate the finetuned model (and time every candidate); write eval.json and plots; one MLflow run."""
     start = time.perf_counter()
-    root = paths.root
-    if not paths.model.is_file():
-        raise StageError(f"{paths.model} not found: run the finetune stage first (dvc repro finetune)")
-    specs = {"onnx": str(paths.onnx), "torch": str(paths.model), DLIB_RESNET: DLIB_RESNET, PIXELS: PIXELS, HOG: HOG}
+    cfg, landmarks, root = params.evaluate, params.landmarks, layout.root
+    if not layout.model.is_file():
+        raise StageError(f"{layout.model} not found: run the finetune stage first (dvc repro finetune)")
+    specs = {"onnx": str(layout.onnx), "torch": str(layout.model), DLIB_RESNET: DLIB_RESNET, PIXELS: PIXELS, HOG: HOG}
     specs = {name: specs[name] for name in cfg.candidates}
     roles = baseline_roles(cfg)
-    if "onnx" in specs and not paths.onnx.is_file():
+    if "onnx" in specs and not layout.onnx.is_file():
         raise StageError(
-            f"{paths.onnx} not found: run the export stage first (dvc repro export), or drop 'onnx' "
+            f"{layout.onnx} not found: run the export stage first (dvc repro export), or drop 'onnx' "
             "from evaluate.candidates"
         )
-    if not paths.manifest.is_file():
-        raise StageError(f"{paths.manifest} not found: run the ingest stage first (latency is timed on raw photos)")
-    model = _embedder(paths.model, cfg.batch_size, cfg.threads)
-    test = pd.read_csv(_split_file(paths.splits / "test.csv"))  # few-shot identification on the test identities
+    if not layout.manifest.is_file():
+        raise StageError(f"{layout.manifest} not found: run the ingest stage first (latency is timed on raw photos)")
+    model = _embedder(layout.model, cfg.batch_size, cfg.threads)
+    test = pd.read_csv(_split_file(layout.splits / "test.csv"))  # few-shot identification on the test identities
     need_photos = DLIB_RESNET in specs or DLIB_RESNET in roles
 
     try:
         if cfg.pairs == "split":
-            rows = read_pairs_csv(_split_file(paths.splits / "pairs.csv"))
+            rows = read_pairs_csv(_split_file(layout.splits / "pairs.csv"))
             keys = [*test["aligned_path"], *(str(r[k]) for r in rows for k in ("path1", "path2"))]
-            faces = aligned_faceset(root, keys, paths.landmarks if need_photos else None)
+            faces = aligned_faceset(root, keys, layout.landmarks if need_photos else None)
             pairs = pairs_from_rows(rows, faces)
             test_faces = faces
         else:
@@ -490,45 +452,45 @@ def run(cfg: EvaluateParams, landmarks: LandmarksParams, paths: EvaluatePaths = 
         if name != "torch"
     }
     accuracy = {"torch": report["accuracy_mean"], **{name: r["accuracy_mean"] for name, (r, _) in scored.items()}}
-    model = Row(model_label(paths.model), "model", report, scores)
+    model = Row(model_label(layout.model), "model", report, scores)
     baselines = score_baselines(roles, cfg, pair_faces, pair_index, scored)  # built-in candidates: named by spec
 
-    raw = pd.read_parquet(paths.manifest, columns=["path"])["path"].head(cfg.latency_images)
+    raw = pd.read_parquet(layout.manifest, columns=["path"])["path"].head(cfg.latency_images)
     latency = latency_section(cfg, landmarks, specs, _load_photos([root / p for p in raw]), accuracy)
 
     out = {
         "verification": report,
         "fewshot": fewshot,
         "faces": faces_section(faces, pairs, cfg.missed_faces),
-        "model": {"spec": str(paths.model.relative_to(root)), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
+        "model": {"spec": str(layout.model.relative_to(root)), "embed_dim": int(emb.shape[1]), "flip": cfg.flip},
         "latency": latency,
         **baselines_section(model, baselines),
-        "protocol": protocol_section(paths.splits),
+        "protocol": protocol_section(layout.splits),
         "test_set": test_set_fingerprint(faces, pairs),
         "serving": serving_section(cfg, report, scored),
     }
-    write_metrics(paths.metrics, out)
+    write_metrics(layout.metrics("evaluate"), out)
     rows = comparison_rows(model, baselines)
-    plots = write_plots(rows, pairs.same, paths.plots)
-    markdown = write_report(rows, out, paths.report)
+    plots = write_plots(rows, pairs.same, layout.plots)
+    markdown = write_report(rows, out, layout.evaluation_report)
     logger = RunLogger(
         True,
         cfg.experiment,
         "evaluate",
         resolved(cfg),
         uri=cfg.tracking_uri,
-        tags={"stage": "evaluate", "model": str(paths.model.relative_to(root))},
+        tags={"stage": "evaluate", "model": str(layout.model.relative_to(root))},
         system_metrics=False,
     )
     status = "FAILED"
     try:
         logger.log_metrics(metric_leaves(out), step=0)
-        for path in (paths.metrics, *plots, markdown):
+        for path in (layout.metrics("evaluate"), *plots, markdown):
             logger.log_artifact(path, "evaluate")
         status = "FINISHED"
     finally:
         logger.end(status)
-    return EvaluateSummary(out, paths.metrics, plots, time.perf_counter() - start)
+    return EvaluateSummary(out, layout.metrics("evaluate"), plots, time.perf_counter() - start)
 
 
 # -- any model, from the command line -----------------------------------------------------------------------

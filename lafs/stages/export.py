@@ -15,32 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from lafs.config import ExportParams
+from lafs.config import Params
 from lafs.data.aligned import AlignedFaceError, read_aligned
 from lafs.export import ExportError, export_onnx, parity, require_parity
+from lafs.layout import Layout
 from lafs.models.io import ModelFileError, load_model, read_model_file
-from lafs.stages import StageError, write_metrics
-
-
-@dataclass(frozen=True)
-class ExportPaths:
-    root: Path = Path(".")
-
-    @property
-    def model(self) -> Path:
-        return self.root / "models" / "finetune" / "model.pt"
-
-    @property
-    def test_split(self) -> Path:
-        return self.root / "data" / "splits" / "test.csv"
-
-    @property
-    def onnx(self) -> Path:
-        return self.root / "models" / "model.onnx"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics" / "export.json"
+from lafs.stages import RunOptions, StageError, write_metrics
 
 
 @dataclass
@@ -58,42 +38,42 @@ class ExportSummary:
         )
 
 
-def run(cfg: ExportParams, root: Path = Path(".")) -> ExportSummary:
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> ExportSummary:
     start = time.perf_counter()
-    paths = ExportPaths(root)
-    if not paths.test_split.is_file():
-        raise StageError(f"{paths.test_split} not found: run the split stage first (dvc repro split)")
+    cfg, test_split, metrics = params.export, layout.splits / "test.csv", layout.metrics("export")
+    if not test_split.is_file():
+        raise StageError(f"{test_split} not found: run the split stage first (dvc repro split)")
     try:
-        name = read_model_file(paths.model)["model"]
-        module = load_model(paths.model)
+        name = read_model_file(layout.model)["model"]
+        module = load_model(layout.model)
     except ModelFileError as exc:
         raise StageError(f"{exc} (the export stage reads the finetune stage's model; dvc repro finetune)") from None
-    keys = pd.read_csv(paths.test_split)["aligned_path"].head(cfg.parity_images)
+    keys = pd.read_csv(test_split)["aligned_path"].head(cfg.parity_images)
     try:
-        faces = read_aligned([root / k for k in keys])
+        faces = read_aligned([layout.root / k for k in keys])
     except AlignedFaceError as exc:
         raise StageError(str(exc)) from None
     if not len(faces):
-        raise StageError(f"{paths.test_split} holds no faces: the parity check needs real aligned faces")
+        raise StageError(f"{test_split} holds no faces: the parity check needs real aligned faces")
     try:
-        export_onnx(module, paths.onnx, opset=cfg.opset)
-        check = parity(module, paths.onnx, faces)
+        export_onnx(module, layout.onnx, opset=cfg.opset)
+        check = parity(module, layout.onnx, faces)
     except ExportError as exc:
         raise StageError(str(exc)) from None
     passed = check.min_cosine >= cfg.min_cosine
     write_metrics(
-        paths.metrics,
+        metrics,
         {
             **check.as_dict(),
             "opset": cfg.opset,
             "min_cosine_required": cfg.min_cosine,
             "passed": passed,
-            "onnx_bytes": paths.onnx.stat().st_size,
+            "onnx_bytes": layout.onnx.stat().st_size,
         },
     )
     try:
         require_parity(check, cfg.min_cosine)
     except ExportError as exc:
-        paths.onnx.unlink()  # so no later stage picks up a graph that computes something else
-        raise StageError(f"{exc}; {paths.onnx} was deleted, the numbers are in {paths.metrics}") from None
-    return ExportSummary(paths.onnx, name, check.min_cosine, check.images, time.perf_counter() - start)
+        layout.onnx.unlink()  # so no later stage picks up a graph that computes something else
+        raise StageError(f"{exc}; {layout.onnx} was deleted, the numbers are in {metrics}") from None
+    return ExportSummary(layout.onnx, name, check.min_cosine, check.images, time.perf_counter() - start)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,21 +33,22 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from lafs.config import FinetuneParams, read_yaml_mapping, resolved, update_section
+from lafs.config import FinetuneParams, Params, read_yaml_mapping, resolved, update_section
 from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augment
 from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
 from lafs.data.sampling import Image, derived_seed, fraction_count, generate_pairs, seeded_order
 from lafs.engine.checkpoint import load_checkpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import resolve_device, under_torchrun
-from lafs.engine.finetune import FinetuneTrainer, NonFiniteLossError, embed, frozen_copy
-from lafs.engine.preemption import Preempted, SigtermFlag
+from lafs.engine.finetune import FinetuneTrainer, embed, frozen_copy
+from lafs.engine.loop import LoopResult, LoopSpec, train_loop
+from lafs.engine.preemption import Preempted
 from lafs.eval.verification import kfold_accuracy, pair_scores
+from lafs.layout import CHECKPOINT_FILE, MODEL_FILE, Layout
 from lafs.models import FaceViT, create_model
 from lafs.models.io import ModelFileError, read_model_file, save_model
-from lafs.stages import StageError, write_metrics
+from lafs.stages import RunOptions, StageError, write_metrics
 from lafs.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -62,34 +62,35 @@ BOOKKEEPING_PARAMS = ("experiment", "tracking_uri", "tuned_params", "checkpoint_
 
 @dataclass(frozen=True)
 class FinetunePaths:
-    root: Path = Path(".")  # project root: split tables hold paths relative to it
-    data_dir: Path = Path("data")
-    out_dir: Path = Path("models/finetune")
-    teacher: Path = Path("models/pretrain/teacher_backbone.pt")
-    landmark_net: Path = Path("models/landmark_net.pt")
-    metrics: Path = Path("metrics/finetune.json")
-    warm_start: Path | None = Path("models/tune_best")  # WarmStart folder continued when out_dir has no last.pt
+    """What one finetune reads (``layout``'s splits, ``teacher``, ``landmark_net``) and writes (``out_dir``,
+    ``metrics``); tune trials and ``lafs compare`` cells train into their own folders."""
+
+    layout: Layout
+    out_dir: Path
+    teacher: Path
+    landmark_net: Path
+    metrics: Path
+    warm_start: Path | None  # WarmStart folder continued when out_dir has no checkpoint; None = never
+
+    @classmethod
+    def of(cls, layout: Layout, out_dir: Path | None = None) -> FinetunePaths:
+        """The pipeline's files (``out_dir`` defaults to ``layout.finetune``)."""
+        return cls(
+            layout,
+            out_dir or layout.finetune,
+            layout.teacher,
+            layout.landmark_net,
+            layout.metrics("finetune"),
+            layout.tune_best,
+        )
 
     @property
     def last(self) -> Path:
-        return self.out_dir / "last.pt"
+        return self.out_dir / CHECKPOINT_FILE
 
     @property
     def model(self) -> Path:
-        return self.out_dir / "model.pt"
-
-    @classmethod
-    def under(cls, root: Path, out_dir: Path | None = None) -> FinetunePaths:
-        """The pipeline layout below a project root (``out_dir`` defaults to ``root/models/finetune``)."""
-        return cls(
-            root,
-            root / "data",
-            out_dir or root / "models" / "finetune",
-            root / "models" / "pretrain" / "teacher_backbone.pt",
-            root / "models" / "landmark_net.pt",
-            root / "metrics" / "finetune.json",
-            root / "models" / "tune_best",
-        )
+        return self.out_dir / MODEL_FILE
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,11 @@ class WarmStart:
 
     @property
     def last(self) -> Path:
-        return self.folder / "last.pt"
+        return self.folder / CHECKPOINT_FILE
 
     @property
     def model(self) -> Path:
-        return self.folder / "model.pt"
+        return self.folder / MODEL_FILE
 
     @property
     def info(self) -> Path:
@@ -177,7 +178,7 @@ def _read_split(path: Path) -> pd.DataFrame:
 
 def select_data(cfg: FinetuneParams, paths: FinetunePaths) -> FinetuneData:
     """Hold out validation identities (seeded sha256 ranking, like the split stage) and pair their images."""
-    splits = paths.data_dir / "splits"
+    splits = paths.layout.splits
     sources = {"finetune": splits / "finetune.csv"}
     if cfg.fewshot_k is not None:
         sources["train"] = splits / f"fewshot_k{cfg.fewshot_k}.csv"
@@ -209,7 +210,7 @@ def select_data(cfg: FinetuneParams, paths: FinetunePaths) -> FinetuneData:
     train = train[~train["identity"].isin(val_ids)]
     labels = {identity: n for n, identity in enumerate(sorted(train["identity"].unique()))}
     return FinetuneData(
-        train_paths=[paths.root / p for p in train["aligned_path"]],
+        train_paths=[paths.layout.root / p for p in train["aligned_path"]],
         train_labels=[labels[i] for i in train["identity"]],
         num_classes=len(labels),
         val_paths=sorted({p for r in pairs for p in (r["path1"], r["path2"])}),
@@ -403,7 +404,7 @@ def train(
             f"{len(train_set)} training images is less than one batch of {cfg.batch_size}: lower finetune.batch_size"
         )
     trainer = FinetuneTrainer(model, data.num_classes, cfg, iters_per_epoch, reference)
-    val_set = LabelledFaces([paths.root / p for p in data.val_paths], [0] * len(data.val_paths))
+    val_set = LabelledFaces([paths.layout.root / p for p in data.val_paths], [0] * len(data.val_paths))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
     inputs = _fingerprint(cfg, paths, data)
@@ -434,7 +435,6 @@ def train(
             state["mlflow_run_id"] or None,
             Progress(**state["progress"]),
         )
-    total = cfg.epochs * iters_per_epoch
     tags = {"stage": "finetune", "init": cfg.init, "model": cfg.model, "fewshot_k": str(cfg.fewshot_k)}
     if warm:
         tags |= {"warm_start.trial": str(warm.get("trial")), "warm_start.iteration": str(start_it)}
@@ -466,120 +466,112 @@ def train(
             paths.last,
         )
 
-    it, seen, t0 = start_it, 0, time.perf_counter()
-    bar = tqdm(total=total, initial=start_it, desc=f"finetune {cfg.init}", unit="it")
-    status = "FAILED"
+    def loader(epoch: int) -> DataLoader:
+        return DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+
+    def end_epoch(epoch: int, it: int) -> bool:
+        val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
+        if progress.update(epoch, val["val_accuracy"], cfg):
+            save_model(
+                model,
+                cfg.model,
+                recogniser_kwargs(cfg),
+                paths.model,
+                config=resolved(cfg),
+                embed_dim=model.embedding_dim,
+                epoch=epoch,
+                val_accuracy=val["val_accuracy"],
+            )
+        logger.log_metrics({**val, "best_val_accuracy": progress.best_accuracy}, it)
+        checkpoint(it)
+        if on_epoch is not None:
+            caller_stops.append(True)  # whatever on_epoch raises (pruned, interrupted) is not a failure of the run
+            on_epoch(epoch, {**val, "epoch": float(epoch), "best_val_accuracy": progress.best_accuracy})
+            caller_stops.pop()
+        return progress.stopped_early
+
+    spec = LoopSpec(
+        f"finetune {cfg.init}",
+        cfg.epochs,
+        iters_per_epoch,
+        cfg.batch_size,
+        cfg.checkpoint_every,
+        paths.last,
+        advice="lower finetune.lr, raise warmup_epochs or use dtype fp32",
+    )
+    result, status, caller_stops = LoopResult(start_it), "FAILED", []
     try:
-        with SigtermFlag() as sigterm:
-            for epoch in range(start_it // iters_per_epoch, cfg.epochs):
-                if progress.stopped_early:
-                    break
-                sampler.set_epoch(epoch)
-                sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
-                train_set.set_epoch(epoch)
-                loader = DataLoader(
-                    train_set,
-                    batch_size=cfg.batch_size,
-                    sampler=sampler,
-                    drop_last=True,
-                    num_workers=cfg.num_workers,
-                    pin_memory=device.type == "cuda",
-                )
-                for images, labels in loader:
-                    torch.manual_seed(derived_seed(cfg.seed, "finetune", it))  # dropout / drop-path: by iteration
-                    try:
-                        metrics = trainer.train_step(images, labels, it)
-                    except NonFiniteLossError as exc:
-                        raise StageError(
-                            f"{exc}; the last good checkpoint {paths.last} is kept. Lower finetune.lr, "
-                            "raise warmup_epochs or use dtype fp32"
-                        ) from None
-                    it += 1
-                    seen += cfg.batch_size
-                    rate = seen / (time.perf_counter() - t0)
-                    logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}", img_s=f"{rate:.1f}"
-                    )
-                    if sigterm.raised or (it % cfg.checkpoint_every == 0 and it % iters_per_epoch):
-                        checkpoint(it)  # (an epoch end checkpoints after validation)
-                    if sigterm.raised:
-                        status = "KILLED"
-                        raise Preempted(
-                            f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; rerun the same "
-                            "command to resume"
-                        )
-                val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
-                if progress.update(epoch, val["val_accuracy"], cfg):
-                    save_model(
-                        model,
-                        cfg.model,
-                        recogniser_kwargs(cfg),
-                        paths.model,
-                        config=resolved(cfg),
-                        embed_dim=model.embedding_dim,
-                        epoch=epoch,
-                        val_accuracy=val["val_accuracy"],
-                    )
-                logger.log_metrics({**val, "best_val_accuracy": progress.best_accuracy}, it)
-                checkpoint(it)
-                if on_epoch is not None:
-                    try:
-                        on_epoch(epoch, {**val, "epoch": float(epoch), "best_val_accuracy": progress.best_accuracy})
-                    except BaseException:
-                        status = "KILLED"  # pruned / interrupted by the caller: not a failure of the run
-                        raise
-            if not paths.model.exists():
-                raise StageError(
-                    f"{paths.last} says training finished but {paths.model} is missing: delete "
-                    f"{paths.last} to train again"
-                )
-            logger.log_metrics({"best_val_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch}, it)
-            logger.log_artifact(paths.model, "model")
-            status = "FINISHED"
+        if not progress.stopped_early:  # a resumed run that had stopped early is done
+            result = train_loop(
+                spec,
+                start_it,
+                samplers=(sampler, train_set),
+                loader=loader,
+                step=lambda batch, it: trainer.train_step(*batch, it),
+                checkpoint=checkpoint,
+                logger=logger,
+                # dropout / drop-path: a function of the iteration
+                seed_iteration=lambda it: torch.manual_seed(derived_seed(cfg.seed, "finetune", it)),
+                end_epoch=end_epoch,
+            )
+        if not paths.model.exists():
+            raise StageError(
+                f"{paths.last} says training finished but {paths.model} is missing: delete {paths.last} to train again"
+            )
+        logger.log_metrics(
+            {"best_val_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch}, result.iteration
+        )
+        logger.log_artifact(paths.model, "model")
+        status = "FINISHED"
+    except BaseException as exc:
+        status = "KILLED" if caller_stops or isinstance(exc, Preempted) else status
+        raise
     finally:
-        bar.close()
         logger.end(status)
     return FinetuneSummary(
         best_val_accuracy=progress.best_accuracy,
         best_epoch=progress.best_epoch,
         epochs_run=len(progress.history),
         stopped_early=progress.stopped_early,
-        iterations=it,
+        iterations=result.iteration,
         resumed_from=start_it,
         train_images=len(train_set),
         train_identities=data.num_classes,
         val_identities=data.val_identities,
         val_pairs=len(data.val_pairs),
-        images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
+        images_per_s=result.images_per_s,
         val_history=list(progress.history),
         run_id=logger.run_id,
         warm_start=warm,
     )
 
 
-def tuned_overlay(cfg: FinetuneParams, root: Path) -> tuple[FinetuneParams, dict[str, Any]]:
-    """``cfg`` with the tune stage's flat mapping (``cfg.tuned_params``, relative to ``root``) overlaid when
+def tuned_overlay(cfg: FinetuneParams, layout: Layout) -> tuple[FinetuneParams, dict[str, Any]]:
+    """``cfg`` with the tune stage's flat mapping (``cfg.tuned_params``, relative to the root) overlaid when
     the file exists; keys and values are validated like params.yaml (a bad key fails naming it and the file)."""
     if cfg.tuned_params is None:
         return cfg, {}
-    path = Path(cfg.tuned_params)
-    path = path if path.is_absolute() else root / path
+    path = layout.resolve(cfg.tuned_params)
     overlay = read_yaml_mapping(path, missing_ok=True)
     if "tuned_params" in overlay:
         raise StageError(f"{path}: 'tuned_params' cannot be tuned (it names this file); remove the key")
     return (update_section(cfg, overlay, str(path)) if overlay else cfg), overlay
 
 
-def run(
-    cfg: FinetuneParams, paths: FinetunePaths = FinetunePaths(), restart_on_change: bool = False
-) -> FinetuneSummary:
-    """The stage: overlay the tuned params, train (or resume), write ``metrics/finetune.json``."""
-    cfg, overlay = tuned_overlay(cfg, paths.root)
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> FinetuneSummary:
+    """The stage: overlay the tuned params, train (or resume, or continue the best tune trial), write the metrics."""
+    paths = FinetunePaths.of(layout)
+    cfg, overlay = tuned_overlay(params.finetune, layout)
     if overlay:
         log.info("finetune: tuned params %s overlaid from %s", overlay, cfg.tuned_params)
-    summary = train(cfg, paths, restart_on_change=restart_on_change)
+    summary = train(cfg, paths, restart_on_change=options.restart_on_change)
     summary.tuned = overlay
     write_metrics(paths.metrics, {**summary.metrics(), "init": cfg.init, "fewshot_k": cfg.fewshot_k})
     return summary

@@ -1,10 +1,10 @@
 """Stage ``ingest``: copy face photos from a source into the DVC-tracked workspace, checking every file.
 
-Outputs (paths relative to ``out_dir``, the project root under DVC):
+Outputs (the :class:`~lafs.layout.Layout` paths, relative to the project root):
 
 - ``data/raw/<identity>/<file>``: accepted files, byte-for-byte copies (later stages decode them with
   :func:`lafs.data.images.load_rgb`, which applies the same EXIF rotation and mode normalisation).
-- ``data/manifest.parquet``: one row per accepted image (path relative to ``out_dir``, identity, sha256,
+- ``data/manifest.parquet``: one row per accepted image (path relative to the project root, identity, sha256,
   upright width/height, format, source_path); the resolved ``ingest`` params sit in the schema metadata.
 - ``data/ingest_rejects.csv``: one row per rejected file (path, reason code, message).
 - ``data/ingest_skipped.csv``: one row per file left unread because a cap was reached (path, identity, cap
@@ -40,19 +40,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lafs.atomic import replacing
-from lafs.config import IngestParams, resolved
+from lafs.config import IngestParams, Params, resolved
 from lafs.data import images
 from lafs.data.images import ImageRejected
 from lafs.data.sources import SourceError, SourceFile, iter_source
-from lafs.stages import StageError, write_metrics
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError, write_metrics
 
 log = logging.getLogger(__name__)
 
-RAW_DIR = Path("data/raw")
-MANIFEST = Path("data/manifest.parquet")
-REJECTS = Path("data/ingest_rejects.csv")
-SKIPPED = Path("data/ingest_skipped.csv")
-METRICS = Path("metrics/ingest.json")
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -150,11 +146,11 @@ def select_identities(counts: dict[str, int], max_identities: int | None, min_im
     return sorted((preferred + others)[:max_identities])
 
 
-def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
-    """Ingest ``cfg.source`` into ``out_dir`` (see the module docstring); raise :class:`IngestError` when the
-    source is unusable, a source file is in no table (or in two), or the rejected fraction exceeds
-    ``cfg.max_reject_fraction``."""
-    out_dir = Path(out_dir)
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> IngestSummary:
+    """Ingest ``ingest.source`` into ``layout.raw`` (see the module docstring); raise :class:`IngestError` when
+    the source is unusable, a source file is in no table (or in two), or the rejected fraction exceeds
+    ``ingest.max_reject_fraction``."""
+    cfg = params.ingest
     files = _list_source(cfg)
     rejects: list[Reject] = [
         Reject(f.location, images.BAD_LAYOUT, f"{f.location} is not in the <identity>/<image> layout")
@@ -172,7 +168,7 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
 
     # Copy into a staging folder and swap it in at the end, so an interrupted run never leaves a
     # half-written data/raw that looks complete.
-    staging = out_dir / RAW_DIR.parent / f".{RAW_DIR.name}.partial"
+    staging = layout.raw.with_name(f".{layout.raw.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     rows: list[dict[str, object]] = []
@@ -180,7 +176,9 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
     below_min = 0
     try:
         for identity in chosen:
-            accepted, rejected, left = _copy_identity(by_identity[identity], cfg, staging, first_seen)
+            accepted, rejected, left = _copy_identity(
+                by_identity[identity], cfg, staging, layout.relative(layout.raw), first_seen
+            )
             rows += accepted
             rejects += rejected
             skipped += left
@@ -188,9 +186,8 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
         check_accounting(
             files, [str(r["source_path"]) for r in rows], [r.path for r in rejects], [s.path for s in skipped]
         )
-        raw = out_dir / RAW_DIR
-        shutil.rmtree(raw, ignore_errors=True)
-        staging.rename(raw)
+        shutil.rmtree(layout.raw, ignore_errors=True)
+        staging.rename(layout.raw)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     by_reason = Counter(r.reason for r in rejects)
@@ -206,20 +203,20 @@ def run(cfg: IngestParams, out_dir: Path) -> IngestSummary:
         identities_in_source=len(by_identity),
         skipped_by_cap={cap: by_cap.get(cap, 0) for cap in CAPS},
     )
-    _write_manifest(out_dir / MANIFEST, rows, cfg)
-    _write_csv(out_dir / REJECTS, REJECT_COLUMNS, ((r.path, r.reason, r.message) for r in rejects))
-    _write_csv(out_dir / SKIPPED, SKIPPED_COLUMNS, ((s.path, s.identity, s.cap, s.cap_value) for s in skipped))
-    write_metrics(out_dir / METRICS, summary.metrics())
+    _write_manifest(layout.manifest, rows, cfg)
+    _write_csv(layout.ingest_rejects, REJECT_COLUMNS, ((r.path, r.reason, r.message) for r in rejects))
+    _write_csv(layout.ingest_skipped, SKIPPED_COLUMNS, ((s.path, s.identity, s.cap, s.cap_value) for s in skipped))
+    write_metrics(layout.metrics("ingest"), summary.metrics())
     log.info(summary.describe())
 
     if summary.reject_fraction > cfg.max_reject_fraction:
         raise IngestError(
             f"{summary.rejected} of {summary.files_examined} files rejected ({summary.reject_fraction:.1%}), "
             f"more than ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}. Each file's reason is in "
-            f"{out_dir / REJECTS}; fix the source or raise ingest.max_reject_fraction."
+            f"{layout.ingest_rejects}; fix the source or raise ingest.max_reject_fraction."
         )
     if not rows:
-        raise IngestError(f"no usable image in source {cfg.source!r}; see {out_dir / REJECTS}")
+        raise IngestError(f"no usable image in source {cfg.source!r}; see {layout.ingest_rejects}")
     return summary
 
 
@@ -245,10 +242,10 @@ def _skipped_identities(
 
 
 def _copy_identity(
-    items: list[SourceFile], cfg: IngestParams, staging: Path, first_seen: dict[str, str]
+    items: list[SourceFile], cfg: IngestParams, staging: Path, raw_rel: Path, first_seen: dict[str, str]
 ) -> tuple[list[dict[str, object]], list[Reject], list[Skip]]:
     """Examine one identity's files in order until ``max_images_per_identity`` are accepted, copying each
-    accepted file into ``staging``: (manifest rows, rejects, skips).
+    accepted file into ``staging`` (``raw_rel`` once swapped in): (manifest rows, rejects, skips).
 
     The cap counts accepted images, not files read, so a broken file does not cost an identity a photo;
     the files after the cap is reached are listed as skipped without being read (no S3 download).
@@ -268,7 +265,7 @@ def _copy_identity(
         dest = staging / str(item.identity) / item.filename
         dest.parent.mkdir(exist_ok=True)
         dest.write_bytes(data)
-        rows.append({"path": (RAW_DIR / str(item.identity) / item.filename).as_posix(), **row})
+        rows.append({"path": (raw_rel / str(item.identity) / item.filename).as_posix(), **row})
     return rows, rejects, []
 
 

@@ -8,40 +8,58 @@ whole aligned face instead: it is what finetuning and deployment feed the net, a
 Held out: the test identities of the split (never trained on). The reported NME is the mean point error
 divided by the distance between the eye centres (from the 5-point detection), on uncropped aligned faces
 (``heldout_nme``, the gate) and on one seeded 0.4-1 crop of each (``heldout_crop_nme``, the pretraining views).
+Training runs in the shared loop (:mod:`lafs.engine.loop`): a killed run resumes exactly from
+``models/landmark_net.last.pt``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from lafs.config import LandmarkNetParams, resolved
+from lafs.config import LandmarkNetParams, Params, resolved
 from lafs.conventions import ALIGNED_SIZE
-from lafs.data.datasets import LandmarkFaces
+from lafs.data.datasets import LandmarkFaces, ResumableSampler
+from lafs.data.images import file_sha256
+from lafs.data.sampling import derived_seed
 from lafs.data.transforms import CropFlip, LandmarkAugment, flip_permutation, flip_permutation_from_mean_shape
+from lafs.engine.checkpoint import resume_state, save_checkpoint
+from lafs.engine.loop import LoopSpec, NonFiniteLossError, train_loop
 from lafs.engine.optim import param_groups, set_lr_wd
+from lafs.engine.preemption import Preempted
 from lafs.engine.schedules import cosine_schedule
+from lafs.layout import Layout
 from lafs.models import create_model
 from lafs.models.io import save_model
-from lafs.stages import StageError, write_metrics
+from lafs.stages import RunOptions, StageError, write_metrics
 from lafs.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
+TRAIN_SPLITS = ("ssl.csv", "finetune.csv")  # every training identity's faces (their labels are not used)
+HELDOUT_SPLITS = ("test.csv",)  # never trained on: the NME gate
+SPLIT_FILES = TRAIN_SPLITS + HELDOUT_SPLITS
+
 
 @dataclass(frozen=True)
 class LandmarkNetPaths:
-    root: Path = Path(".")
-    data_dir: Path = Path("data")
-    model: Path = Path("models/landmark_net.pt")
-    metrics: Path = Path("metrics/landmark_net.json")
+    """What one training run reads (``layout``'s tables) and writes (``model``, ``metrics``)."""
+
+    layout: Layout
+    model: Path
+    metrics: Path
+    last: Path  # training checkpoint
+
+    @classmethod
+    def of(cls, layout: Layout) -> LandmarkNetPaths:
+        return cls(layout, layout.landmark_net, layout.metrics("landmark_net"), layout.landmark_net_checkpoint)
 
 
 @dataclass
@@ -79,13 +97,18 @@ class MixedViews:
         return self.augment.apply(image, landmarks, geometry)
 
 
+def _input_files(paths: LandmarkNetPaths) -> dict[str, Path]:
+    """The files a run learns from besides its params: resuming across other ones would splice two runs."""
+    return {"landmarks": paths.layout.landmarks, **{name: paths.layout.splits / name for name in SPLIT_FILES}}
+
+
 def _table(
-    paths: LandmarkNetPaths, landmarks: pd.DataFrame, split_files: list[str]
+    paths: LandmarkNetPaths, landmarks: pd.DataFrame, split_files: Sequence[str]
 ) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
     """Image paths, dense landmarks (N, K, 2) and eye centres (N, 2, 2) of the images in ``split_files``."""
     frames = []
     for name in split_files:
-        f = paths.data_dir / "splits" / name
+        f = paths.layout.splits / name
         if not f.exists():
             raise StageError(f"{f} not found: run the split stage first (`dvc repro split`)")
         frames.append(pd.read_csv(f, usecols=["aligned_path"]))
@@ -95,7 +118,7 @@ def _table(
         raise StageError(f"no landmarks for the images of {split_files}: rerun the landmarks and split stages")
     dense = torch.tensor([list(d) for d in table["dense"]], dtype=torch.float32).reshape(len(table), -1, 2)
     kps = torch.tensor([list(k) for k in table["kps5_aligned"]], dtype=torch.float32).reshape(len(table), 5, 2)
-    return [paths.root / p for p in table["aligned_path"]], dense, kps[:, :2]
+    return [paths.layout.root / p for p in table["aligned_path"]], dense, kps[:, :2]
 
 
 def normalised_mean_error(pred: torch.Tensor, target: torch.Tensor, eyes: torch.Tensor) -> torch.Tensor:
@@ -142,22 +165,28 @@ def _loss(net: torch.nn.Module, stages: list[torch.Tensor], target: torch.Tensor
     return errors[-1] + coarse_weight * sum(errors[:-1], torch.zeros(()))
 
 
-def run(cfg: LandmarkNetParams, paths: LandmarkNetPaths = LandmarkNetPaths()) -> LandmarkNetSummary:
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> LandmarkNetSummary:
+    return train(params.landmark_net, LandmarkNetPaths.of(layout), options.restart_on_change)
+
+
+def train(cfg: LandmarkNetParams, paths: LandmarkNetPaths, restart_on_change: bool = False) -> LandmarkNetSummary:
+    """Train, gate on the held-out NME and write the model and its metrics (``paths`` may differ from the
+    pipeline's: tests write elsewhere)."""
     saved_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, paths)
+        return _train(cfg, paths, restart_on_change)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths) -> LandmarkNetSummary:
+def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths, restart_on_change: bool) -> LandmarkNetSummary:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    landmarks = pd.read_parquet(paths.data_dir / "landmarks.parquet", columns=["aligned_path", "dense", "kps5_aligned"])
-    train_paths, train_lm, _ = _table(paths, landmarks, ["ssl.csv", "finetune.csv"])
-    test_paths, test_lm, test_eyes = _table(paths, landmarks, ["test.csv"])
+    landmarks = pd.read_parquet(paths.layout.landmarks, columns=["aligned_path", "dense", "kps5_aligned"])
+    train_paths, train_lm, _ = _table(paths, landmarks, TRAIN_SPLITS)
+    test_paths, test_lm, test_eyes = _table(paths, landmarks, HELDOUT_SPLITS)
     k = train_lm.shape[1]
     mean_shape = train_lm.mean(0)
     try:
@@ -181,36 +210,75 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths) -> LandmarkNetSummar
     net = create_model(cfg.model, num_landmarks=k)
     net.init_mean_shape(mean_shape)
     mean_nme = float(normalised_mean_error(mean_shape.expand_as(test_lm), test_lm, test_eyes).mean())
-    iters = len(train_set) // cfg.batch_size
+    sampler = ResumableSampler(train_set, seed=cfg.seed)
+    iters = len(sampler) // cfg.batch_size
     lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.epochs, iters, cfg.warmup_epochs)
     optimizer = torch.optim.AdamW(param_groups(net), lr=cfg.lr)
-    logger = RunLogger(True, "lafs-landmark-net", "landmark_net", resolved(cfg), tags={"stage": "landmark_net"})
-    it = 0
-    for epoch in tqdm(range(cfg.epochs), desc="landmark_net", unit="epoch"):
+    inputs = {name: file_sha256(f) for name, f in sorted(_input_files(paths).items())}
+    state = resume_state(
+        paths.last,
+        resolved(cfg),
+        inputs,
+        stage="landmark_net",
+        input_names="landmark table, splits",
+        restart_on_change=restart_on_change,
+    )
+    start, run_id = 0, None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, run_id = int(state["iteration"]), state["mlflow_run_id"] or None
+    logger = RunLogger(
+        True, "lafs-landmark-net", "landmark_net", resolved(cfg), run_id=run_id, tags={"stage": "landmark_net"}
+    )
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor], it: int) -> dict[str, float]:
+        images, target = batch
         net.train()
-        train_set.set_epoch(epoch)
-        loader = DataLoader(
-            train_set,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+        set_lr_wd(optimizer, float(lr[it]), cfg.weight_decay)
+        loss = _loss(net, net.stages(images), target, cfg.coarse_loss_weight)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at iteration {it}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item(), "lr": float(lr[it])}
+
+    def checkpoint(it: int) -> None:
+        state = {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it}
+        meta = {"config": resolved(cfg), "inputs": inputs, "mlflow_run_id": logger.run_id or ""}
+        save_checkpoint({**state, **meta}, paths.last)
+
+    spec = LoopSpec(
+        "landmark_net", cfg.epochs, iters, cfg.batch_size, cfg.checkpoint_every, paths.last, "lower landmark_net.lr"
+    )
+    status = "FAILED"
+    try:
+        train_loop(
+            spec,
+            start,
+            samplers=(sampler, train_set),
+            loader=lambda epoch: DataLoader(
+                train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers
+            ),
+            step=step,
+            checkpoint=checkpoint,
+            logger=logger,
+            seed_iteration=lambda it: torch.manual_seed(derived_seed(cfg.seed, "landmark_net", it)),
         )
-        for images, target in loader:
-            set_lr_wd(optimizer, float(lr[it]), cfg.weight_decay)
-            loss = _loss(net, net.stages(images), target, cfg.coarse_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            it += 1
-        logger.log_metrics({"loss": loss.item(), "lr": float(lr[it - 1])}, epoch)
+        status = "FINISHED"
+    except Preempted:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            logger.end(status)
     nme = evaluate_nme(net, test_loader, test_eyes)
     crop_nme = evaluate_crop_nme(net, crop_loader)
     seconds = time.perf_counter() - t0
     logger.log_metrics(
         {"heldout_nme": nme, "heldout_crop_nme": crop_nme, "mean_shape_nme": mean_nme, "train_seconds": seconds},
-        cfg.epochs,
+        cfg.epochs * iters,
     )
 
     save_model(

@@ -11,17 +11,17 @@ keeps the last good checkpoint.
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from lafs.config import SSLParams, resolved
+from lafs.config import Params, SSLParams, resolved
 from lafs.conventions import ALIGNED_SIZE
 from lafs.data.datasets import ResumableSampler, SSLFaces
 from lafs.data.images import file_sha256
@@ -37,10 +37,12 @@ from lafs.engine.distributed import (
     ranks_in_sync,
     shutdown,
 )
-from lafs.engine.preemption import Preempted, SigtermFlag
-from lafs.engine.ssl import NonFiniteLossError, SSLTrainer, backbone_kwargs, build_ssl_task, relative_change
+from lafs.engine.loop import LoopSpec, train_loop
+from lafs.engine.preemption import Preempted
+from lafs.engine.ssl import SSLTrainer, backbone_kwargs, build_ssl_task, relative_change
+from lafs.layout import CHECKPOINT_FILE, TEACHER_FILE, Layout
 from lafs.models.io import load_model, save_model
-from lafs.stages import StageError, write_metrics
+from lafs.stages import RunOptions, StageError, write_metrics
 from lafs.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -48,19 +50,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainPaths:
-    root: Path = Path(".")  # project root: split / landmark tables hold paths relative to it
-    data_dir: Path = Path("data")
-    out_dir: Path = Path("models/pretrain")
-    landmark_net: Path = Path("models/landmark_net.pt")
-    metrics: Path = Path("metrics/pretrain.json")
+    """What one pretraining reads (``layout``'s splits and tables) and writes (``out_dir``, ``metrics``)."""
+
+    layout: Layout
+    out_dir: Path
+    landmark_net: Path
+    metrics: Path
+
+    @classmethod
+    def of(cls, layout: Layout, out_dir: Path | None = None) -> PretrainPaths:
+        return cls(layout, out_dir or layout.pretrain, layout.landmark_net, layout.metrics("pretrain"))
 
     @property
     def last(self) -> Path:
-        return self.out_dir / "last.pt"
+        return self.out_dir / CHECKPOINT_FILE
 
     @property
     def teacher(self) -> Path:
-        return self.out_dir / "teacher_backbone.pt"
+        return self.out_dir / TEACHER_FILE
 
 
 @dataclass
@@ -90,20 +97,20 @@ def load_landmark_net(path: Path, device: torch.device) -> torch.nn.Module:
     return load_model(path, device)
 
 
-def _ssl_table(cfg: SSLParams, root: Path, data_dir: Path) -> tuple[list[Path], torch.Tensor | None]:
-    split = data_dir / "splits" / "ssl.csv"
+def _ssl_table(cfg: SSLParams, layout: Layout) -> tuple[list[Path], torch.Tensor | None]:
+    split = layout.splits / "ssl.csv"
     if not split.exists():
         raise StageError(f"{split} not found: run the split stage first (`dvc repro split`)")
     table = pd.read_csv(split)
     if table.empty:
         raise StageError(f"{split} holds no images: check the split params")
-    paths = [root / p for p in table["aligned_path"]]
+    paths = [layout.root / p for p in table["aligned_path"]]
     if cfg.method == "dino_face" or cfg.landmark_source == "net":
         return paths, None
-    dense = pd.read_parquet(data_dir / "landmarks.parquet", columns=["aligned_path", "dense"])
+    dense = pd.read_parquet(layout.landmarks, columns=["aligned_path", "dense"])
     dense = table[["aligned_path"]].merge(dense, on="aligned_path", how="left")
     if dense["dense"].isna().any():
-        raise StageError("some SSL images have no dense landmarks in data/landmarks.parquet; rerun landmarks")
+        raise StageError(f"some SSL images have no dense landmarks in {layout.landmarks}; rerun landmarks")
     landmarks = torch.tensor([list(d) for d in dense["dense"]], dtype=torch.float32).reshape(len(paths), -1, 2)
     if landmarks.shape[1] != cfg.num_landmarks:
         raise StageError(
@@ -115,7 +122,7 @@ def _ssl_table(cfg: SSLParams, root: Path, data_dir: Path) -> tuple[list[Path], 
 
 def _input_fingerprint(cfg: SSLParams, paths: PretrainPaths) -> dict[str, str]:
     """sha256 of the files a run depends on besides its params: resuming across other inputs is wrong."""
-    files = {"ssl_split": paths.data_dir / "splits" / "ssl.csv"}
+    files = {"ssl_split": paths.layout.splits / "ssl.csv"}
     if cfg.method != "dino_face" and cfg.landmark_source == "net":
         files["landmark_net"] = paths.landmark_net
     return {name: file_sha256(f) for name, f in files.items() if f.exists()}
@@ -129,7 +136,12 @@ def _views(cfg: SSLParams):
     return LAFSViews(cfg.global_crops, cfg.local_crops, ALIGNED_SIZE, cfg.global_scale)
 
 
-def run(cfg: SSLParams, paths: PretrainPaths = PretrainPaths(), restart_on_change: bool = False) -> PretrainSummary:
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> PretrainSummary:
+    """The stage (one process of it under torchrun): pretrain into ``layout.pretrain``."""
+    return train(params.pretrain, PretrainPaths.of(layout), options.restart_on_change)
+
+
+def train(cfg: SSLParams, paths: PretrainPaths, restart_on_change: bool = False) -> PretrainSummary:
     """Train (or resume) to the end; ``restart_on_change`` sets aside a checkpoint of other params."""
     env = init_distributed(cfg.device, param="pretrain.device")
     try:
@@ -142,7 +154,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    image_paths, landmarks = _ssl_table(cfg, paths.root, paths.data_dir)
+    image_paths, landmarks = _ssl_table(cfg, paths.layout)
     dataset = SSLFaces(image_paths, _views(cfg), landmarks, seed=cfg.seed)
     sampler = ResumableSampler(dataset, env.world_size, env.rank, seed=cfg.seed)
     iters_per_epoch = len(sampler) // cfg.batch_size
@@ -188,7 +200,6 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     if state is not None:
         trainer.load_state_dict(state)
         start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id") or None
-    total = cfg.epochs * iters_per_epoch
 
     logger = RunLogger(
         env.is_main,
@@ -216,65 +227,67 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
                 remote.upload(paths.last, cfg.checkpoint_uri)
         barrier()
 
-    it, metrics, low_std, t0, seen = start_it, {"loss": float("nan")}, 0, time.perf_counter(), 0
-    bar = tqdm(total=total, initial=start_it, disable=not env.is_main, desc=f"pretrain {cfg.method}", unit="it")
+    def loader(epoch: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            pin_memory=env.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def step(batch: Any, it: int) -> dict[str, float]:
+        generator = torch.Generator(env.device).manual_seed(derived_seed(cfg.seed, env.rank, it))
+        return trainer.train_step(batch, it, generator)
+
+    low_std = 0
+
+    def check_collapse(it: int, metrics: Mapping[str, float]) -> None:
+        nonlocal low_std
+        low_std = low_std + 1 if metrics["teacher_std"] < cfg.collapse_std else 0
+        if low_std >= cfg.collapse_patience:
+            raise StageError(
+                f"teacher collapsed at iteration {it}: output std {metrics['teacher_std']:.2e} < "
+                f"{cfg.collapse_std} for {low_std} iterations (entropy {metrics['teacher_entropy']:.3f});"
+                f" the last good checkpoint {paths.last} is kept. Check centring/temperatures/lr"
+            )
+
+    spec = LoopSpec(
+        f"pretrain {cfg.method}",
+        cfg.epochs,
+        iters_per_epoch,
+        cfg.batch_size,
+        cfg.checkpoint_every,
+        paths.last,
+        advice="lower the lr or use dtype fp32",
+        world_size=env.world_size,
+        show_progress=env.is_main,
+    )
     status = "FAILED"
     try:
-        with SigtermFlag() as sigterm:
-            for epoch in range(start_it // iters_per_epoch, cfg.epochs):
-                sampler.set_epoch(epoch)
-                sampler.skip = (it - epoch * iters_per_epoch) * cfg.batch_size
-                dataset.set_epoch(epoch)
-                loader = DataLoader(
-                    dataset,
-                    batch_size=cfg.batch_size,
-                    sampler=sampler,
-                    drop_last=True,
-                    num_workers=cfg.num_workers,
-                    pin_memory=env.device.type == "cuda",
-                    persistent_workers=False,
-                )
-                for batch in loader:
-                    seed = derived_seed(cfg.seed, env.rank, it)
-                    torch.manual_seed(seed)  # drop-path etc.: a function of the iteration, not of history
-                    generator = torch.Generator(env.device).manual_seed(seed)
-                    try:
-                        metrics = trainer.train_step(batch, it, generator)
-                    except NonFiniteLossError as exc:
-                        raise StageError(
-                            f"{exc}; the last good checkpoint {paths.last} is kept. Lower the lr or use dtype fp32"
-                        ) from None
-                    it += 1
-                    seen += cfg.batch_size * env.world_size
-                    rate = seen / (time.perf_counter() - t0)
-                    low_std = low_std + 1 if metrics["teacher_std"] < cfg.collapse_std else 0
-                    if low_std >= cfg.collapse_patience:
-                        raise StageError(
-                            f"teacher collapsed at iteration {it}: output std {metrics['teacher_std']:.2e} < "
-                            f"{cfg.collapse_std} for {low_std} iterations (entropy {metrics['teacher_entropy']:.3f});"
-                            f" the last good checkpoint {paths.last} is kept. Check centring/temperatures/lr"
-                        )
-                    logger.log_metrics({**metrics, "images_per_s": rate, "epoch": epoch}, it)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.1f}")
-                    stop = not all_true(not sigterm.raised, env.device)
-                    if stop or it % cfg.checkpoint_every == 0:
-                        checkpoint(it)
-                    if stop:
-                        raise Preempted(
-                            f"SIGTERM at iteration {it}: checkpoint saved to {paths.last}; "
-                            "rerun the same command to resume"
-                        )
-                if it % cfg.checkpoint_every:
-                    checkpoint(it)
+        result = train_loop(
+            spec,
+            start_it,
+            samplers=(sampler, dataset),
+            loader=loader,
+            step=step,
+            checkpoint=checkpoint,
+            logger=logger,
+            # drop-path etc.: a function of the iteration, not of history
+            seed_iteration=lambda it: torch.manual_seed(derived_seed(cfg.seed, env.rank, it)),
+            after_step=check_collapse,
+            stop=lambda raised: not all_true(not raised, env.device),  # any rank's SIGTERM stops all
+        )
         status = "FINISHED"
     except Preempted:
         status = "KILLED"
         raise
     finally:
-        bar.close()
         if status != "FINISHED":
             logger.end(status)
+    it, metrics = result.iteration, result.metrics or {"loss": float("nan")}
 
     in_sync = ranks_in_sync(task.student, env.device)
     if not in_sync:
@@ -284,7 +297,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
         epochs=cfg.epochs,
         final_loss=metrics["loss"],
         resumed_from=start_it,
-        images_per_s=seen / max(time.perf_counter() - t0, 1e-9),
+        images_per_s=result.images_per_s,
         metrics={k: float(v) for k, v in metrics.items()},
     )
     if env.is_main:

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lafs import registry
-from lafs.config import LandmarksParams, RegisterParams, resolved
-from lafs.stages import StageError, write_metrics
+from lafs.atomic import write_text
+from lafs.config import LandmarksParams, Params, RegisterParams, resolved
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError, write_metrics
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -36,28 +38,29 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RegisterPaths:
-    root: Path = Path(".")
-    model: Path = Path("models/finetune/model.pt")
-    onnx: Path = Path("models/model.onnx")
-    eval_metrics: Path = Path("metrics/eval.json")
-    dvc_lock: Path = Path("dvc.lock")
-    promotion: Path = Path("metrics/promotion.json")
-    report: Path = Path("reports/promotion.md")
+    """The stage's files (the evaluated model, its ONNX and eval metrics in; the gate's decision out)."""
 
-    @classmethod
-    def under(cls, root: Path) -> RegisterPaths:
-        """Every default path relative to the project root ``root``."""
-        root = Path(root)
-        d = cls()
-        return cls(
-            root,
-            root / d.model,
-            root / d.onnx,
-            root / d.eval_metrics,
-            root / d.dvc_lock,
-            root / d.promotion,
-            root / d.report,
-        )
+    layout: Layout
+
+    @property
+    def model(self) -> Path:
+        return self.layout.model
+
+    @property
+    def onnx(self) -> Path:
+        return self.layout.onnx
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.layout.metrics("evaluate")
+
+    @property
+    def promotion(self) -> Path:
+        return self.layout.metrics("register")
+
+    @property
+    def report(self) -> Path:
+        return self.layout.promotion_report
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def dvc_lineage(lock: Path, stages: tuple[str, ...]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if len(k) <= 250}
 
 
-def served_model(landmarks: LandmarksParams, report: dict[str, Any], root: Path) -> registry.ServedModel:
+def served_model(landmarks: LandmarksParams, report: dict[str, Any], layout: Layout) -> registry.ServedModel:
     """The served pyfunc's parts: the detector and settings of :func:`lafs.serving.load.serving_config` and two real
     photos of the project for the input example."""
     from lafs.faces import FaceModelError
@@ -152,11 +155,11 @@ def served_model(landmarks: LandmarksParams, report: dict[str, Any], root: Path)
     except FaceModelError as exc:
         raise StageError(f"{exc} (register bundles the detector into the served model)") from None
     cfg = serving_config(landmarks, report)
-    examples, table = (), root / "data" / "landmarks.parquet"
+    examples, table = (), layout.landmarks
     if table.is_file():
         import pandas as pd
 
-        examples = tuple(root / p for p in pd.read_parquet(table, columns=["path"])["path"].head(2))
+        examples = tuple(layout.root / p for p in pd.read_parquet(table, columns=["path"])["path"].head(2))
     return registry.ServedModel(detector, cfg, examples)
 
 
@@ -203,8 +206,8 @@ def _registration(
 ) -> registry.Registration:
     onnx = paths.onnx if cfg.register_onnx else None
     tags = {
-        **git_tags(paths.root),
-        **dvc_lineage(paths.dvc_lock, cfg.lineage_stages),
+        **git_tags(paths.layout.root),
+        **dvc_lineage(paths.layout.dvc_lock, cfg.lineage_stages),
         "model_file.md5": md5(paths.model),
         "eval.md5": md5(paths.eval_metrics),
         "model.name": str(model_file["model"]),
@@ -214,10 +217,11 @@ def _registration(
         tags["onnx.md5"] = md5(onnx)
     tags |= measured_on(report)
     # dvc.lock's evaluate entry names both files: the model it read (a dep) and the metrics it wrote (an out)
-    evaluate = dvc_lineage(paths.dvc_lock, ("evaluate",))
+    evaluate = dvc_lineage(paths.layout.dvc_lock, ("evaluate",))
+    rel = paths.layout.relative
     locked = (
-        evaluate.get(f"dvc.evaluate.deps.{RegisterPaths.model}") == tags["model_file.md5"]
-        and evaluate.get(f"dvc.evaluate.outs.{RegisterPaths.eval_metrics}") == tags["eval.md5"]
+        evaluate.get(f"dvc.evaluate.deps.{rel(paths.model)}") == tags["model_file.md5"]
+        and evaluate.get(f"dvc.evaluate.outs.{rel(paths.eval_metrics)}") == tags["eval.md5"]
     )
     tags["provenance"] = registry.PROVENANCE_LOCKED if locked else "outside dvc.lock"
     params = {
@@ -230,13 +234,17 @@ def _registration(
 
 def _write_outputs(paths: RegisterPaths, decision: registry.Decision) -> None:
     write_metrics(paths.promotion, registry.promotion_metrics(decision))
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    paths.report.write_text(registry.report_markdown(decision))
+    write_text(paths.report, registry.report_markdown(decision))
 
 
-def run(
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> RegisterSummary:
+    """The stage: register ``layout``'s evaluated model and gate it (``landmarks``: the bundled detector)."""
+    return register(params.register, layout, landmarks=params.landmarks)
+
+
+def register(
     cfg: RegisterParams,
-    root: Path | RegisterPaths = Path("."),
+    layout: Layout,
     client: MlflowClient | None = None,
     landmarks: LandmarksParams | None = None,
 ) -> RegisterSummary:
@@ -247,7 +255,7 @@ def run(
     """
     from lafs.models.io import load_model, read_model_file
 
-    paths = root if isinstance(root, RegisterPaths) else RegisterPaths.under(Path(root))
+    paths = RegisterPaths(layout)
     report, metrics = _check_inputs(cfg, paths)
     reg = _registration(cfg, paths, report, metrics, read_model_file(paths.model))
     with registry.mlflow_errors(cfg):
@@ -259,7 +267,7 @@ def run(
             log.info("%s v%s already holds these model and eval files: reusing it", cfg.model_name, version)
         else:
             if cfg.register_onnx:  # the served pyfunc runs the ONNX recogniser
-                reg = replace(reg, served=served_model(landmarks or LandmarksParams(), report, paths.root))
+                reg = replace(reg, served=served_model(landmarks or LandmarksParams(), report, layout))
             version, reused = registry.register_version(cfg, load_model(paths.model), reg).version, False
         client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
         decision = registry.promote(client, cfg, version, before_move=lambda d: _write_outputs(paths, d))

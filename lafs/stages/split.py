@@ -1,7 +1,7 @@
 """Stage ``split``: identity-disjoint training and test sets, few-shot views and verification pairs.
 
 Reads ``data/landmarks.parquet`` (accepted images only; ``data/manifest.parquet`` too when a protocol file
-names the pairs, to say why a pair's image is missing) and writes, relative to ``out_dir`` (the project root):
+names the pairs, to say why a pair's image is missing) and writes (the :class:`~lafs.layout.Layout` paths):
 
 - ``data/splits/{ssl,finetune,test}.csv``: ``aligned_path, identity, label, sha256``, sorted by identity and
   path. ``label`` is the identity's index in the sorted identities of that file (finetune, test); ``ssl.csv``
@@ -72,7 +72,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lafs.config import SplitParams
+from lafs.config import Params, SplitParams
 from lafs.data.pairs import (
     ImageRef,
     MappedPairs,
@@ -85,15 +85,12 @@ from lafs.data.pairs import (
     write_pairs_csv,
 )
 from lafs.data.sampling import Image, fewshot_view, fraction_count, generate_pairs, rank_key, seeded_order
-from lafs.stages import StageError
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError, write_metrics
 
 log = logging.getLogger(__name__)
 
-LANDMARKS = Path("data/landmarks.parquet")
-MANIFEST = Path("data/manifest.parquet")
-SPLITS_DIR = Path("data/splits")
-METRICS = Path("metrics/split.json")
-PROTOCOL_FILE = "protocol.json"  # in SPLITS_DIR, next to pairs.csv
+PROTOCOL_FILE = "protocol.json"  # in layout.splits, next to pairs.csv
 SPLIT_COLUMNS = ("aligned_path", "identity", "label", "sha256")
 UNLABELED = -1
 REQUIRED_COLUMNS = ("path", "identity", "sha256", "aligned_path")
@@ -192,18 +189,18 @@ def _pair_name(pair: Pair) -> str:
     return f"{pair.stem1}/{pair.stem2}"
 
 
-def run(cfg: SplitParams, out_dir: Path) -> SplitSummary:
-    """Split the accepted images under ``out_dir`` (see the module docstring); raise :class:`SplitError` when
-    a set would be empty, the test identities cannot fill the folds, too many protocol pairs are dropped, or
-    a training file shares an identity with the test protocol."""
-    out_dir = Path(out_dir)
-    images = read_images(out_dir / LANDMARKS)
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> SplitSummary:
+    """Split the accepted images (see the module docstring); raise :class:`SplitError` when a set would be
+    empty, the test identities cannot fill the folds, too many protocol pairs are dropped, or a training file
+    shares an identity with the test protocol."""
+    cfg = params.split
+    images = read_images(layout.landmarks)
     by_identity: dict[str, list[Image]] = defaultdict(list)
     for im in images:
         by_identity[im.identity].append(im)
     by_identity = {k: sorted(v) for k, v in sorted(by_identity.items())}
     eligible = [i for i, ims in by_identity.items() if len(ims) >= 2]
-    protocol = choose_protocol(cfg, out_dir, images, eligible)
+    protocol = choose_protocol(cfg, layout, images, eligible)
 
     test = {i: ims for i, ims in by_identity.items() if i in protocol.test_ids}
     allowed = protocol.train_people
@@ -232,7 +229,7 @@ def run(cfg: SplitParams, out_dir: Path) -> SplitSummary:
         )
 
     counts = protocol_counts(protocol, pair_rows, excluded=len(by_identity) - len(test) - len(rest))
-    fewshot = _write_outputs(out_dir / SPLITS_DIR, ssl, finetune, test, pair_rows, cfg, protocol.test_ids, counts)
+    fewshot = _write_outputs(layout.splits, ssl, finetune, test, pair_rows, cfg, protocol.test_ids, counts)
     same = sum(int(r["same"]) for r in pair_rows)
     summary = SplitSummary(
         mode=protocol.name,
@@ -257,20 +254,18 @@ def run(cfg: SplitParams, out_dir: Path) -> SplitSummary:
         official=protocol.official,
         protocol=counts,
     )
-    metrics_path = out_dir / METRICS
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    write_metrics(layout.metrics("split"), summary.metrics())
     log.info(summary.describe())
     _check_dropped(cfg, protocol)
     return summary
 
 
-def choose_protocol(cfg: SplitParams, out_dir: Path, images: list[Image], eligible: list[str]) -> Protocol:
+def choose_protocol(cfg: SplitParams, layout: Layout, images: list[Image], eligible: list[str]) -> Protocol:
     """The test side asked for by ``split.protocol`` / ``split.pairs_file`` (see the module docstring)."""
     if cfg.protocol != "generated":
-        return lfw_view(cfg, out_dir, images)
+        return lfw_view(cfg, layout, images)
     if cfg.pairs_file is not None:
-        return _official_protocol(cfg.pairs_file, out_dir, images)
+        return _official_protocol(cfg.pairs_file, layout, images)
     n_test = fraction_count(len(eligible), cfg.test_fraction)
     test_ids = frozenset(seeded_order(eligible, cfg.seed, "test")[:n_test])
     if len(test_ids) < 2 * cfg.folds:
@@ -350,22 +345,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()  # protocol files are params, not DVC deps
 
 
-def _map_to_images(pairs: list[Pair], out_dir: Path, images: list[Image]) -> MappedPairs:
+def _map_to_images(pairs: list[Pair], layout: Layout, images: list[Image]) -> MappedPairs:
     """Protocol pairs resolved to our images by (identity, LFW stem); missing ones counted by reason."""
     lookup = {(im.identity, PurePosixPath(im.path).stem): ImageRef(im.identity, im.aligned_path) for im in images}
-    return map_pairs(pairs, lookup, _missing_reasons(out_dir / MANIFEST, lookup))
+    return map_pairs(pairs, lookup, _missing_reasons(layout.manifest, lookup))
 
 
-def _official_protocol(pairs_file: str, out_dir: Path, images: list[Image]) -> Protocol:
+def _official_protocol(pairs_file: str, layout: Layout, images: list[Image]) -> Protocol:
     """Everyone ``split.pairs_file`` names is test-only; its pairs keep the file's folds."""
-    path = Path(pairs_file)
-    path = path if path.is_absolute() else out_dir / path  # relative to the project root, like every path
+    path = layout.resolve(pairs_file)  # relative to the project root, like every path
     try:
         pairs = parse_pairs(path)
     except PairsFormatError as exc:
         raise SplitError(f"split.pairs_file: {exc}") from None
     names = frozenset({p.name1 for p in pairs} | {p.name2 for p in pairs})
-    mapped = _map_to_images(pairs, out_dir, images)
+    mapped = _map_to_images(pairs, layout, images)
     sha = _sha256(path)
     official: dict[str, object] = {
         "file": pairs_file,
@@ -378,9 +372,9 @@ def _official_protocol(pairs_file: str, out_dir: Path, images: list[Image]) -> P
     return Protocol("official", names, None, mapped, str(path), info, official)
 
 
-def lfw_view(cfg: SplitParams, out_dir: Path, images: list[Image]) -> Protocol:
+def lfw_view(cfg: SplitParams, layout: Layout, images: list[Image]) -> Protocol:
     """LFW View 1 or fold ``view2_fold`` of View 2 from the files in ``split.protocol_dir`` (module docstring)."""
-    folder = protocol_dir(cfg, out_dir)
+    folder = protocol_dir(cfg, layout)
     files = {role: folder / name for role, name in LFW_VIEWS[cfg.protocol].items()}
     present = {role: path for role, path in files.items() if role == "pairs" or path.is_file()}
     try:
@@ -403,11 +397,11 @@ def lfw_view(cfg: SplitParams, out_dir: Path, images: list[Image]) -> Protocol:
     }
     if cfg.protocol == "lfw_view2":
         info["view2_fold"] = cfg.view2_fold
-    mapped = _map_to_images(stratified_folds(pairs, cfg.folds, cfg.seed), out_dir, images)
+    mapped = _map_to_images(stratified_folds(pairs, cfg.folds, cfg.seed), layout, images)
     return Protocol(cfg.protocol, test_ids, train_people, mapped, str(files["pairs"]), info)
 
 
-def protocol_dir(cfg: SplitParams, out_dir: Path) -> Path:
+def protocol_dir(cfg: SplitParams, layout: Layout) -> Path:
     """``split.protocol_dir`` (relative to the project root), or the folder the ``lfw`` ingest source filled."""
     if cfg.protocol_dir is None:
         from lafs.data.sources import SourceError, lfw_protocol_dir
@@ -416,8 +410,7 @@ def protocol_dir(cfg: SplitParams, out_dir: Path) -> Path:
             return lfw_protocol_dir()
         except SourceError as exc:
             raise SplitError(f"split.protocol_dir is null: {exc}") from None
-    folder = Path(cfg.protocol_dir).expanduser()
-    folder = folder if folder.is_absolute() else out_dir / folder
+    folder = layout.resolve(Path(cfg.protocol_dir).expanduser())
     if not folder.is_dir():
         raise SplitError(
             f"split.protocol_dir {folder} is not a folder: point it at the LFW view files "

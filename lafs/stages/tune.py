@@ -27,16 +27,17 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lafs.atomic import copy_atomic, write_text
-from lafs.config import FinetuneParams, TuneParams, resolved
+from lafs.config import FinetuneParams, Params, TuneParams, resolved
 from lafs.data.images import file_sha256
-from lafs.stages import StageError, write_metrics
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError, write_metrics
 from lafs.stages.finetune import FinetunePaths, WarmStart, build_recogniser, select_data, train
 from lafs.tuning.storage import masked, open_storage, storage_url
 from lafs.tuning.tracker import StudyTracker
@@ -54,26 +55,23 @@ PARENT_WAIT_S = 120.0  # how long a worker waits for the study's creator to reco
 
 @dataclass(frozen=True)
 class TunePaths:
-    root: Path = Path(".")  # project root: relative sqlite storage paths are taken from it
-    finetune: FinetunePaths = field(default_factory=FinetunePaths)  # every trial's inputs; out_dir is per trial
-    study_dir: Path = Path("models/tune")  # storage (default) and one directory per trial
-    best_params: Path = Path("params/best_finetune.yaml")
-    metrics: Path = Path("metrics/tune.json")
-
-    @property
-    def warm_start(self) -> Path:
-        """Where the best trial's checkpoint goes: the folder the finetune stage continues from."""
-        return self.finetune.warm_start or self.study_dir / "best"
+    layout: Layout  # its root anchors relative sqlite storage paths
+    finetune: FinetunePaths  # every trial's inputs; out_dir is per trial
+    study_dir: Path  # storage (default) and one directory per trial
+    best_params: Path  # tune.out
+    metrics: Path
+    warm_start: Path  # the best trial's checkpoint: the folder the finetune stage continues from
 
     @classmethod
-    def under(cls, root: Path, best_params: str = "params/best_finetune.yaml") -> TunePaths:
-        """The pipeline layout below a project root (``best_params`` relative to it: ``tune.out``)."""
+    def of(cls, layout: Layout, best_params: str) -> TunePaths:
+        """The pipeline's files (``best_params``: ``tune.out``, relative to the root)."""
         return cls(
-            root,
-            FinetunePaths.under(root),
-            root / "models" / "tune",
-            root / best_params,
-            root / "metrics" / "tune.json",
+            layout,
+            FinetunePaths.of(layout),
+            layout.tune_studies,
+            layout.resolve(best_params),
+            layout.metrics("tune"),
+            layout.tune_best,
         )
 
 
@@ -133,14 +131,14 @@ def fingerprint(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths)
     (n_trials, timeout, storage, tracking) are left out, so raising n_trials extends the same study."""
     ft = paths.finetune
     inputs = {
-        "splits": _digest(ft.data_dir / "splits"),
+        "splits": _digest(ft.layout.splits),
         "teacher": _digest(ft.teacher),
         "landmark_net": _digest(ft.landmark_net),
     }
-    search = resolved(cfg)
+    tune_params = resolved(cfg)
     base = {k: v for k, v in resolved(finetune_cfg).items() if k not in _OVERLAID}
     data = {
-        key: search[key]
+        key: tune_params[key]
         for key in ("direction", "sampler", "pruner", "search_space", "enqueue", "trial_overrides", "trial_epochs")
     }
     data |= {"finetune": base, "inputs": inputs}
@@ -365,14 +363,19 @@ def default_study_name(fp: str) -> str:
     return f"finetune-{fp[:12]}"
 
 
-def run(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths = TunePaths()) -> TuneSummary:
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> TuneSummary:
+    """The stage: the study of ``params.tune`` over the ``finetune`` section, best params to ``tune.out``."""
+    return search(params.tune, params.finetune, TunePaths.of(layout, params.tune.out))
+
+
+def search(cfg: TuneParams, finetune_cfg: FinetuneParams, paths: TunePaths) -> TuneSummary:
     """Run trials until the study holds ``n_trials`` finished ones (or ``timeout_s``), then write the best."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     preflight(finetune_cfg, paths.finetune)
-    url = storage_url(cfg, paths.root, paths.study_dir)
+    url = storage_url(cfg, paths.layout.root, paths.study_dir)
     fp = fingerprint(cfg, finetune_cfg, paths)
     name = cfg.study_name or default_study_name(fp)
     tracker = StudyTracker(cfg)

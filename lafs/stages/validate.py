@@ -39,17 +39,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lafs.config import ValidateParams, resolved
+from lafs.atomic import write_text
+from lafs.config import Params, ValidateParams, resolved
 from lafs.faces.align import ALIGNED_SIZE
 from lafs.faces.dense import DLIB68, INSIGHTFACE106, NUM_POINTS
-from lafs.stages import StageError
+from lafs.layout import Layout
+from lafs.stages import RunOptions, StageError, write_metrics
 
 log = logging.getLogger(__name__)
 
-MANIFEST = Path("data/manifest.parquet")
-LANDMARKS = Path("data/landmarks.parquet")
-REPORT = Path("reports/validation.md")
-METRICS = Path("metrics/validation.json")
 
 KPS5_POINTS = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")  # kps5 order (SCRFD, ArcFace template)
 # Dense points that are not the face contour (brows, eyes, nose, mouth): they must be inside the crop.
@@ -430,12 +428,12 @@ def _identity_detail(identities: pd.DataFrame, usable: int) -> str:
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def run(cfg: ValidateParams, out_dir: Path) -> ValidateSummary:
-    """Validate the manifest and landmark table under ``out_dir``; write the report and metrics, then raise
+def run(params: Params, layout: Layout, options: RunOptions = RunOptions()) -> ValidateSummary:
+    """Validate the manifest and landmark table; write the report and metrics, then raise
     :class:`ValidationError` if any expectation failed."""
-    out_dir = Path(out_dir)
-    manifest = read_table(out_dir / MANIFEST, "lafs ingest")
-    landmarks = read_table(out_dir / LANDMARKS, "lafs landmarks")
+    cfg = params.validate
+    manifest = read_table(layout.manifest, "lafs ingest")
+    landmarks = read_table(layout.landmarks, "lafs landmarks")
     frames = build_frames(manifest, landmarks, cfg)
     results = run_suite(frames, build_checks(cfg), cfg.max_example_rows)
     summary = ValidateSummary(
@@ -448,12 +446,9 @@ def run(cfg: ValidateParams, out_dir: Path) -> ValidateSummary:
         },
         outliers={r.check.name: r.unexpected_count for r in results if r.success and r.unexpected_count},
     )
-    report = out_dir / REPORT
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(render_report(results, frames, cfg, summary))
-    metrics = out_dir / METRICS
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(summary.metrics(), indent=2) + "\n")
+    report = layout.validation_report
+    write_text(report, render_report(results, frames, cfg, summary, layout))
+    write_metrics(layout.metrics("validate"), summary.metrics())
     log.info(summary.describe())
     if not summary.success:
         failed = [r for r in results if not r.success]
@@ -488,14 +483,17 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_report(results: list[CheckResult], frames: Frames, cfg: ValidateParams, summary: ValidateSummary) -> str:
+def render_report(
+    results: list[CheckResult], frames: Frames, cfg: ValidateParams, summary: ValidateSummary, layout: Layout
+) -> str:
     """Markdown: verdict, inputs, failed expectations and tolerated outliers with example rows, the full table."""
     failed = [r for r in results if not r.success]
     verdict = "PASSED" if not failed else f"FAILED: {len(failed)} of {len(results)} expectations"
     lines = [
         f"# Data validation: {verdict}",
         "",
-        f"great-expectations suites over `{MANIFEST}` ({len(frames.manifest)} rows), `{LANDMARKS}` "
+        f"great-expectations suites over `{layout.relative(layout.manifest)}` ({len(frames.manifest)} rows), "
+        f"`{layout.relative(layout.landmarks)}` "
         f"({len(frames.landmarks)} rows) and its {len(frames.identities)} identities. Example rows give `row`, the "
         "0-based row number in the parquet file.",
         "",
