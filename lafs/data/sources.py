@@ -1,4 +1,4 @@
-"""Where raw face photos come from: a local folder, an S3 prefix, or the public LFW set.
+"""Where raw face photos come from: a local folder, an S3 prefix, an insightface ``.rec`` pack, or the public LFW set.
 
 Every source yields :class:`SourceFile` items laid out as ``<identity>/<image>``, in sorted order, and reads
 bytes lazily so that ingest limits (identities, images per identity) decide what is downloaded. Anything
@@ -9,6 +9,7 @@ silently dropping it. Hidden files (``.DS_Store``, ``._foo.jpg``) are skipped.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,10 +202,36 @@ def lfw_protocol_dir(data_home: str | os.PathLike[str] | None = None) -> Path:
     return folder
 
 
+def iter_recordio(rec: Path) -> Iterator[SourceFile]:
+    """The images of an insightface pack (``train.rec`` + ``train.idx``, :mod:`lafs.data.recordio`) as
+    ``id<label>/<key>.jpg``; only record headers are read here, each image when ingest reads it."""
+    from lafs.data.recordio import RecordIOError, image_keys, index_offsets, labels_at, read_image
+
+    if not rec.is_file():
+        raise SourceError(f"RecordIO source {rec} not found (expected train.rec beside train.idx)")
+    try:
+        offsets = index_offsets(rec)
+        labels = labels_at(rec, offsets, image_keys(rec, offsets))
+    except (RecordIOError, OSError, struct.error) as exc:
+        raise SourceError(f"cannot list {rec}: {exc}") from None
+    width = max(7, len(str(max(labels.values(), default=0))))
+    for key, label in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
+
+        def read(offset: int = offsets[key]) -> bytes:
+            try:
+                return read_image(rec, offset)
+            except (RecordIOError, OSError) as exc:
+                raise ImageRejected(UNREADABLE, f"{rec}#{offset}: {exc}") from None
+
+        yield SourceFile(f"id{label:0{width}d}", f"{key:09d}.jpg", f"{rec}#{key}", read)
+
+
 def iter_source(source: str, *, s3_endpoint_url: str | None = None) -> Iterator[SourceFile]:
-    """Dispatch on ``ingest.source``: ``lfw``, ``s3://bucket/prefix``, or a local folder path."""
+    """Dispatch on ``ingest.source``: ``lfw``, ``s3://bucket/prefix``, a ``.rec`` file, or a local folder path."""
     if source == LFW_SOURCE:
         return iter_folder(lfw_folder())
+    if source.endswith(".rec") and "://" not in source:
+        return iter_recordio(Path(source).expanduser())
     if source.startswith("s3://"):
         return iter_s3(source, endpoint_url=s3_endpoint_url)
     if "://" in source:
