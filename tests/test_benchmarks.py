@@ -73,3 +73,25 @@ def test_loader_part_reports_loader_and_fed_throughput(tmp_path, lfw_subset) -> 
     for key in ("loader_images_per_s", "fed_images_per_s"):
         assert math.isfinite(loader[key]) and loader[key] > 0, (key, loader[key])
     assert summary["loader_vs_step"] == round(loader["loader_images_per_s"] / rows[0]["images_per_s"], 3)
+
+
+@pytest.mark.integration  # torchrun + subprocesses
+def test_gpu_check_dry_run_reports_every_part(tmp_path):
+    """benchmarks/gpu_check.sh, ready for a CUDA machine, runs its three parts at toy sizes on the CPU: the SSL
+    step, a DDP step (gloo, ranks in sync) and a finetune smoke run whose loss falls."""
+    out = tmp_path / "gpu.json"
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dry_run"] is True
+    assert report["pretrain_step"]["images_per_s"] > 0 and report["pretrain_step"]["model"] == "lafs_vit_tiny"
+    assert report["ddp"]["backend"] == "gloo" and report["ddp"]["ranks_in_sync"] is True
+    ft = report["finetune"]
+    assert ft["finite"] and ft["last_loss"] < ft["first_loss"] and ft["images_per_s"] > 0
