@@ -181,6 +181,7 @@ class LandmarkNetParams(Section):
     threads: int = Field(0, ge=0)  # torch intra-op threads while training; 0 = torch's default (all cores)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (plus one at each epoch end)
+    deterministic: bool = False  # deterministic kernels, pinned threads (lafs.engine.loop.deterministic_mode)
     max_nme: float = Field(0.2, gt=0.0)  # sanity gate on held-out NME (fraction of eye distance); goal: 0.05
 
 
@@ -312,6 +313,7 @@ class FinetuneParams(Section):
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (plus one at every epoch end)
+    deterministic: bool = False  # deterministic kernels, pinned threads (lafs.engine.loop.deterministic_mode)
     experiment: str = "lafs-finetune"
     tracking_uri: str | None = None
     # Written by the tune stage (flat mapping of these keys, relative to the project root); overlays this section

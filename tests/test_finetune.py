@@ -428,3 +428,21 @@ def test_a_frozen_landmark_net_stays_exactly_as_the_landmark_net_stage_left_it()
     after = model.landmark_net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the frozen landmark net changed"
     assert not torch.equal(vit_before, model.patch_embed.weight), "the ViT did not train"
+
+
+def test_deterministic_runs_end_bit_identical_and_leave_torch_as_it_was(tiny_project, tmp_path):
+    """``finetune.deterministic``: two uninterrupted runs (each a new model, optimizer and loader) end with the
+    same weights to the bit; the deterministic switches hold only while the run trains."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.mkldnn.deterministic,
+        torch.get_num_threads(),
+    )
+    cfg = _cfg(deterministic=True, epochs=1, checkpoint_every=50)
+    first, second = (train(cfg, _paths(tiny_project, tmp_path / name)) for name in ("a", "b"))
+    assert first.val_history == second.val_history
+    a = read_model_file(tmp_path / "a" / "ft" / "model.pt")["state_dict"]
+    b = read_model_file(tmp_path / "b" / "ft" / "model.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    after = (torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.deterministic, torch.get_num_threads())
+    assert after == before

@@ -12,12 +12,15 @@ status. A stage supplies only what differs: its step, its checkpoint and what ha
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from tqdm import tqdm
 
 from lafs.engine.preemption import Preempted, SigtermFlag
@@ -136,3 +139,38 @@ def train_loop(
     finally:
         bar.close()
     return LoopResult(it, metrics, seen, time.perf_counter() - t0)
+
+
+@contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """While a run trains with ``deterministic: true``: deterministic kernels only (torch's switch, oneDNN's and
+    cuDNN's, cuBLAS with a fixed workspace) and the intra-op thread count pinned, so two runs of a stage, or a
+    killed and resumed one, can end bit-identical; everything is put back afterwards."""
+    if not enabled:
+        yield
+        return
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.mkldnn.deterministic,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.get_num_threads(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.mkldnn.deterministic = True  # type: ignore[assignment]
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.set_num_threads(saved[5])
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.mkldnn.deterministic = saved[2]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3], saved[4]
+        torch.set_num_threads(saved[5])
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[6]

@@ -42,7 +42,7 @@ from lafs.data.sampling import Image, derived_seed, fraction_count, generate_pai
 from lafs.engine.checkpoint import load_checkpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import resolve_device, under_torchrun
 from lafs.engine.finetune import FinetuneTrainer, embed, frozen_copy
-from lafs.engine.loop import LoopResult, LoopSpec, train_loop
+from lafs.engine.loop import LoopResult, LoopSpec, deterministic_mode, train_loop
 from lafs.engine.preemption import Preempted
 from lafs.eval.verification import kfold_accuracy, pair_scores
 from lafs.layout import CHECKPOINT_FILE, MODEL_FILE, Layout
@@ -387,6 +387,18 @@ def train(
     ``val_accuracy``); an exception it raises (e.g. ``optuna.TrialPruned``) ends the MLflow run as KILLED and
     propagates, the checkpoint kept. ``parent_run_id`` nests the MLflow run (Optuna trials, comparison cells).
     """
+    with deterministic_mode(cfg.deterministic):
+        return _train(cfg, paths, on_epoch=on_epoch, parent_run_id=parent_run_id, restart_on_change=restart_on_change)
+
+
+def _train(
+    cfg: FinetuneParams,
+    paths: FinetunePaths,
+    *,
+    on_epoch: EpochCallback | None,
+    parent_run_id: str | None,
+    restart_on_change: bool,
+) -> FinetuneSummary:
     if under_torchrun():
         raise StageError("finetune runs in one process; start it without torchrun")
     device = resolve_device(cfg.device, param="finetune.device")

@@ -31,7 +31,7 @@ from lafs.data.images import file_sha256
 from lafs.data.sampling import derived_seed
 from lafs.data.transforms import CropFlip, LandmarkAugment, flip_permutation, flip_permutation_from_mean_shape
 from lafs.engine.checkpoint import resume_state, save_checkpoint
-from lafs.engine.loop import LoopSpec, NonFiniteLossError, train_loop
+from lafs.engine.loop import LoopSpec, NonFiniteLossError, deterministic_mode, train_loop
 from lafs.engine.optim import param_groups, set_lr_wd
 from lafs.engine.preemption import Preempted
 from lafs.engine.schedules import cosine_schedule
@@ -176,7 +176,8 @@ def train(cfg: LandmarkNetParams, paths: LandmarkNetPaths, restart_on_change: bo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, paths, restart_on_change)
+        with deterministic_mode(cfg.deterministic):
+            return _train(cfg, paths, restart_on_change)
     finally:
         torch.set_num_threads(saved_threads)
 

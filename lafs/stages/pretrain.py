@@ -37,7 +37,7 @@ from lafs.engine.distributed import (
     ranks_in_sync,
     shutdown,
 )
-from lafs.engine.loop import LoopSpec, train_loop
+from lafs.engine.loop import LoopSpec, deterministic_mode, train_loop
 from lafs.engine.preemption import Preempted
 from lafs.engine.ssl import SSLTrainer, backbone_kwargs, build_ssl_task, relative_change
 from lafs.layout import CHECKPOINT_FILE, TEACHER_FILE, Layout
@@ -145,15 +145,14 @@ def train(cfg: SSLParams, paths: PretrainPaths, restart_on_change: bool = False)
     """Train (or resume) to the end; ``restart_on_change`` sets aside a checkpoint of other params."""
     env = init_distributed(cfg.device, param="pretrain.device")
     try:
-        return _train(cfg, paths, env, restart_on_change)
+        with deterministic_mode(cfg.deterministic):
+            return _train(cfg, paths, env, restart_on_change)
     finally:
         shutdown()
 
 
 def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change: bool) -> PretrainSummary:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     image_paths, landmarks = _ssl_table(cfg, paths.layout)
     dataset = SSLFaces(image_paths, _views(cfg), landmarks, seed=cfg.seed)
     sampler = ResumableSampler(dataset, env.world_size, env.rank, seed=cfg.seed)
