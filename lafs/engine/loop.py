@@ -40,6 +40,8 @@ class Epochs(Protocol):
 class RunLog(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
 
+    def end(self, status: str = "FINISHED") -> None: ...
+
 
 @dataclass
 class LoopSpec:
@@ -139,6 +141,20 @@ def train_loop(
     finally:
         bar.close()
     return LoopResult(it, metrics, seen, time.perf_counter() - t0)
+
+
+@contextmanager
+def ends_run_on_failure(logger: RunLog) -> Iterator[None]:
+    """Around a stage's :func:`train_loop`: a preempted run ends KILLED, a failed one FAILED; one that trained to
+    the end stays open for the stage's last metrics and artifacts (the stage ends it)."""
+    try:
+        yield
+    except Preempted:
+        logger.end("KILLED")
+        raise
+    except BaseException:
+        logger.end("FAILED")
+        raise
 
 
 @contextmanager

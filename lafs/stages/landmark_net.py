@@ -31,9 +31,8 @@ from lafs.data.images import file_sha256
 from lafs.data.sampling import derived_seed
 from lafs.data.transforms import CropFlip, LandmarkAugment, flip_permutation, flip_permutation_from_mean_shape
 from lafs.engine.checkpoint import resume_state, save_checkpoint
-from lafs.engine.loop import LoopSpec, NonFiniteLossError, deterministic_mode, train_loop
+from lafs.engine.loop import LoopSpec, NonFiniteLossError, deterministic_mode, ends_run_on_failure, train_loop
 from lafs.engine.optim import param_groups, set_lr_wd
-from lafs.engine.preemption import Preempted
 from lafs.engine.schedules import cosine_schedule
 from lafs.layout import Layout
 from lafs.models import create_model
@@ -253,8 +252,7 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths, restart_on_change: b
     spec = LoopSpec(
         "landmark_net", cfg.epochs, iters, cfg.batch_size, cfg.checkpoint_every, paths.last, "lower landmark_net.lr"
     )
-    status = "FAILED"
-    try:
+    with ends_run_on_failure(logger):
         train_loop(
             spec,
             start,
@@ -267,13 +265,6 @@ def _train(cfg: LandmarkNetParams, paths: LandmarkNetPaths, restart_on_change: b
             logger=logger,
             seed_iteration=lambda it: torch.manual_seed(derived_seed(cfg.seed, "landmark_net", it)),
         )
-        status = "FINISHED"
-    except Preempted:
-        status = "KILLED"
-        raise
-    finally:
-        if status != "FINISHED":
-            logger.end(status)
     nme = evaluate_nme(net, test_loader, test_eyes)
     crop_nme = evaluate_crop_nme(net, crop_loader)
     seconds = time.perf_counter() - t0

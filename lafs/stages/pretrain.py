@@ -37,8 +37,7 @@ from lafs.engine.distributed import (
     ranks_in_sync,
     shutdown,
 )
-from lafs.engine.loop import LoopSpec, deterministic_mode, train_loop
-from lafs.engine.preemption import Preempted
+from lafs.engine.loop import LoopSpec, deterministic_mode, ends_run_on_failure, train_loop
 from lafs.engine.ssl import SSLTrainer, backbone_kwargs, build_ssl_task, relative_change
 from lafs.layout import CHECKPOINT_FILE, TEACHER_FILE, Layout
 from lafs.models.io import load_model, save_model
@@ -264,8 +263,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
         world_size=env.world_size,
         show_progress=env.is_main,
     )
-    status = "FAILED"
-    try:
+    with ends_run_on_failure(logger):
         result = train_loop(
             spec,
             start_it,
@@ -279,13 +277,6 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
             after_step=check_collapse,
             stop=lambda raised: not all_true(not raised, env.device),  # any rank's SIGTERM stops all
         )
-        status = "FINISHED"
-    except Preempted:
-        status = "KILLED"
-        raise
-    finally:
-        if status != "FINISHED":
-            logger.end(status)
     it, metrics = result.iteration, result.metrics or {"loss": float("nan")}
 
     in_sync = ranks_in_sync(task.student, env.device)
