@@ -79,8 +79,8 @@ def _stage_options(parser: argparse.ArgumentParser, out_alias: bool = True) -> N
     parser.add_argument(
         "--restart-on-change",
         action="store_true",
-        help="checkpointed stages (pretrain, finetune): if the checkpoint was written with other params or "
-        "inputs, set it aside (*.previous.pt) and start over instead of refusing (dvc.yaml uses this)",
+        help="stages that resume (landmark_net, pretrain, finetune): if the checkpoint was written with other "
+        "params or inputs, set it aside (*.previous.pt) and start over instead of refusing (dvc.yaml uses this)",
     )
 
 
