@@ -31,12 +31,6 @@ class NonFiniteLossError(FloatingPointError):
     """A step's loss was NaN / inf (raised by a trainer's step; the loop adds what to do about it)."""
 
 
-class Epochs(Protocol):
-    """What the loop needs of a dataset + sampler pair to place an epoch and start it mid-way."""
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-
 class RunLog(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
 
