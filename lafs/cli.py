@@ -46,6 +46,7 @@ PIPELINE = {
     "landmarks": "detect, align to 112x112 and place dense landmarks: data/aligned, data/landmarks.parquet",
     "validate": "check data/manifest.parquet and data/landmarks.parquet with great-expectations",
     "split": "identity-disjoint ssl/finetune/test sets, few-shot views and verification pairs (data/splits)",
+    "shards": "the ssl and finetune sets as WebDataset tar shards for streaming loaders (data/shards; shards.write)",
     "landmark_net": "train the landmark CNN on the dense landmarks: models/landmark_net.pt",
     "pretrain": "self-supervised pretraining (LAFS / DINO-face / ProS) into models/pretrain, torchrun-aware",
     "tune": "Optuna search over the finetune params, one finetune run (an MLflow child run) per trial: "

@@ -163,6 +163,16 @@ class SplitParams(Section):
         return self
 
 
+class ShardsParams(Section):
+    """WebDataset tar shards of the ssl and finetune sets (stage ``shards``), for loaders that stream them."""
+
+    write: bool = False  # false: an empty index (the stage costs nothing); true: write data/shards
+    samples_per_shard: int = Field(4096, ge=1)
+
+
+DataSource = Literal["files", "shards"]
+
+
 class LandmarkNetParams(Section):
     """Landmark network training: regress the extracted dense landmarks on crops like the SSL views."""
 
@@ -231,6 +241,10 @@ class SSLParams(Section):
     # run: data, devices, checkpoints, tracking
     landmark_source: Literal["net", "extracted"] = "net"  # net: frozen landmark CNN (official); extracted: dense
     num_workers: int = Field(2, ge=0)
+    # files: data/aligned through a sampler; shards: a ShardStream over shards_uri (null: data/shards)
+    data_source: DataSource = "files"
+    shards_uri: str | None = None  # a folder or s3://bucket/prefix holding index.json and the tars
+    shuffle_buffer: int = Field(1000, ge=1)  # samples in each loader worker's shuffle buffer (data_source: shards)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc_per_node: int | Literal["auto"] = "auto"  # auto: one process per GPU, 1 on CPU
     nnodes: int = Field(1, ge=1)
@@ -311,6 +325,10 @@ class FinetuneParams(Section):
     # run
     seed: int = 0
     num_workers: int = Field(2, ge=0)
+    # files: data/aligned through a sampler; shards: a ShardStream over shards_uri (null: data/shards)
+    data_source: DataSource = "files"
+    shards_uri: str | None = None  # a folder or s3://bucket/prefix holding index.json and the tars
+    shuffle_buffer: int = Field(1000, ge=1)  # samples in each loader worker's shuffle buffer (data_source: shards)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (plus one at every epoch end)
     deterministic: bool = False  # deterministic kernels, pinned threads (lafs.engine.loop.deterministic_mode)
@@ -650,6 +668,7 @@ class Params(BaseModel):
     landmarks: LandmarksParams = LandmarksParams()
     validate: ValidateParams = ValidateParams()
     split: SplitParams = SplitParams()
+    shards: ShardsParams = ShardsParams()
     landmark_net: LandmarkNetParams = LandmarkNetParams()
     pretrain: SSLParams = SSLParams()
     export: ExportParams = ExportParams()

@@ -21,6 +21,7 @@ METRICS_FILES = {
     "landmarks": "landmarks.json",
     "validate": "validation.json",
     "split": "split.json",
+    "shards": "shards.json",
     "landmark_net": "landmark_net.json",
     "pretrain": "pretrain.json",
     "tune": "tune.json",
@@ -76,6 +77,11 @@ class Layout:
     def splits(self) -> Path:
         """ssl / finetune / test tables, few-shot views and verification pairs (stage split)."""
         return self.data / "splits"
+
+    @property
+    def shards(self) -> Path:
+        """WebDataset tar shards of the ssl and finetune sets and their ``index.json`` (stage shards)."""
+        return self.data / "shards"
 
     # -- models/
     @property
@@ -189,10 +195,13 @@ STAGE_IO: dict[str, StageIO] = {
     "landmarks": StageIO(deps=("raw", "manifest"), outs=("aligned", "landmarks", "landmark_rejects")),
     "validate": StageIO(deps=("manifest", "landmarks"), outs=("validation_report",)),
     "split": StageIO(deps=("landmarks", "manifest", "metrics:validate"), outs=("splits",)),
+    "shards": StageIO(deps=("aligned", "landmarks", "splits"), outs=("shards",)),
     "landmark_net": StageIO(deps=("aligned", "landmarks", "splits"), outs=("landmark_net",)),
-    "pretrain": StageIO(deps=("aligned", "splits", "landmark_net"), outs=("pretrain",)),
-    "tune": StageIO(deps=("aligned", "splits", "landmark_net", "teacher"), outs=("tune_best",)),
-    "finetune": StageIO(deps=("aligned", "splits", "landmark_net", "teacher", "tune_best"), outs=("finetune",)),
+    "pretrain": StageIO(deps=("aligned", "splits", "shards", "landmark_net"), outs=("pretrain",)),
+    "tune": StageIO(deps=("aligned", "splits", "shards", "landmark_net", "teacher"), outs=("tune_best",)),
+    "finetune": StageIO(
+        deps=("aligned", "splits", "shards", "landmark_net", "teacher", "tune_best"), outs=("finetune",)
+    ),
     "export": StageIO(deps=("model", "splits", "aligned"), outs=("onnx",)),
     "evaluate": StageIO(
         deps=("model", "onnx", "splits", "aligned", "raw", "manifest", "landmarks"),

@@ -301,6 +301,23 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, lfw_subset: Path, sha
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory, tiny_project: Path) -> Path:
+    """``tiny_project``'s ssl and finetune sets as WebDataset shards (8 faces each, so several per set), written
+    by the shards stage in a root that links the project's data: the folder to pass as ``shards_uri``."""
+    from lafs.config import Params, ShardsParams
+    from lafs.layout import Layout
+    from lafs.stages import shards
+
+    root = tmp_path_factory.mktemp("tiny_shards")
+    (root / "data").mkdir()
+    for name in ("aligned", "splits", "landmarks.parquet"):
+        (root / "data" / name).symlink_to(tiny_project / "data" / name)
+    layout = Layout(root)
+    shards.run(Params(shards=ShardsParams(write=True, samples_per_shard=8)), layout)
+    return layout.shards
+
+
 # --- A fresh git + DVC copy of the checkout (make pipeline, the Prefect flows, the end-to-end test) ---------
 BIN = Path(sys.executable).parent
 # Workspace outputs and machine state that must not leak from the checkout into a copy.

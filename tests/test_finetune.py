@@ -351,8 +351,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_project, tmp_path):
+@pytest.mark.parametrize("source", ["files", "shards"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_project, tmp_path, source, request):
+    """Files through the resumable sampler; shards as a stream over two loader workers (a resume mid-epoch
+    replays each worker's shuffle buffer and turns the round robin to the worker that was next)."""
     cfg = {**TINY, "epochs": 2, "checkpoint_every": 1, "num_workers": 1}
+    if source == "shards":
+        shards = request.getfixturevalue("tiny_shards")
+        cfg |= {"data_source": "shards", "shards_uri": str(shards), "num_workers": 2, "batch_size": 4}
     # the uninterrupted reference runs here (one torch thread, like the subprocesses), the other one is killed
     train(FinetuneParams(**cfg), _paths(tiny_project, tmp_path / "ref"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1"}

@@ -17,6 +17,9 @@ import pytest
 import yaml
 from conftest import BIN, TINY_RUN, copy_project, set_run, sh
 
+from lafs.data.recordio import write_records
+from lafs.engine.checkpoint import load_checkpoint
+
 pytestmark = pytest.mark.slow
 
 
@@ -104,3 +107,44 @@ def test_fresh_clone_runs_dvc_repro_and_takes_overrides_from_dvc_exp_run(project
     (exp,) = [e for e in exps if e.get("name") == "subset3"]
     values = exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["ingest"]
     assert {f"ingest.{k}": v for k, v in values.items() if f"ingest.{k}" in sets} == sets
+
+
+def test_a_recordio_pack_feeds_pretraining_and_finetuning_through_shards(project, shared: Path) -> None:
+    """The at-scale data path on a small set: an insightface ``.rec`` pack (written here from 16 shared people x 3
+    photos) is ingested, aligned and written as WebDataset shards, pretraining and finetuning stream the shards,
+    and a second ``dvc repro`` changes nothing (the shards are byte-identical outputs, so nothing downstream
+    reruns either)."""
+    root, env = project
+    people = sorted(p for p in (shared / "data" / "lfw_subset").iterdir() if len(list(p.glob("*.jpg"))) >= 2)[:16]
+    faces = [(label, f.read_bytes()) for label, p in enumerate(people) for f in sorted(p.glob("*.jpg"))[:3]]
+    (root.parent / "pack").mkdir()
+    rec = write_records(root.parent / "pack" / "train.rec", faces)
+    stream = {"data_source": "shards", "num_workers": 2}
+    set_run(
+        root,
+        {
+            **TINY_RUN,
+            "ingest": {**TINY_RUN["ingest"], "source": str(rec)},
+            "landmarks": {"models_root": str(shared / "models")},
+            "shards": {"write": True, "samples_per_shard": 10},
+            "pretrain": {**TINY_RUN["pretrain"], **stream},
+            "finetune": {**TINY_RUN["finetune"], **stream},
+        },
+    )
+    dvc = str(BIN / "dvc")
+    first = sh([dvc, "repro", "finetune"], root, env)
+    for stage in ("ingest", "landmarks", "split", "shards", "pretrain", "tune", "finetune"):
+        assert f"Running stage '{stage}'" in first, stage
+    index = json.loads((root / "data/shards/index.json").read_text())
+    splits = {n: pd.read_csv(root / f"data/splits/{n}.csv") for n in ("ssl", "finetune")}
+    for name, table in splits.items():
+        assert sum(len(s["identities"]) for s in index["sets"][name]["shards"]) == len(table) > 10
+    ssl = json.loads((root / "metrics/pretrain.json").read_text())
+    assert ssl["iterations"] == 2 * (len(splits["ssl"]) // (2 * 4))  # one epoch: whole batches of 4 per worker
+    trained = load_checkpoint(root / "models/tune_best/last.pt")  # the trial that finetune continues
+    assert trained["config"]["data_source"] == "shards" and "shards_index" in trained["inputs"]
+    assert load_checkpoint(root / "models/finetune/model.pt")["config"]["data_source"] == "shards"
+
+    second = sh([dvc, "repro", "finetune"], root, env)
+    assert "Running stage" not in second
+    assert "Stage 'shards' didn't change, skipping" in second

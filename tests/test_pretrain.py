@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lafs.config import SSLParams, resolved
+from lafs.data.shards import write_index, write_shard_set
 from lafs.engine.checkpoint import load_checkpoint, save_checkpoint
 from lafs.engine.ssl import NonFiniteLossError, SSLTrainer
 from lafs.layout import Layout
@@ -23,6 +24,7 @@ from lafs.models import create_model
 from lafs.stages import StageError
 from lafs.stages.pretrain import PretrainPaths
 from lafs.stages.pretrain import train as run
+from lafs.stages.shards import records
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -77,6 +79,9 @@ def ssl_data(tmp_path_factory, lfw_subset) -> Path:
         {"model": "landmark_net_mnv3_small", "kwargs": {"num_landmarks": 68}, "state_dict": net.state_dict()},
         root / "models" / "landmark_net.pt",
     )
+    shards = Layout(root).shards  # the same faces as shards of 5 (four tars, the last one short)
+    shards.mkdir()
+    write_index(shards, {"ssl": write_shard_set(records(Layout(root), "ssl"), shards, "ssl", 5)}, 5)
     return root
 
 
@@ -168,14 +173,20 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration  # several processes / a real training run
-def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path):
+@pytest.mark.parametrize("source", ["files", "shards"])
+def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path, source):
+    """Files through the resumable sampler; shards as a stream over two loader workers (16 faces, batch 2:
+    killed mid-epoch, a worker other than the first is next)."""
     cfg = {**TINY, "checkpoint_every": 1, "num_workers": 1}
+    if source == "shards":
+        cfg |= {"data_source": "shards", "num_workers": 2, "batch_size": 2, "epochs": 1}
     env = _env(tmp_path)
-    ref = subprocess.run(_script(ssl_data, "ref", cfg), env=env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(_script(ssl_data, f"ref_{source}", cfg), env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     # interrupted run: SIGKILL once a checkpoint mid-training exists, then rerun the same command
-    proc = subprocess.Popen(_script(ssl_data, "killed", cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    last = ssl_data / "killed" / "last.pt"
+    killed = f"killed_{source}"
+    proc = subprocess.Popen(_script(ssl_data, killed, cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    last = ssl_data / killed / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and not (last.exists() and load_checkpoint(last)["iteration"] >= 3):
         time.sleep(0.2)
@@ -183,10 +194,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(ssl_data, tmp_path):
     proc.wait(timeout=60)
     killed_at = load_checkpoint(last)["iteration"]
     assert 3 <= killed_at < 8
-    resumed = subprocess.run(_script(ssl_data, "killed", cfg), env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_script(ssl_data, killed, cfg), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at iteration" in resumed.stdout
-    a, b = _final_weights(ssl_data / "ref" / "last.pt"), _final_weights(last)
+    a, b = _final_weights(ssl_data / f"ref_{source}" / "last.pt"), _final_weights(last)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -220,13 +231,15 @@ def test_resume_refuses_changed_params(ssl_data, monkeypatch, tmp_path):
 
 
 @pytest.mark.integration  # several processes / a real training run
-def test_two_process_gloo_ddp_keeps_ranks_identical(ssl_data, tmp_path):
-    cfg = {**TINY, "epochs": 1, "batch_size": 2}
-    script = _script(ssl_data, "ddp", cfg)
+@pytest.mark.parametrize("source", ["files", "shards"])
+def test_two_process_gloo_ddp_keeps_ranks_identical(ssl_data, tmp_path, source):
+    """Each rank reads its own half: the sampler's indices, or its own contiguous run of the shards."""
+    cfg = {**TINY, "epochs": 1, "batch_size": 2, "data_source": source}
+    script = _script(ssl_data, f"ddp_{source}", cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python", *script]
     res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((ssl_data / "ddp" / "metrics.json").read_text())
+    metrics = json.loads((ssl_data / f"ddp_{source}" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] is True
     assert metrics["iterations"] == 4  # 16 images / 2 ranks / batch 2
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -12,6 +14,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from lafs.conventions import ALIGNED_SIZE
 from lafs.data.aligned import read_aligned
 from lafs.data.sampling import derived_seed
+from lafs.data.shards import ShardError, decode_face
 from lafs.data.transforms import LandmarkAugment
 
 
@@ -138,3 +141,45 @@ class LabelledFaces(_SeededFaces):
         if self.augment is not None:
             image, _ = self.augment(image, None, self.generator(index))
         return image.sub(0.5).div(0.5), self.labels[index]
+
+
+# -- decoders of shard samples (lafs.data.shards.ShardStream): the same items as the file datasets above, each
+# augmented by the generator seeded with its row in the split table, as the file datasets seed it by position.
+
+
+@dataclass(frozen=True)
+class SSLShardDecode:
+    """A shard sample -> the views :class:`SSLFaces` makes; ``num_landmarks`` set: the sample's dense landmarks
+    go to the views (``landmark_source: extracted``), else none (the landmark net places them)."""
+
+    views: Callable[..., dict[str, torch.Tensor]]
+    seed: int
+    num_landmarks: int | None = None
+
+    def __call__(self, sample: dict[str, Any], meta: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        landmarks = None
+        if self.num_landmarks is not None:
+            if meta.get("dense") is None or len(meta["dense"]) != 2 * self.num_landmarks:
+                raise ShardError(
+                    f"shard sample {meta['aligned_path']} has {len(meta.get('dense') or []) // 2} dense landmarks, "
+                    f"pretrain.num_landmarks is {self.num_landmarks}: set them equal or rewrite the shards"
+                )
+            landmarks = torch.tensor(meta["dense"], dtype=torch.float32).reshape(-1, 2)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, meta["index"]))
+        return self.views(decode_face(sample["png"]), landmarks, generator=generator)
+
+
+@dataclass(frozen=True)
+class LabelledShardDecode:
+    """A shard sample -> (image in [-1, 1], label) as :class:`LabelledFaces` makes; ``labels`` maps identities."""
+
+    labels: dict[str, int]
+    augment: LandmarkAugment | None
+    seed: int
+
+    def __call__(self, sample: dict[str, Any], meta: dict[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = decode_face(sample["png"])
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, meta["index"]))
+            image, _ = self.augment(image, None, generator)
+        return image.sub(0.5).div(0.5), torch.tensor(self.labels[meta["identity"]])

@@ -21,7 +21,8 @@ import numpy as np
 from lafs.config import LandmarksParams
 from lafs.data.images import ImageRejected
 from lafs.faces.align import align_face
-from lafs.faces.detect import FaceDetector, Policy, find_detector_file, find_pack, select_face
+from lafs.faces.detect import FaceDetector, Policy, find_detector_file, find_pack
+from lafs.faces.pipeline import find_face, open_detector
 
 # Measured on 200 shared LFW photos (every 9th file, 150 px), SCRFD 500m at 320 px, all 200 detected: the mean
 # box as fractions of the photo (x1, y1, x2, y2; std 0.03-0.04 each) and the mean 5 keypoints as fractions of
@@ -52,7 +53,8 @@ def fallback_face(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FaceFinder:
-    """SCRFD + the ``landmarks`` face-selection policy + ArcFace alignment, with the fallback face for misses."""
+    """The landmarks stage's face finding (:func:`lafs.faces.pipeline.find_face`: SCRFD, the face-selection
+    policy, ArcFace alignment), with the fallback face for misses."""
 
     def __init__(self, detector: FaceDetector, policy: Policy = "central", min_face_px: int = 32) -> None:
         self.detector = detector
@@ -64,16 +66,13 @@ class FaceFinder:
         """The detector file and settings of the ``landmarks`` section; ``threads`` ONNX Runtime threads
         (0 = all cores)."""
         path = find_detector_file(find_pack(cfg.models_root, cfg.detector), cfg.detector_file)
-        detector = FaceDetector(path, det_size=cfg.det_size, det_thresh=cfg.det_thresh, threads=threads)
-        return cls(detector, cfg.policy, cfg.min_face_px)
+        return cls(open_detector(cfg, path, threads), cfg.policy, cfg.min_face_px)
 
     def find(self, rgb: np.ndarray) -> PhotoFace:
         """The kept face of an RGB uint8 photo, or the fallback face (``detected=False``)."""
-        faces = self.detector.detect(rgb)
         try:
-            face = faces[select_face(faces, (rgb.shape[1], rgb.shape[0]), self.policy, self.min_face_px)]
-            crop, _ = align_face(rgb, face.kps)
-            return PhotoFace(crop, face.bbox, face.kps, True)
+            found = find_face(self.detector, rgb, self.policy, self.min_face_px)
+            return PhotoFace(found.crop, found.face.bbox, found.face.kps, True)
         except ImageRejected as exc:  # no face / too small / degenerate keypoints
             box, kps = fallback_face(rgb.shape[1], rgb.shape[0])
             crop, _ = align_face(rgb, kps)

@@ -24,7 +24,7 @@ from lafs.errors import StageError
 from lafs.faces import PROCESSING_ERROR, FaceModelError
 from lafs.faces.align import align_face, transform_points
 from lafs.faces.dense import DenseLandmarker, load_landmarker, resolve_scheme
-from lafs.faces.detect import Face, FaceDetector, find_detector_file, find_pack, select_face
+from lafs.faces.detect import Face, FaceDetector, Policy, find_detector_file, find_pack, select_face
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,38 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class FoundFace:
+    """The face kept in a photo: the detection, how many there were and which one, its 112x112 crop and the
+    photo -> crop warp."""
+
+    face: Face
+    num_faces: int
+    index: int
+    crop: np.ndarray
+    matrix: np.ndarray
+
+
+def find_face(detector: FaceDetector, rgb: np.ndarray, policy: Policy, min_face_px: int) -> FoundFace:
+    """Detect, keep one face by ``policy`` and align it: the one face finding that training data (this stage)
+    and evaluated photos (:class:`lafs.eval.photos.FaceFinder`) share. :class:`ImageRejected` when none is usable."""
+    faces = detector.detect(rgb)
+    index = select_face(faces, (rgb.shape[1], rgb.shape[0]), policy, min_face_px)
+    crop, matrix = align_face(rgb, faces[index].kps)
+    return FoundFace(faces[index], len(faces), index, crop, matrix)
+
+
+def open_detector(cfg: LandmarksParams, path: Path, threads: int = 0) -> FaceDetector:
+    """The SCRFD file at ``path`` with the ``landmarks`` section's input size and threshold."""
+    return FaceDetector(path, det_size=cfg.det_size, det_thresh=cfg.det_thresh, threads=threads)
+
+
+@dataclass(frozen=True)
 class Aligned:
     """A photo whose face is detected and aligned, waiting for its dense landmarks (second pass of a chunk)."""
 
     job: Job
     rgb: np.ndarray
-    face: Face
-    num_faces: int
-    index: int
-    matrix: np.ndarray
+    found: FoundFace
 
 
 def resolve_models(cfg: LandmarksParams) -> Models:
@@ -103,9 +126,7 @@ class FacePipeline:
         self, cfg: LandmarksParams, models: Models, threads: int = 0, landmarker: DenseLandmarker | None = None
     ):
         try:
-            self.detector = FaceDetector(
-                models.detector_path, det_size=cfg.det_size, det_thresh=cfg.det_thresh, threads=threads
-            )
+            self.detector = open_detector(cfg, models.detector_path, threads)
             self.landmarker = landmarker or load_landmarker(
                 models.dense_scheme, models.landmarker_path, threads=threads
             )
@@ -123,22 +144,20 @@ class FacePipeline:
         import cv2
 
         rgb = images.load_rgb(out_dir / job.path)
-        faces = self.detector.detect(rgb)
-        index = select_face(faces, (rgb.shape[1], rgb.shape[0]), self.cfg.policy, self.cfg.min_face_px)
-        crop, matrix = align_face(rgb, faces[index].kps)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+        found = find_face(self.detector, rgb, self.cfg.policy, self.cfg.min_face_px)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(found.crop, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"PNG encoding of the aligned face of {job.path} failed")
         write_bytes(out_dir / job.aligned_path, png.tobytes())
-        return Aligned(job, rgb, faces[index], len(faces), index, matrix)
+        return Aligned(job, rgb, found)
 
     def landmark(self, item: Aligned) -> dict[str, Any]:
         """The table numbers of an aligned face, its dense landmarks measured on the original photo."""
-        face, matrix = item.face, item.matrix
+        face, matrix = item.found.face, item.found.matrix
         dense = transform_points(self.landmarker(item.rgb, face), matrix)
         return {
-            "num_faces": item.num_faces,
-            "face_index": item.index,
+            "num_faces": item.found.num_faces,
+            "face_index": item.found.index,
             "det_score": face.score,
             # float32 arrays, not lists: cheaper to pickle back to the parent
             "bbox": face.bbox.astype(np.float32),

@@ -21,6 +21,7 @@ epoch, index)) and dropout (a torch seed per iteration) never depend on state lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,13 +33,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lafs.config import FinetuneParams, Params, read_yaml_mapping, resolved, update_section
-from lafs.data.datasets import LabelledFaces, ResumableSampler, recognition_augment
+from lafs.data.datasets import LabelledFaces, LabelledShardDecode, ResumableSampler, recognition_augment
 from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
 from lafs.data.sampling import Image, derived_seed, fraction_count, generate_pairs, seeded_order
+from lafs.data.shards import ShardError, ShardStream, index_bytes, load_shard_set
 from lafs.engine.checkpoint import load_checkpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import resolve_device, under_torchrun
 from lafs.engine.finetune import FinetuneTrainer, embed, frozen_copy
@@ -160,6 +162,7 @@ class FinetuneData:
 
     train_paths: list[Path]
     train_labels: list[int]
+    labels: dict[str, int]  # training identity -> label
     num_classes: int
     val_paths: list[str]  # aligned paths relative to the root, as in pairs
     val_pairs: list[PairRow]
@@ -212,6 +215,7 @@ def select_data(cfg: FinetuneParams, paths: FinetunePaths) -> FinetuneData:
     return FinetuneData(
         train_paths=[paths.layout.root / p for p in train["aligned_path"]],
         train_labels=[labels[i] for i in train["identity"]],
+        labels=labels,
         num_classes=len(labels),
         val_paths=sorted({p for r in pairs for p in (r["path1"], r["path2"])}),
         val_pairs=pairs,
@@ -335,6 +339,39 @@ def validate(
 # -- training --------------------------------------------------------------------------------------------
 
 
+def training_set(
+    cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData
+) -> tuple[Dataset, ResumableSampler | None]:
+    """The labelled training faces and their sampler (files), or a stream of shard samples (no sampler)."""
+    augment = recognition_augment(cfg.crop_scale, cfg.flip)
+    if cfg.data_source == "shards":
+        if cfg.fewshot_k is not None:
+            raise StageError("finetune.data_source shards holds the full finetune set: use files with fewshot_k")
+        try:
+            stream = ShardStream(
+                load_shard_set(_shards_location(cfg, paths), "finetune"),
+                LabelledShardDecode(data.labels, augment, cfg.seed),
+                cfg.batch_size,
+                seed=cfg.seed,
+                num_workers=cfg.num_workers,
+                shuffle_buffer=cfg.shuffle_buffer,
+                keep=set(data.labels),
+            )
+        except ShardError as exc:
+            raise StageError(f"finetune.data_source shards: {exc}") from None
+        return stream, None
+    faces = LabelledFaces(data.train_paths, data.train_labels, augment, seed=cfg.seed, preload=True)
+    if len(faces) < cfg.batch_size:
+        raise StageError(
+            f"{len(faces)} training images is less than one batch of {cfg.batch_size}: lower finetune.batch_size"
+        )
+    return faces, ResumableSampler(faces, seed=cfg.seed)
+
+
+def _shards_location(cfg: FinetuneParams, paths: FinetunePaths) -> str:
+    return cfg.shards_uri or str(paths.layout.shards)
+
+
 def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) -> dict[str, str]:
     """sha256 of the files a run depends on besides its params: resuming across other inputs is wrong."""
     files = {f"split_{k}": v for k, v in data.sources.items()}
@@ -342,12 +379,18 @@ def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) 
         files["landmark_net"] = paths.landmark_net
     if cfg.init == "pretrained":
         files["teacher"] = paths.teacher
-    return {name: file_sha256(f) for name, f in sorted(files.items())}
+    inputs = {name: file_sha256(f) for name, f in sorted(files.items())}
+    if cfg.data_source == "shards":
+        inputs["shards_index"] = hashlib.sha256(index_bytes(_shards_location(cfg, paths))).hexdigest()
+    return inputs
 
 
 def training_params(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A resolved finetune section without :data:`BOOKKEEPING_PARAMS`: what must match to continue a run."""
-    return {k: v for k, v in config.items() if k not in BOOKKEEPING_PARAMS}
+    """A resolved finetune section without :data:`BOOKKEEPING_PARAMS`: what must match to continue a run. Where
+    the shards are is bookkeeping (their index is an input); a shard stream's order depends on its worker count."""
+    ordered_by_workers = {"num_workers"} if config.get("data_source") == "shards" else set()
+    ignored = {*BOOKKEEPING_PARAMS, "shards_uri"} - ordered_by_workers
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def warm_state(
@@ -406,15 +449,8 @@ def _train(
     model = build_recogniser(cfg, paths).to(device)
     anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
     reference = frozen_copy(model.landmark_net) if anchored else None
-    train_set = LabelledFaces(
-        data.train_paths, data.train_labels, recognition_augment(cfg.crop_scale, cfg.flip), seed=cfg.seed, preload=True
-    )
-    sampler = ResumableSampler(train_set, seed=cfg.seed)
-    iters_per_epoch = len(sampler) // cfg.batch_size
-    if iters_per_epoch == 0:
-        raise StageError(
-            f"{len(train_set)} training images is less than one batch of {cfg.batch_size}: lower finetune.batch_size"
-        )
+    train_set, sampler = training_set(cfg, paths, data)
+    iters_per_epoch = len(sampler if sampler is not None else train_set) // cfg.batch_size  # type: ignore[arg-type]
     trainer = FinetuneTrainer(model, data.num_classes, cfg, iters_per_epoch, reference)
     val_set = LabelledFaces([paths.layout.root / p for p in data.val_paths], [0] * len(data.val_paths))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
@@ -524,7 +560,7 @@ def _train(
             result = train_loop(
                 spec,
                 start_it,
-                samplers=(sampler, train_set),
+                samplers=[s for s in (sampler, train_set) if s is not None],
                 loader=loader,
                 step=lambda batch, it: trainer.train_step(*batch, it),
                 checkpoint=checkpoint,
