@@ -95,3 +95,24 @@ def test_gpu_check_dry_run_reports_every_part(tmp_path):
     assert report["ddp"]["backend"] == "gloo" and report["ddp"]["ranks_in_sync"] is True
     ft = report["finetune"]
     assert ft["finite"] and ft["last_loss"] < ft["first_loss"] and ft["images_per_s"] > 0
+
+
+@pytest.mark.integration  # loader worker processes
+def test_shard_loader_reads_the_same_number_of_faces_from_files_and_shards(tmp_path, lfw_subset) -> None:
+    from PIL import Image
+
+    faces = tmp_path / "aligned"
+    faces.mkdir()
+    for photo in sorted(lfw_subset.glob("*/*.jpg"))[:10]:
+        Image.open(photo).convert("RGB").resize((112, 112)).save(faces / f"{photo.stem}.png")
+    out = tmp_path / "loader.json"
+    cmd = [sys.executable, "benchmarks/shard_loader.py", "--aligned", str(faces), "--work", str(tmp_path / "w")]
+    cmd += ["--faces", "300", "--per-shard", "64", "--batch", "16", "--shuffle-buffer", "50", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(list((tmp_path / "w" / "shards").glob("*.tar"))) == 5  # 300 faces, 64 to a tar
+    assert result["files"]["images"] == result["shards"]["images"] == 288  # whole batches of 16 per worker
+    for part in ("files", "shards"):
+        assert math.isfinite(result[part]["images_per_s"]) and result[part]["images_per_s"] > 0
+    assert result["shards_vs_files"] == round(result["shards"]["images_per_s"] / result["files"]["images_per_s"], 2)
