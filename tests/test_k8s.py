@@ -1,46 +1,115 @@
-"""The multi-node manifests: parse them and check the fields the training setup relies on."""
+"""The multi-node manifests: every document passes schema validation (built-in kinds against the API server's
+strict schemas, the PyTorchJob against the training operator's), and the fields the training relies on."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import re
+import shlex
 from pathlib import Path
 
+import jsonschema
+import pytest
 import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
 
 from lafs.cli import _build_parser
-from lafs.layout import Layout
+from lafs.layout import STAGE_IO, Layout
 
-MANIFEST = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "pytorchjob.yaml"
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "infra" / "k8s"
+MANIFEST = K8S / "pytorchjob.yaml"
+
+
+def _validator():
+    spec = importlib.util.spec_from_file_location("k8s_validate", K8S / "validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _docs() -> dict[str, dict]:
     return {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text())}
 
 
-def test_pytorchjob_runs_torchrun_lafs_pretrain_on_every_node():
+def pod_command(container: dict) -> tuple[list[str], list[str]]:
+    """(the ``dvc pull`` targets, the torchrun command) of the job's ``sh -c "dvc pull ... && exec torchrun ..."``."""
+    shell, flag, script = container["command"]
+    assert (shell, flag) == ("sh", "-c")
+    pull, run = (shlex.split(part) for part in script.split(" && exec "))
+    assert pull[:2] == ["dvc", "pull"]
+    return pull[2:], run
+
+
+@pytest.mark.parametrize("manifest", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_manifest_passes_schema_validation(manifest):
+    assert _validator().validate_file(manifest) >= 1
+
+
+def test_schema_validation_catches_typos_wrong_types_and_unknown_fields():
+    validator = _validator()
     job = _docs()["PyTorchJob"]
-    assert job["apiVersion"] == "kubeflow.org/v1"
-    specs = job["spec"]["pytorchReplicaSpecs"]
-    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] >= 1
-    nproc = int(job["spec"]["nprocPerNode"])
-    for role in ("Master", "Worker"):
-        pod = specs[role]["template"]["spec"]
-        (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]  # name the operator requires
-        cmd = container["command"]
-        assert cmd[:4] == ["torchrun", "--module", "lafs", "pretrain"]
-        # the arguments after `torchrun --module lafs` must be a valid `lafs` command line
-        args = _build_parser().parse_args(cmd[3:])
-        assert args.command == "pretrain"
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == nproc
-        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        # the checkpoint volume backs the stage's own folder below the project root (the working directory)
-        assert mounts["checkpoints"] == str(Layout(Path(container["workingDir"]) / args.root).pretrain)
-        assert mounts["dshm"] == "/dev/shm"
-        assert any(e.get("secretRef", {}).get("name") == "lafs-s3" for e in container["envFrom"])
-        assert pod["initContainers"][0]["command"][:2] == ["dvc", "pull"]
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "lafs-checkpoints"
+    container = ["spec", "pytorchReplicaSpecs", "Worker", "template", "spec", "containers", 0]
+    for path, key, value in (
+        (container, "imagePullPolcy", "Always"),  # a typo inside the embedded pod template
+        (["spec", "elasticPolicy"], "maxRestart", 3),  # a typo in the operator's own fields
+        (["spec", "pytorchReplicaSpecs", "Worker"], "replicas", "two"),  # a wrong type
+        ([], "kind", "TFJob"),
+    ):
+        bad = copy.deepcopy(job)
+        node = bad
+        for step in path:
+            node = node[step]
+        node[key] = value
+        with pytest.raises((jsonschema.ValidationError, SchemaNotFoundError)):  # TFJob: no schema to pass
+            validator.validate_document(bad)
+    pvc = copy.deepcopy(_docs()["PersistentVolumeClaim"])
+    pvc["spec"]["accesModes"] = pvc["spec"].pop("accessModes")
+    with pytest.raises(Exception, match="accesModes"):
+        validator.validate_document(pvc)
+
+
+def test_pytorchjob_is_elastic_and_runs_torchrun_lafs_pretrain_on_every_node():
+    job = _docs()["PyTorchJob"]
+    spec = job["spec"]
+    worker = spec["pytorchReplicaSpecs"]["Worker"]
+    elastic = spec["elasticPolicy"]
+    # fixed size, elastic restarts: the per-rank order and the LR scaling depend on the world size
+    assert elastic["minReplicas"] == elastic["maxReplicas"] == worker["replicas"] >= 2
+    assert elastic["rdzvBackend"] == "c10d" and elastic["maxRestarts"] >= 1
+    assert worker["restartPolicy"] == "OnFailure" and spec["runPolicy"]["backoffLimit"] >= 1
+    pod = worker["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]  # the name the operator requires
+    pulled, run = pod_command(container)
+    assert run[:4] == ["torchrun", "--module", "lafs", "pretrain"]
+    args = _build_parser().parse_args(run[3:])  # the arguments after `torchrun --module lafs` are a `lafs` call
+    assert args.command == "pretrain"
+    # the pulled files are pretrain's inputs that do not stream from S3 (faces come from the shards)
+    layout = Layout(Path("."))
+    needed = {str(getattr(layout, name)) for name in STAGE_IO["pretrain"].deps} - {"data/aligned", "data/shards"}
+    assert set(pulled) == needed
+    gpus = int(spec["nprocPerNode"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    # the image keeps the project at its WORKDIR; the checkpoint volume backs the stage's own folder there
+    workdir = re.search(r"^WORKDIR (\S+)$", (REPO / "infra" / "Dockerfile").read_text(), re.M).group(1)
+    assert container["workingDir"] == workdir
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["checkpoints"] == str(Layout(Path(workdir) / args.root).pretrain)
+    assert mounts["dshm"] == "/dev/shm"
+    assert any(e.get("secretRef", {}).get("name") == "lafs-s3" for e in container["envFrom"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "lafs-checkpoints"
     assert _docs()["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_the_image_holds_the_lock_and_the_dvc_config():
+    dockerfile = (REPO / "infra" / "Dockerfile").read_text()
+    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    sources = {s for line in copied for s in line}
+    assert {"dvc.yaml", "params.yaml", "dvc.lock*", ".dvc/config"} <= sources
+    assert "no_scm = true" in dockerfile  # no .git in the image
 
 
 def test_manifests_hold_no_credentials():

@@ -81,6 +81,17 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def same_on_all_ranks(value: int, device: torch.device) -> bool:
+    """Does every rank hold the same ``value``? (E.g. the iteration each one resumed at.)"""
+    if not dist.is_initialized():
+        return True
+    low = torch.tensor([value], dtype=torch.float64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(low.item() == high.item())
+
+
 def resolve_nproc(nproc_per_node: int | str) -> int:
     if nproc_per_node == "auto":
         return max(torch.cuda.device_count(), 1)

@@ -37,6 +37,7 @@ from lafs.engine.distributed import (
     barrier,
     init_distributed,
     ranks_in_sync,
+    same_on_all_ranks,
     shutdown,
 )
 from lafs.engine.loop import LoopSpec, deterministic_mode, ends_run_on_failure, train_loop
@@ -208,8 +209,10 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     initial = {k: v.detach().clone() for k, v in task.teacher.backbone.state_dict().items()}  # seeded: same on resume
 
     start_it, run_id = 0, None
-    # one download per node (local rank 0): nodes may or may not share the checkpoint directory
-    fetch = cfg.checkpoint_uri and env.local_rank == 0 and not paths.last.exists()
+    # One download per node (local rank 0); nodes may or may not share the checkpoint directory. Rank 0 writes
+    # last.pt and then mirrors it, so its own copy is the newest; any other node's copy may be stale (an earlier
+    # restart's download), so they always take the mirror when there is one.
+    fetch = cfg.checkpoint_uri and env.local_rank == 0 and (env.rank != 0 or not paths.last.exists())
     if fetch and remote.download_if_exists(cfg.checkpoint_uri, paths.last.name, paths.last):
         log.info("resuming from %s/%s", cfg.checkpoint_uri, paths.last.name)
     barrier()
@@ -229,6 +232,11 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     if state is not None:
         trainer.load_state_dict(state)
         start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id") or None
+    if not same_on_all_ranks(start_it, env.device):
+        raise StageError(
+            f"the ranks found checkpoints of different iterations (this one: {start_it}): the nodes' copies of "
+            f"{paths.last.name} and its mirror {cfg.checkpoint_uri} disagree; delete the stale copy and restart"
+        )
 
     logger = RunLogger(
         env.is_main,
