@@ -77,7 +77,7 @@ def test_pytorchjob_is_elastic_and_runs_torchrun_lafs_pretrain_on_every_node():
     elastic = spec["elasticPolicy"]
     # fixed size, elastic restarts: the per-rank order and the LR scaling depend on the world size
     assert elastic["minReplicas"] == elastic["maxReplicas"] == worker["replicas"] >= 2
-    assert elastic["rdzvBackend"] == "c10d" and elastic["maxRestarts"] >= 1
+    assert elastic["rdzvBackend"] == "c10d" and elastic["maxRestarts"] == 0  # restarts: the operator's pods
     assert worker["restartPolicy"] == "OnFailure" and spec["runPolicy"]["backoffLimit"] >= 1
     pod = worker["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]  # the name the operator requires

@@ -301,3 +301,82 @@ def test_two_node_run_through_the_cli_launcher(ssl_data, tmp_path):
         assert p.returncode == 0, err[-3000:]
     metrics = json.loads((ssl_data / "metrics" / "pretrain.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] is True and metrics["iterations"] == 4
+
+
+@pytest.mark.integration  # two torchrun agents, a killed worker, S3
+def test_the_pytorchjob_pod_command_survives_a_killed_worker(ssl_data, s3_endpoint, monkeypatch, tmp_path):
+    """The PyTorchJob's container command (its torchrun part) as the training operator runs it: two pods on
+    127.0.0.1, each with its own disk, in the environment an elastic PyTorchJob injects (PET_*). One worker is
+    SIGKILLed mid-run: both pods fail (maxRestarts 0), the operator's restart brings up new pods on empty disks,
+    they resume from the checkpoint mirrored to S3 (moto), and the job ends with the same weights as an
+    uninterrupted one."""
+    import boto3
+    import psutil
+    import yaml
+    from conftest import free_port
+    from test_k8s import _docs, pod_command
+
+    job = _docs()["PyTorchJob"]
+    (container,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    _, command = pod_command(container)
+    command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]  # `torchrun` of this venv
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    boto3.client("s3").create_bucket(Bucket="jobs")
+    elastic = job["spec"]["elasticPolicy"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def start(name: str, attempt: int = 0) -> tuple[list[subprocess.Popen], list[Path]]:
+        port, procs, roots = free_port(), [], []
+        for pod in (0, 1):
+            root = tmp_path / name / f"pod{pod}-{attempt}"  # the image's working directory: a new disk per pod
+            (root / "models").mkdir(parents=True)
+            (root / "data").symlink_to(ssl_data / "data")  # what `dvc pull` and the S3 shards give the pod
+            (root / "models" / "landmark_net.pt").symlink_to(ssl_data / "models" / "landmark_net.pt")
+            pretrain = {**TINY, "epochs": 2, "batch_size": 2, "checkpoint_every": 1, "data_source": "shards"}
+            pretrain |= {"checkpoint_uri": f"s3://jobs/{name}"}
+            pod_params = {**params, "pretrain": {**params["pretrain"], **pretrain}}
+            (root / "params.yaml").write_text(yaml.safe_dump(pod_params))
+            env = {
+                **_env(tmp_path),
+                "PET_NNODES": f"{elastic['minReplicas']}:{elastic['maxReplicas']}",
+                "PET_NPROC_PER_NODE": "1",
+                "PET_RDZV_BACKEND": elastic["rdzvBackend"],
+                "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+                "PET_RDZV_ID": f"{name}-{attempt}",
+                "PET_MAX_RESTARTS": str(elastic["maxRestarts"]),
+            }
+            out = subprocess.PIPE
+            procs.append(subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+            roots.append(root)
+        return procs, roots
+
+    def finish(procs: list[subprocess.Popen], ok: bool = True) -> str:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, out in zip(procs, outs, strict=True):
+            assert (p.returncode == 0) == ok, out[-3000:]
+        return "\n".join(outs)
+
+    def mirrored(name: str) -> dict[str, torch.Tensor]:
+        local = tmp_path / f"{name}.pt"
+        boto3.client("s3").download_file("jobs", f"{name}/last.pt", str(local))
+        assert load_checkpoint(local)["iteration"] == 8  # 2 epochs x 16 faces / (2 ranks x batch 2)
+        return _final_weights(local)
+
+    finish(start("ref")[0])
+    procs, roots = start("killed")
+    deadline = time.time() + 300
+    lasts = [Layout(r).pretrain / "last.pt" for r in roots]
+    while time.time() < deadline and not any(p.exists() and load_checkpoint(p)["iteration"] >= 3 for p in lasts):
+        time.sleep(0.2)
+    workers = psutil.Process(procs[1].pid).children(recursive=True)
+    assert workers, "pod 1 has no worker process to kill"
+    for worker in workers:
+        worker.kill()
+    finish(procs, ok=False)  # the pods fail; the operator restarts them (restartPolicy OnFailure, backoffLimit)
+    assert job["spec"]["runPolicy"]["backoffLimit"] >= 1
+    out = finish(start("killed", attempt=1)[0])
+    assert "resumed at iteration" in out
+    a, b = mirrored("ref"), mirrored("killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
