@@ -6,7 +6,9 @@ once as files and once as shards (:func:`lafs.data.shards.write_shard_set`, ``--
 epoch of each is read through a DataLoader the way training reads it (files: a seeded random order over the
 paths; shards: :class:`lafs.data.shards.ShardStream` with its shuffle buffer), decoding every PNG to a float
 tensor. Reported: images/s, and the resident memory of the loader's processes sampled through the epoch
-(flat = the stream holds only its buffers). Both sets are read from the page cache after writing them.
+(flat = the stream holds only its buffers). Both sets are read from the page cache after writing them, and with
+``--cold`` once more each after dropping the page cache (root only: ``/proc/sys/vm/drop_caches``), as a first
+epoch on a fresh node reads them.
 
     python benchmarks/shard_loader.py --aligned data/aligned --work /tmp/loader --faces 100000 \
         --out benchmarks/figures/shard_loader.json
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import threading
 import time
@@ -111,6 +114,15 @@ def epoch(loader: DataLoader, total: int) -> dict[str, Any]:
     }
 
 
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache so the next epoch reads from the disk (needs root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs root to write /proc/sys/vm/drop_caches: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--aligned", type=Path, required=True, help="folder of aligned face PNGs to tile")
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--cold", action="store_true", help="also an epoch of each after dropping the page cache")
     parser.add_argument("--out", type=Path, default=Path("shard_loader.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -160,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         "shards": epoch(shard_loader, len(paths)),
     }
     result["shards_vs_files"] = round(result["shards"]["images_per_s"] / result["files"]["images_per_s"], 2)
+    if args.cold:
+        for name, loader in (("files", files_loader), ("shards", shard_loader)):
+            drop_page_cache()
+            result[f"{name}_cold"] = epoch(loader, len(paths))
+        cold = result["shards_cold"]["images_per_s"] / result["files_cold"]["images_per_s"]
+        result["shards_vs_files_cold"] = round(cold, 2)
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
