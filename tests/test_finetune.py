@@ -452,3 +452,31 @@ def test_deterministic_runs_end_bit_identical_and_leave_torch_as_it_was(tiny_pro
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     after = (torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.deterministic, torch.get_num_threads())
     assert after == before
+
+
+@pytest.mark.integration  # torchrun, two processes
+def test_two_process_gloo_finetune_keeps_ranks_identical(tiny_project, tmp_path):
+    """Finetune under torchrun: each rank trains on its half of the faces, gradients averaged over the ranks,
+    every rank ends with the same weights, and rank 0 alone writes the checkpoint and the best model."""
+    cfg = {**TINY, "epochs": 1, "batch_size": 4, "num_workers": 0}
+    out = tmp_path / "ddp"
+    code = (
+        "import json; from dataclasses import replace; from pathlib import Path\n"
+        "from lafs.config import FinetuneParams\nfrom lafs.layout import Layout\n"
+        "from lafs.stages.finetune import FinetunePaths, train\n"
+        f"cfg = FinetuneParams(**json.loads({json.dumps(json.dumps(cfg))}))\n"
+        f"paths = FinetunePaths.of(Layout(Path({str(tiny_project)!r})), Path({str(out)!r}))\n"
+        "print(json.dumps(train(cfg, paths).metrics()))\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
+    cmd += [sys.executable, "-c", code]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2 and ranks[0] == ranks[1] | {"images_per_s": ranks[0]["images_per_s"]}
+    summary = ranks[0]
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert summary["iterations"] == summary["train_images"] // 2 // 4  # each rank: half the faces, batch 4
+    assert load_checkpoint(out / "last.pt")["iteration"] == summary["iterations"]
+    assert read_model_file(out / "model.pt")["epoch"] == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -133,6 +133,8 @@ class FinetuneTrainer:
         )
         self.autocast_dtype = torch.bfloat16 if resolve_dtype(cfg.dtype, self.device) == "bf16" else None
         self._params = nn.ModuleList([model, self.head])  # one module for per-parameter clipping
+        # Under torchrun: averages the gradients over the ranks before clipping (distributed.average_gradients).
+        self.grad_sync: Callable[[Iterator[nn.Parameter]], None] | None = None
 
     def autocast(self) -> AbstractContextManager[object]:
         if self.autocast_dtype is None:
@@ -163,6 +165,8 @@ class FinetuneTrainer:
             raise NonFiniteLossError(f"loss is {loss.item()} at iteration {it} (epoch {epoch}); stopping")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(self._params.parameters())
         clip_gradients(self._params, self.cfg.clip_grad)
         self.optimizer.step()
         with torch.no_grad():  # accuracy of the plain cosine classifier (no margin)

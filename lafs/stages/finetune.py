@@ -42,7 +42,14 @@ from lafs.data.pairs import PairRow
 from lafs.data.sampling import Image, derived_seed, fraction_count, generate_pairs, seeded_order
 from lafs.data.shards import ShardError, ShardStream, index_bytes, load_shard_set
 from lafs.engine.checkpoint import load_checkpoint, resume_state, rng_state, save_checkpoint, set_rng_state
-from lafs.engine.distributed import resolve_device, under_torchrun
+from lafs.engine.distributed import (
+    DistEnv,
+    average_gradients,
+    barrier,
+    init_distributed,
+    ranks_in_sync,
+    shutdown,
+)
 from lafs.engine.finetune import FinetuneTrainer, embed, frozen_copy
 from lafs.engine.loop import LoopResult, LoopSpec, deterministic_mode, train_loop
 from lafs.engine.preemption import Preempted
@@ -133,6 +140,8 @@ class FinetuneSummary:
     run_id: str | None = None
     tuned: dict[str, Any] = field(default_factory=dict)  # the params/best_finetune.yaml overlay applied by run()
     warm_start: dict[str, Any] = field(default_factory=dict)  # warm_start.json of the trial continued, if any
+    world_size: int = 1  # processes under torchrun, each with batch_size faces per step
+    ranks_in_sync: bool = True  # every rank ended with the same weights
 
     def describe(self) -> str:
         resumed = f", resumed at iteration {self.resumed_from}" if self.resumed_from else ""
@@ -340,9 +349,10 @@ def validate(
 
 
 def training_set(
-    cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData
+    cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData, env: DistEnv
 ) -> tuple[Dataset, ResumableSampler | None]:
-    """The labelled training faces and their sampler (files), or a stream of shard samples (no sampler)."""
+    """The labelled training faces and this rank's sampler over them (files), or this rank's stream of shard
+    samples (no sampler)."""
     augment = recognition_augment(cfg.crop_scale, cfg.flip)
     if cfg.data_source == "shards":
         if cfg.fewshot_k is not None:
@@ -353,6 +363,8 @@ def training_set(
                 LabelledShardDecode(data.labels, augment, cfg.seed),
                 cfg.batch_size,
                 seed=cfg.seed,
+                rank=env.rank,
+                world_size=env.world_size,
                 num_workers=cfg.num_workers,
                 shuffle_buffer=cfg.shuffle_buffer,
                 keep=set(data.labels),
@@ -361,11 +373,13 @@ def training_set(
             raise StageError(f"finetune.data_source shards: {exc}") from None
         return stream, None
     faces = LabelledFaces(data.train_paths, data.train_labels, augment, seed=cfg.seed, preload=True)
-    if len(faces) < cfg.batch_size:
+    sampler = ResumableSampler(faces, env.world_size, env.rank, seed=cfg.seed)
+    if len(sampler) < cfg.batch_size:
         raise StageError(
-            f"{len(faces)} training images is less than one batch of {cfg.batch_size}: lower finetune.batch_size"
+            f"{len(faces)} training images over {env.world_size} process(es) is less than one batch of "
+            f"{cfg.batch_size}: lower finetune.batch_size"
         )
-    return faces, ResumableSampler(faces, seed=cfg.seed)
+    return faces, sampler
 
 
 def _shards_location(cfg: FinetuneParams, paths: FinetunePaths) -> str:
@@ -430,28 +444,35 @@ def train(
     ``val_accuracy``); an exception it raises (e.g. ``optuna.TrialPruned``) ends the MLflow run as KILLED and
     propagates, the checkpoint kept. ``parent_run_id`` nests the MLflow run (Optuna trials, comparison cells).
     """
-    with deterministic_mode(cfg.deterministic):
-        return _train(cfg, paths, on_epoch=on_epoch, parent_run_id=parent_run_id, restart_on_change=restart_on_change)
+    env = init_distributed(cfg.device, param="finetune.device")
+    try:
+        with deterministic_mode(cfg.deterministic):
+            return _train(
+                cfg, paths, env, on_epoch=on_epoch, parent_run_id=parent_run_id, restart_on_change=restart_on_change
+            )
+    finally:
+        shutdown()
 
 
 def _train(
     cfg: FinetuneParams,
     paths: FinetunePaths,
+    env: DistEnv,
     *,
     on_epoch: EpochCallback | None,
     parent_run_id: str | None,
     restart_on_change: bool,
 ) -> FinetuneSummary:
-    if under_torchrun():
-        raise StageError("finetune runs in one process; start it without torchrun")
-    device = resolve_device(cfg.device, param="finetune.device")
+    device = env.device
     data = select_data(cfg, paths)
     model = build_recogniser(cfg, paths).to(device)
     anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
     reference = frozen_copy(model.landmark_net) if anchored else None
-    train_set, sampler = training_set(cfg, paths, data)
+    train_set, sampler = training_set(cfg, paths, data, env)
     iters_per_epoch = len(sampler if sampler is not None else train_set) // cfg.batch_size  # type: ignore[arg-type]
     trainer = FinetuneTrainer(model, data.num_classes, cfg, iters_per_epoch, reference)
+    if env.distributed:
+        trainer.grad_sync = average_gradients
     val_set = LabelledFaces([paths.layout.root / p for p in data.val_paths], [0] * len(data.val_paths))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
@@ -463,6 +484,8 @@ def _train(
         stage="finetune",
         input_names="splits, landmark net, teacher",
         restart_on_change=restart_on_change,
+        set_aside=env.is_main,
+        before_set_aside=barrier,
     )
     warm: dict[str, Any] = {}
     if state is None and paths.warm_start is not None:
@@ -471,11 +494,12 @@ def _train(
             state["mlflow_run_id"] = ""  # the trial's run stays the trial's; this run is the stage's own
             # The best epoch so far, carrying this run's params (the trial's name its tune experiment).
             best_so_far = read_model_file(WarmStart(paths.warm_start).model)
-            save_checkpoint({**best_so_far, "config": resolved(cfg)}, paths.model)
+            if env.is_main:
+                save_checkpoint({**best_so_far, "config": resolved(cfg)}, paths.model)
     start_it, run_id, progress = 0, None, Progress()
-    if state is None:
+    if state is None and env.is_main:
         paths.model.unlink(missing_ok=True)  # starting over: a model.pt left over is not this run's best
-    else:
+    if state is not None:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
         start_it, run_id, progress = (
@@ -487,7 +511,7 @@ def _train(
     if warm:
         tags |= {"warm_start.trial": str(warm.get("trial")), "warm_start.iteration": str(start_it)}
     logger = RunLogger(
-        True,
+        env.is_main,
         cfg.experiment,
         f"finetune-{cfg.init}",
         resolved(cfg),
@@ -501,18 +525,20 @@ def _train(
             logger.log_metrics({"val_accuracy": accuracy}, (epoch + 1) * iters_per_epoch)
 
     def checkpoint(it: int) -> None:
-        save_checkpoint(
-            {
-                **trainer.state_dict(),
-                "iteration": it,
-                "progress": asdict(progress),
-                "rng": rng_state(),
-                "config": resolved(cfg),
-                "inputs": inputs,
-                "mlflow_run_id": logger.run_id or "",
-            },
-            paths.last,
-        )
+        if env.is_main:
+            save_checkpoint(
+                {
+                    **trainer.state_dict(),
+                    "iteration": it,
+                    "progress": asdict(progress),
+                    "rng": rng_state(),
+                    "config": resolved(cfg),
+                    "inputs": inputs,
+                    "mlflow_run_id": logger.run_id or "",
+                },
+                paths.last,
+            )
+        barrier()
 
     def loader(epoch: int) -> DataLoader:
         return DataLoader(
@@ -525,8 +551,8 @@ def _train(
         )
 
     def end_epoch(epoch: int, it: int) -> bool:
-        val = validate(model, val_loader, data.val_paths, data.val_pairs, device)
-        if progress.update(epoch, val["val_accuracy"], cfg):
+        val = validate(model, val_loader, data.val_paths, data.val_pairs, device)  # alike on every rank
+        if progress.update(epoch, val["val_accuracy"], cfg) and env.is_main:
             save_model(
                 model,
                 cfg.model,
@@ -553,8 +579,11 @@ def _train(
         cfg.checkpoint_every,
         paths.last,
         advice="lower finetune.lr, raise warmup_epochs or use dtype fp32",
+        world_size=env.world_size,
+        show_progress=env.is_main,
     )
     result, status, caller_stops = LoopResult(start_it), "FAILED", []
+    ranked = (env.rank,) if env.distributed else ()  # one process: the seeds of a run without torchrun
     try:
         if not progress.stopped_early:  # a resumed run that had stopped early is done
             result = train_loop(
@@ -566,9 +595,10 @@ def _train(
                 checkpoint=checkpoint,
                 logger=logger,
                 # dropout / drop-path: a function of the iteration
-                seed_iteration=lambda it: torch.manual_seed(derived_seed(cfg.seed, "finetune", it)),
+                seed_iteration=lambda it: torch.manual_seed(derived_seed(cfg.seed, "finetune", *ranked, it)),
                 end_epoch=end_epoch,
             )
+        barrier()  # rank 0 wrote model.pt
         if not paths.model.exists():
             raise StageError(
                 f"{paths.last} says training finished but {paths.model} is missing: delete {paths.last} to train again"
@@ -598,6 +628,8 @@ def _train(
         val_history=list(progress.history),
         run_id=logger.run_id,
         warm_start=warm,
+        world_size=env.world_size,
+        ranks_in_sync=ranks_in_sync(model, device),
     )
 
 
