@@ -56,13 +56,13 @@ def records(layout: Layout, name: str) -> Iterator[tuple[dict[str, Any], bytes]]
         path = layout.root / row.aligned_path
         if not path.is_file():
             raise StageError(f"{path} (row {index} of {split}) not found: rerun the landmarks stage")
-        dense = row.dense
+        points = row.dense  # NaN when the table has no row for the face
         meta = {
             "index": index,
             "identity": row.identity,
             "label": int(row.label),
             "aligned_path": row.aligned_path,
-            "dense": None if dense is None or isinstance(dense, float) else [float(v) for v in dense],
+            "dense": None if points is None or isinstance(points, float) else [float(v) for v in points],
         }
         yield meta, path.read_bytes()
 
