@@ -133,18 +133,30 @@ def train_on_cluster(
 
 
 @flow(name="lafs-pretrain-on-cluster")
-def pretrain_on_cluster(namespace: str = "default", host: str | None = None, poll_seconds: float = 10.0) -> dict:
+def pretrain_on_cluster(
+    namespace: str = "default", host: str | None = None, poll_seconds: float = 10.0, retry_delay_seconds: float = 30.0
+) -> dict:
     """Pretraining as a PyTorchJob on the cluster (the Kubernetes work pool's GPUs stay free for it)."""
-    return train_on_cluster(namespace=namespace, host=host, poll_seconds=poll_seconds)
+    task = train_on_cluster.with_options(retry_delay_seconds=retry_delay_seconds)
+    return task(namespace=namespace, host=host, poll_seconds=poll_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--host", default=None, help="API server URL (default: in-cluster or kubeconfig)")
+    parser.add_argument("--poll-seconds", type=float, default=10.0, help="between status checks")
+    parser.add_argument("--retry-delay", type=float, default=30.0, help="seconds before a failed job is resubmitted")
     args = parser.parse_args(argv)
-    pretrain_on_cluster(namespace=args.namespace, host=args.host)
-    return 0
+    state = pretrain_on_cluster(
+        namespace=args.namespace,
+        host=args.host,
+        poll_seconds=args.poll_seconds,
+        retry_delay_seconds=args.retry_delay,
+        return_state=True,
+    )
+    print(f"flow run {state.state_details.flow_run_id}: {state.name}")
+    return 0 if state.is_completed() else 1
 
 
 if __name__ == "__main__":

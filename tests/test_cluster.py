@@ -5,24 +5,27 @@ No Kubernetes API server installs from a package registry here (the PyPI names t
 the server is a small HTTP server for the few endpoints the task calls, answering with the objects the API
 returns (a PyTorchJob whose status conditions advance Created -> Running -> Succeeded or Failed, the job's pods
 by the operator's label, their logs, 409 on a duplicate name). The client side is the real ``kubernetes``
-client and a real Prefect flow run (the session's test server): the first job fails, the task's retry replaces
-it, the second succeeds, and the flow run's logs hold the job's status changes and its pods' log lines.
+client and a real Prefect flow run (``python -m flows.cluster`` against the session's test server): the first
+job fails, the task's retry replaces it, the second succeeds, and the flow run's logs hold the job's status
+changes and its pods' log lines.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import REPO, free_port
 
-from flows.cluster import JOB_LABEL, ClusterJobFailed, job_document, job_phase, train_on_cluster
+from flows.cluster import JOB_LABEL, job_document, job_phase
 
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[^/]+)/pytorchjobs(?:/(?P<name>[^/?]+))?")
 PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<pod>[^/?]+)/log)?")
@@ -140,50 +143,49 @@ def test_job_phase_reads_the_latest_true_condition():
     assert job_phase(job) == ("Running", "")
 
 
-def test_a_failed_job_fails_the_task_and_the_retry_replaces_it_and_streams_its_logs(prefect_api, api):
-    from prefect import flow
+def _run_flow(host: str, api_url: str) -> tuple[subprocess.CompletedProcess, str]:
+    """``python -m flows.cluster`` in its own process (as a deployment runs it; an in-process flow run would leave
+    Prefect's background threads in this process, and the forked DataLoader workers of later tests die of them):
+    its result and its flow run's id."""
+    cmd = [sys.executable, "-m", "flows.cluster", "--namespace", "lafs", "--host", host]
+    cmd += ["--poll-seconds", "0.01", "--retry-delay", "0"]
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    found = re.search(r"flow run ([0-9a-f-]{36}): ", done.stdout)
+    assert found, done.stdout[-2000:] + done.stderr[-3000:]
+    return done, found[1]
+
+
+def _flow_run_logs(flow_run: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    with get_client(sync_client=True) as client:
+        found = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
+    return "\n".join(log.message for log in found)
+
+
+def test_a_failed_job_fails_the_task_and_the_retry_replaces_it_and_streams_its_logs(prefect_api, api):
     host, operator = api
-    task = train_on_cluster.with_options(retries=1, retry_delay_seconds=0)
-
-    @flow(name="t-cluster")
-    def run() -> dict:
-        return task(namespace="lafs", host=host, poll_seconds=0.01)
-
-    state = run(return_state=True)
-    status = state.result()
-    assert job_phase({"status": status})[0] == "Succeeded"
+    done, flow_run = _run_flow(host, prefect_api)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Completed" in done.stdout
     name = job_document()["metadata"]["name"]
     jobs = "/apis/kubeflow.org/v1/namespaces/lafs/pytorchjobs"
     assert operator.calls.count(f"POST {jobs}") == 3  # created; a 409 on the retry; created again
     assert operator.calls.count(f"DELETE {jobs}/{name}") == 1  # the failed job, replaced
     assert operator.jobs[name]["body"]["spec"] == job_document()["spec"]  # the manifest as written
-
-    flow_run = state.state_details.flow_run_id
-    deadline, text = time.monotonic() + 30, ""
-    while "Succeeded" not in text and time.monotonic() < deadline:  # logs reach the API in batches
-        time.sleep(0.5)
-        with get_client(sync_client=True) as client:
-            found = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
-        text = "\n".join(log.message for log in found)
+    assert job_phase(operator.job(name))[0] == "Succeeded"
+    text = _flow_run_logs(flow_run)
     assert "PyTorchJob lafs-pretrain: Running" in text and "OOMKilled" in text
     assert "PyTorchJob lafs-pretrain: Succeeded" in text
     assert "[lafs-pretrain-worker-1] lafs-pretrain-worker-1: step 2" in text  # the pods' log lines
 
 
 def test_a_job_that_keeps_failing_fails_the_flow(prefect_api, api):
-    from prefect import flow
-
     host, operator = api
     operator.scripts = [SCRIPTS[0]]  # every attempt fails
-    task = train_on_cluster.with_options(retries=1, retry_delay_seconds=0)
-
-    @flow(name="t-cluster-failing")
-    def run() -> dict:
-        return task(namespace="lafs", host=host, poll_seconds=0.01)
-
-    with pytest.raises(ClusterJobFailed, match="OOMKilled"):
-        run()
+    done, flow_run = _run_flow(host, prefect_api)
+    assert done.returncode == 1 and "Failed" in done.stdout
     assert operator.created == 2  # the first attempt and its retry
+    assert "OOMKilled" in _flow_run_logs(flow_run)
