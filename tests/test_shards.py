@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,32 @@ from lafs.layout import Layout
 from lafs.stages import shards as shards_stage
 
 
-def _index(meta_key: str = "index"):
-    """A decode that keeps only one field of the sample's json: cheap, for order and multiset checks."""
-    return lambda sample, meta, epoch: meta[meta_key]
+@dataclass(frozen=True)
+class _Field:
+    """A decode that keeps one field of the sample's json: cheap, for order and multiset checks (a class, not a
+    lambda, so spawned loader workers can unpickle it)."""
+
+    key: str = "index"
+
+    def __call__(self, sample: dict, meta: dict, epoch: int) -> object:
+        return meta[self.key]
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    """(the sample's row, what ``decode`` makes of it)."""
+
+    decode: SSLShardDecode
+
+    def __call__(self, sample: dict, meta: dict, epoch: int) -> tuple[int, dict]:
+        return meta["index"], self.decode(sample, meta, epoch)
+
+
+def _loader(stream: ShardStream, batch_size: int | None, workers: int) -> DataLoader:
+    """Loader workers are spawned: this process may hold other tests' threads (in-process Prefect flows run
+    before), and workers forked from it die on them."""
+    context = "spawn" if workers else None
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers, multiprocessing_context=context)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +123,7 @@ def test_an_epoch_over_shards_is_an_epoch_over_the_files(tiny_project, tiny_shar
     decode = SSLShardDecode(views, seed=3)
     stream = ShardStream(
         load_shard_set(tiny_shards, "ssl"),
-        lambda sample, meta, epoch: (meta["index"], decode(sample, meta, epoch)),
+        _Indexed(decode),
         batch_size=1,
         seed=3,
         num_workers=workers,
@@ -108,7 +132,7 @@ def test_an_epoch_over_shards_is_an_epoch_over_the_files(tiny_project, tiny_shar
     for epoch in (0, 1):
         files.set_epoch(epoch)
         stream.set_epoch(epoch)
-        seen = list(DataLoader(stream, batch_size=None, num_workers=workers))
+        seen = list(_loader(stream, None, workers))
         indices = [i for i, _ in seen]
         assert len(set(indices)) == len(indices) == len(stream)
         assert len(table) - len(indices) < max(1, workers)  # at most workers - 1 faces sit this epoch out
@@ -121,31 +145,31 @@ def test_an_epoch_over_shards_is_an_epoch_over_the_files(tiny_project, tiny_shar
 def test_ranks_and_workers_get_disjoint_equal_runs_and_epochs_differ(synthetic):
     shard_set = load_shard_set(synthetic, "ssl")
     streams = [
-        ShardStream(shard_set, _index(), batch_size=2, rank=r, world_size=2, num_workers=2, shuffle_buffer=4)
+        ShardStream(shard_set, _Field(), batch_size=2, rank=r, world_size=2, num_workers=2, shuffle_buffer=4)
         for r in range(2)
     ]
-    per_rank = [[x for b in DataLoader(s, batch_size=2, num_workers=2) for x in b.tolist()] for s in streams]
+    per_rank = [[x for b in _loader(s, 2, 2) for x in b.tolist()] for s in streams]
     assert len(per_rank[0]) == len(per_rank[1]) == len(streams[0]) > 0
     assert not set(per_rank[0]) & set(per_rank[1])
     assert shard_set.samples - len(per_rank[0]) * 2 < 2 * 2 * 2  # less than world x workers x batch left out
     streams[0].set_epoch(1)
-    assert [x for b in DataLoader(streams[0], batch_size=2, num_workers=2) for x in b.tolist()] != per_rank[0]
+    assert [x for b in _loader(streams[0], 2, 2) for x in b.tolist()] != per_rank[0]
 
 
 def test_a_resume_at_any_batch_replays_the_rest_of_the_epoch(synthetic):
-    stream = ShardStream(load_shard_set(synthetic, "ssl"), _index(), batch_size=2, num_workers=2, shuffle_buffer=6)
+    stream = ShardStream(load_shard_set(synthetic, "ssl"), _Field(), batch_size=2, num_workers=2, shuffle_buffer=6)
     stream.set_epoch(4)
-    full = [b.tolist() for b in DataLoader(stream, batch_size=2, num_workers=2, drop_last=True)]
+    full = [b.tolist() for b in _loader(stream, 2, 2)]
     assert len(full) == len(stream) // 2
     for done in range(len(full)):
         stream.skip = done * 2
-        assert [b.tolist() for b in DataLoader(stream, batch_size=2, num_workers=2, drop_last=True)] == full[done:]
+        assert [b.tolist() for b in _loader(stream, 2, 2)] == full[done:]
 
 
 def test_identities_left_out_never_reach_the_loader(synthetic):
     shard_set = load_shard_set(synthetic, "ssl")
     keep = set(shard_set.identities[::2])
-    stream = ShardStream(shard_set, _index("identity"), batch_size=1, keep=keep)
+    stream = ShardStream(shard_set, _Field("identity"), batch_size=1, keep=keep)
     seen = list(DataLoader(stream, batch_size=None))
     kept = sum(shard_set.identities[i] in keep for s in shard_set.shards for i in s.identities)
     assert set(seen) <= keep and len(seen) == kept == len(stream)
@@ -153,7 +177,7 @@ def test_identities_left_out_never_reach_the_loader(synthetic):
 
 def test_too_few_samples_for_one_batch_per_worker_is_a_clear_error(synthetic):
     with pytest.raises(ShardError, match="less than one batch"):
-        ShardStream(load_shard_set(synthetic, "ssl"), _index(), batch_size=64, num_workers=2)
+        ShardStream(load_shard_set(synthetic, "ssl"), _Field(), batch_size=64, num_workers=2)
 
 
 def test_streams_from_s3_as_from_disk(synthetic, s3_endpoint, monkeypatch):
@@ -166,7 +190,7 @@ def test_streams_from_s3_as_from_disk(synthetic, s3_endpoint, monkeypatch):
     for path in synthetic.iterdir():
         client.upload_file(str(path), "faces", f"lfw/shards/{path.name}")
     local, remote = (
-        ShardStream(load_shard_set(where, "ssl"), _index("aligned_path"), batch_size=3, seed=1, shuffle_buffer=4)
+        ShardStream(load_shard_set(where, "ssl"), _Field("aligned_path"), batch_size=3, seed=1, shuffle_buffer=4)
         for where in (synthetic, "s3://faces/lfw/shards")
     )
     for stream in (local, remote):
