@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import shlex
 from pathlib import Path
@@ -119,3 +120,68 @@ def test_manifests_hold_no_credentials():
         for line in yaml.safe_dump(doc).splitlines():
             if re.search(r"(?i)(secret_access_key|password|token)\s*:\s*\S", line):
                 raise AssertionError(f"literal credential in manifest: {line}")
+
+
+# --- The Prefect Kubernetes work pool: its base job template requests GPUs ----------------------------------
+def _job_template_module():
+    spec = importlib.util.spec_from_file_location("job_template", REPO / "infra" / "prefect" / "job_template.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flow_run_job(template: dict, job_variables: dict) -> dict:
+    """The Job manifest the prefect-kubernetes worker would create for a flow run with these job variables."""
+    import asyncio
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, job_variables))
+    config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="nightly-run"))
+    return config.job_manifest
+
+
+def test_work_pool_template_is_the_installed_default_plus_gpus_and_credentials():
+    module = _job_template_module()
+    assert module.main(["--check"]) == 0, "run: python infra/prefect/job_template.py --write"
+    default, ours = module.default_template(), json.loads(module.TEMPLATE.read_text())
+    assert set(ours["variables"]["properties"]) - set(default["variables"]["properties"]) == {"gpus"}
+    container = ours["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert container["envFrom"] == [{"secretRef": {"name": "lafs-s3", "optional": True}}]
+    gpus = ours["variables"]["properties"]["gpus"]
+    for bad in (-1, "one", 1.5):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, gpus)
+
+
+@pytest.mark.parametrize("pool", ["kubernetes_gpu", "kubernetes"])
+def test_prefect_yaml_pools_render_valid_jobs_with_their_gpu_request(prefect_api, pool):
+    """prefect.yaml's k8s pool definitions through the real worker's rendering: strict-valid Jobs, the GPU limit
+    only where asked, and only variables the template declares (a typo such as ``gpu: 1`` would be ignored)."""
+    module = _job_template_module()
+    template = json.loads(module.TEMPLATE.read_text())
+    job_variables = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["work_pools"][pool][
+        "job_variables"
+    ]
+    assert set(job_variables) <= set(template["variables"]["properties"])
+    jsonschema.validate(job_variables, template["variables"])
+
+    job = _flow_run_job(template, job_variables)
+    _validator().validate_document(job)
+    assert job["spec"]["completions"] == 1 and job["spec"]["parallelism"] == 1
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == job_variables["image"]
+    if pool == "kubernetes_gpu":
+        assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    else:
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == job_variables["env"]["MLFLOW_TRACKING_URI"]
+    assert not any("AWS_" in name for name in env)  # keys come from the Secret, not the pool
+
+    # prefect-kubernetes' own default puts Job fields into the pod spec: the strict schema rejects it.
+    with pytest.raises(Exception, match="completions"):
+        _validator().validate_document(_flow_run_job(module.default_template(), job_variables))
