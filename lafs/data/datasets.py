@@ -16,6 +16,7 @@ from lafs.data.aligned import read_aligned
 from lafs.data.sampling import derived_seed
 from lafs.data.shards import ShardError, decode_face
 from lafs.data.transforms import LandmarkAugment
+from lafs.errors import StageError
 
 
 def read_face_uint8(path: Path) -> torch.Tensor:
@@ -80,6 +81,19 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+def rank_sampler(
+    dataset: Dataset, world_size: int, rank: int, seed: int, batch_size: int, what: str, knob: str
+) -> ResumableSampler:
+    """This rank's :class:`ResumableSampler` over ``dataset``; refuses a share smaller than one batch of
+    ``batch_size`` (``what``: the samples' name in the message, ``knob``: the param to lower)."""
+    sampler = ResumableSampler(dataset, world_size, rank, seed=seed)
+    if len(sampler) < batch_size:
+        raise StageError(
+            f"{len(dataset)} {what} over {world_size} process(es) is less than one batch of {batch_size}: lower {knob}"
+        )
+    return sampler
 
 
 class LandmarkFaces(_SeededFaces):

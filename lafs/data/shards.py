@@ -17,6 +17,7 @@ re-reads its run, drops what it had already produced, and the workers take the r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -32,12 +33,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lafs.atomic import write_text
 from lafs.data.images import file_sha256
 from lafs.data.sampling import derived_seed
+from lafs.errors import StageError
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = 1
 
 
-class ShardError(ValueError):
+class ShardError(StageError):
     """A shard set is missing, malformed or too small for the loader asked of it."""
 
 
@@ -62,6 +64,7 @@ class ShardSet:
     location: str
     shards: tuple[Shard, ...]
     identities: tuple[str, ...]
+    digest: str  # sha256 of the index.json it was read from: a training run's input fingerprint
 
     @property
     def samples(self) -> int:
@@ -151,7 +154,7 @@ class _Window(io.RawIOBase):
 
 
 def index_bytes(location: str | Path) -> bytes:
-    """The raw ``index.json`` at ``location`` (a folder or ``s3://bucket/prefix``): what a run fingerprints."""
+    """The raw ``index.json`` at ``location`` (a folder or ``s3://bucket/prefix``)."""
     location = str(location).rstrip("/")
     try:
         if location.startswith("s3://"):
@@ -180,7 +183,7 @@ def load_shard_set(location: str | Path, name: str) -> ShardSet:
         )
     entry = index["sets"][name]
     shards = tuple(Shard(s["name"], tuple(s["offsets"]), tuple(s["identities"]), s["sha256"]) for s in entry["shards"])
-    return ShardSet(location, shards, tuple(entry["identities"]))
+    return ShardSet(location, shards, tuple(entry["identities"]), hashlib.sha256(raw).hexdigest())
 
 
 def read_run(shard_set: ShardSet, shard: Shard, start: int, stop: int) -> Iterator[dict[str, Any]]:

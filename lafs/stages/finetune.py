@@ -21,7 +21,6 @@ epoch, index)) and dropout (a torch seed per iteration) never depend on state lo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,11 +35,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lafs.config import FinetuneParams, Params, read_yaml_mapping, resolved, update_section
-from lafs.data.datasets import LabelledFaces, LabelledShardDecode, ResumableSampler, recognition_augment
+from lafs.data.datasets import (
+    LabelledFaces,
+    LabelledShardDecode,
+    ResumableSampler,
+    rank_sampler,
+    recognition_augment,
+)
 from lafs.data.images import file_sha256
 from lafs.data.pairs import PairRow
 from lafs.data.sampling import Image, derived_seed, fraction_count, generate_pairs, seeded_order
-from lafs.data.shards import ShardError, ShardStream, index_bytes, load_shard_set
+from lafs.data.shards import ShardSet, ShardStream, load_shard_set
 from lafs.engine.checkpoint import load_checkpoint, resume_state, rng_state, save_checkpoint, set_rng_state
 from lafs.engine.distributed import (
     DistEnv,
@@ -349,44 +354,36 @@ def validate(
 
 
 def training_set(
-    cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData, env: DistEnv
+    cfg: FinetuneParams, data: FinetuneData, env: DistEnv, shards: ShardSet | None
 ) -> tuple[Dataset, ResumableSampler | None]:
-    """The labelled training faces and this rank's sampler over them (files), or this rank's stream of shard
+    """The labelled training faces and this rank's sampler over them (files), or this rank's stream of ``shards``
     samples (no sampler)."""
     augment = recognition_augment(cfg.crop_scale, cfg.flip)
-    if cfg.data_source == "shards":
+    if shards is not None:
         if cfg.fewshot_k is not None:
             raise StageError("finetune.data_source shards holds the full finetune set: use files with fewshot_k")
-        try:
-            stream = ShardStream(
-                load_shard_set(_shards_location(cfg, paths), "finetune"),
-                LabelledShardDecode(data.labels, augment, cfg.seed),
-                cfg.batch_size,
-                seed=cfg.seed,
-                rank=env.rank,
-                world_size=env.world_size,
-                num_workers=cfg.num_workers,
-                shuffle_buffer=cfg.shuffle_buffer,
-                keep=set(data.labels),
-            )
-        except ShardError as exc:
-            raise StageError(f"finetune.data_source shards: {exc}") from None
+        stream = ShardStream(
+            shards,
+            LabelledShardDecode(data.labels, augment, cfg.seed),
+            cfg.batch_size,
+            seed=cfg.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=cfg.num_workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+            keep=set(data.labels),
+        )
         return stream, None
     faces = LabelledFaces(data.train_paths, data.train_labels, augment, seed=cfg.seed, preload=True)
-    sampler = ResumableSampler(faces, env.world_size, env.rank, seed=cfg.seed)
-    if len(sampler) < cfg.batch_size:
-        raise StageError(
-            f"{len(faces)} training images over {env.world_size} process(es) is less than one batch of "
-            f"{cfg.batch_size}: lower finetune.batch_size"
-        )
+    sampler = rank_sampler(
+        faces, env.world_size, env.rank, cfg.seed, cfg.batch_size, "training images", "finetune.batch_size"
+    )
     return faces, sampler
 
 
-def _shards_location(cfg: FinetuneParams, paths: FinetunePaths) -> str:
-    return cfg.shards_uri or str(paths.layout.shards)
-
-
-def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) -> dict[str, str]:
+def _fingerprint(
+    cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData, shards: ShardSet | None
+) -> dict[str, str]:
     """sha256 of the files a run depends on besides its params: resuming across other inputs is wrong."""
     files = {f"split_{k}": v for k, v in data.sources.items()}
     if uses_landmarks(cfg):
@@ -394,8 +391,8 @@ def _fingerprint(cfg: FinetuneParams, paths: FinetunePaths, data: FinetuneData) 
     if cfg.init == "pretrained":
         files["teacher"] = paths.teacher
     inputs = {name: file_sha256(f) for name, f in sorted(files.items())}
-    if cfg.data_source == "shards":
-        inputs["shards_index"] = hashlib.sha256(index_bytes(_shards_location(cfg, paths))).hexdigest()
+    if shards is not None:
+        inputs["shards_index"] = shards.digest
     return inputs
 
 
@@ -468,7 +465,8 @@ def _train(
     model = build_recogniser(cfg, paths).to(device)
     anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
     reference = frozen_copy(model.landmark_net) if anchored else None
-    train_set, sampler = training_set(cfg, paths, data, env)
+    shards = load_shard_set(cfg.shards_uri or paths.layout.shards, "finetune") if cfg.data_source == "shards" else None
+    train_set, sampler = training_set(cfg, data, env, shards)
     iters_per_epoch = len(sampler if sampler is not None else train_set) // cfg.batch_size  # type: ignore[arg-type]
     trainer = FinetuneTrainer(model, data.num_classes, cfg, iters_per_epoch, reference)
     if env.distributed:
@@ -476,7 +474,7 @@ def _train(
     val_set = LabelledFaces([paths.layout.root / p for p in data.val_paths], [0] * len(data.val_paths))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
-    inputs = _fingerprint(cfg, paths, data)
+    inputs = _fingerprint(cfg, paths, data, shards)
     state = resume_state(
         paths.last,
         resolved(cfg),

@@ -10,7 +10,6 @@ keeps the last good checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from lafs.config import Params, SSLParams, resolved
 from lafs.conventions import ALIGNED_SIZE
-from lafs.data.datasets import ResumableSampler, SSLFaces, SSLShardDecode
+from lafs.data.datasets import ResumableSampler, SSLFaces, SSLShardDecode, rank_sampler
 from lafs.data.images import file_sha256
 from lafs.data.sampling import derived_seed
-from lafs.data.shards import ShardError, ShardStream, index_bytes, load_shard_set
+from lafs.data.shards import ShardSet, ShardStream, load_shard_set
 from lafs.data.views import DINOFaceViews, LAFSViews
 from lafs.engine import remote
 from lafs.engine.checkpoint import resume_state, save_checkpoint
@@ -122,47 +121,39 @@ def _ssl_table(cfg: SSLParams, layout: Layout) -> tuple[list[Path], torch.Tensor
     return paths, landmarks
 
 
-def _training_set(cfg: SSLParams, layout: Layout, env: DistEnv) -> tuple[Dataset, ResumableSampler | None]:
-    """The SSL faces and the sampler over them (files), or the rank's stream of shard samples (no sampler)."""
-    if cfg.data_source == "shards":
+def _training_set(
+    cfg: SSLParams, layout: Layout, env: DistEnv, shards: ShardSet | None
+) -> tuple[Dataset, ResumableSampler | None]:
+    """The SSL faces and the sampler over them (files), or the rank's stream of ``shards`` samples (no sampler)."""
+    if shards is not None:
         extracted = cfg.method != "dino_face" and cfg.landmark_source == "extracted"
-        try:
-            stream = ShardStream(
-                load_shard_set(_shards_location(cfg, layout), "ssl"),
-                SSLShardDecode(_views(cfg), cfg.seed, cfg.num_landmarks if extracted else None),
-                cfg.batch_size,
-                seed=cfg.seed,
-                rank=env.rank,
-                world_size=env.world_size,
-                num_workers=cfg.num_workers,
-                shuffle_buffer=cfg.shuffle_buffer,
-            )
-        except ShardError as exc:
-            raise StageError(f"pretrain.data_source shards: {exc}") from None
+        stream = ShardStream(
+            shards,
+            SSLShardDecode(_views(cfg), cfg.seed, cfg.num_landmarks if extracted else None),
+            cfg.batch_size,
+            seed=cfg.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=cfg.num_workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
         return stream, None
     image_paths, landmarks = _ssl_table(cfg, layout)
     dataset = SSLFaces(image_paths, _views(cfg), landmarks, seed=cfg.seed)
-    sampler = ResumableSampler(dataset, env.world_size, env.rank, seed=cfg.seed)
-    if len(sampler) < cfg.batch_size:
-        raise StageError(
-            f"{len(dataset)} SSL images over {env.world_size} process(es) is less than one batch of "
-            f"{cfg.batch_size}: lower pretrain.batch_size"
-        )
+    sampler = rank_sampler(
+        dataset, env.world_size, env.rank, cfg.seed, cfg.batch_size, "SSL images", "pretrain.batch_size"
+    )
     return dataset, sampler
 
 
-def _shards_location(cfg: SSLParams, layout: Layout) -> str:
-    return cfg.shards_uri or str(layout.shards)
-
-
-def _input_fingerprint(cfg: SSLParams, paths: PretrainPaths) -> dict[str, str]:
+def _input_fingerprint(cfg: SSLParams, paths: PretrainPaths, shards: ShardSet | None) -> dict[str, str]:
     """sha256 of the files a run depends on besides its params: resuming across other inputs is wrong."""
     files = {"ssl_split": paths.layout.splits / "ssl.csv"}
     if cfg.method != "dino_face" and cfg.landmark_source == "net":
         files["landmark_net"] = paths.landmark_net
     inputs = {name: file_sha256(f) for name, f in files.items() if f.exists()}
-    if cfg.data_source == "shards":
-        inputs["shards_index"] = hashlib.sha256(index_bytes(_shards_location(cfg, paths.layout))).hexdigest()
+    if shards is not None:
+        inputs["shards_index"] = shards.digest
     return inputs
 
 
@@ -191,7 +182,8 @@ def train(cfg: SSLParams, paths: PretrainPaths, restart_on_change: bool = False)
 
 def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change: bool) -> PretrainSummary:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    dataset, sampler = _training_set(cfg, paths.layout, env)
+    shards = load_shard_set(cfg.shards_uri or paths.layout.shards, "ssl") if cfg.data_source == "shards" else None
+    dataset, sampler = _training_set(cfg, paths.layout, env, shards)
     iters_per_epoch = len(sampler if sampler is not None else dataset) // cfg.batch_size  # type: ignore[arg-type]
 
     net = (
@@ -216,7 +208,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     if fetch and remote.download_if_exists(cfg.checkpoint_uri, paths.last.name, paths.last):
         log.info("resuming from %s/%s", cfg.checkpoint_uri, paths.last.name)
     barrier()
-    inputs = _input_fingerprint(cfg, paths)
+    inputs = _input_fingerprint(cfg, paths, shards)
     # every rank reads last.pt and decides alike; rank 0 alone sets a changed one aside, once all have read it
     state = resume_state(
         paths.last,
