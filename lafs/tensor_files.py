@@ -16,10 +16,13 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
+    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file.
+
+    Saved through a file handle: given a path, torch names the archive's folder after the (random) temp file, so
+    equal states would give different bytes, and DVC and the resume fingerprints would see a new file."""
     path = Path(path)
-    with replacing(path, fsync=True) as tmp:
-        torch.save(state, tmp)
+    with replacing(path, fsync=True) as tmp, tmp.open("wb") as fh:
+        torch.save(state, fh)
     return path
 
 

@@ -27,3 +27,18 @@ def test_success_replaces_with_the_umask_mode_and_fsync(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_equal_checkpoints_are_equal_bytes(tmp_path: Path) -> None:
+    """A rewritten teacher with the same weights must not look like a new input to DVC or a resumed run."""
+    import torch
+
+    from lafs.models.io import save_model
+    from lafs.tensor_files import load_checkpoint
+
+    net = torch.nn.Linear(3, 2)
+    first = save_model(net, "linear", {"in": 3}, tmp_path / "a" / "teacher.pt").read_bytes()
+    again = save_model(net, "linear", {"in": 3}, tmp_path / "a" / "teacher.pt").read_bytes()
+    elsewhere = save_model(net, "linear", {"in": 3}, tmp_path / "b" / "other.pt").read_bytes()
+    assert first == again == elsewhere
+    assert torch.equal(load_checkpoint(tmp_path / "b" / "other.pt")["state_dict"]["weight"], net.weight.detach())

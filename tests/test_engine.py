@@ -230,9 +230,13 @@ def test_resume_state_resumes_refuses_or_sets_aside_a_changed_checkpoint(tmp_pat
     assert resume_state(last, config, inputs, **kwargs) is None  # nothing to resume
     save_checkpoint({"iteration": 7, "config": config, "inputs": inputs}, last)
     assert resume_state(last, config, inputs, **kwargs)["iteration"] == 7
-    for other_config, other_inputs in (({**config, "lr": 2e-3}, inputs), (config, {"split": "cd34"})):
-        with pytest.raises(ChangedCheckpointError, match=r"different pretrain params or inputs \(SSL split\)"):
+    for other_config, other_inputs, named in (
+        ({**config, "lr": 2e-3}, inputs, "params lr 0.001 -> 0.002"),
+        (config, {"split": "cd34"}, "input split"),
+    ):
+        with pytest.raises(ChangedCheckpointError, match=r"different pretrain params or inputs \(SSL split\)") as err:
             resume_state(last, other_config, other_inputs, **kwargs)
+        assert named in str(err.value) and "epochs" not in str(err.value)
     assert last.exists()
     # a DDP rank other than 0: waits at the barrier, decides "start over", leaves the file to rank 0
     waited = []

@@ -57,18 +57,27 @@ def resume_state(
     state = load_checkpoint(last, map_location=map_location)
     if (state.get("config"), state.get("inputs")) == (config, inputs):
         return state
+    changed = _changes(state.get("config") or {}, config, "params") + _changes(state.get("inputs") or {}, inputs, "")
     if not restart_on_change:
         raise ChangedCheckpointError(
-            f"{last} was written with different {stage} params or inputs ({input_names}); restore them to resume, "
-            "or pass --restart-on-change to set it aside and start over"
+            f"{last} was written with different {stage} params or inputs ({input_names}): {', '.join(changed)}; "
+            "restore them to resume, or pass --restart-on-change to set it aside and start over"
         )
     if before_set_aside is not None:
         before_set_aside()
     if set_aside:
         aside = last.with_suffix(".previous.pt")
         last.replace(aside)
-        log.warning("%s params or inputs changed: %s moved to %s; starting over", stage, last, aside)
+        log.warning("%s %s changed: %s moved to %s; starting over", stage, ", ".join(changed), last, aside)
     return None
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any], kind: str) -> list[str]:
+    """``kind key old -> new`` for params, ``key`` (a file's digest) for inputs: what made a checkpoint stale."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if kind:
+        return [f"{kind} {k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+    return [f"input {k}" for k in keys]
 
 
 def rng_state() -> dict[str, Any]:
