@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -222,10 +223,17 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(ssl_data, tmp_path):
     assert 4 <= it < 12
 
 
-def test_resume_refuses_changed_params(ssl_data, monkeypatch, tmp_path):
+def test_rerun_of_a_finished_run_changes_nothing_and_refuses_changed_params(ssl_data, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     paths = _paths(ssl_data, "out_changed")
     run(SSLParams(**{**TINY, "epochs": 1}), paths)
+    teacher, metrics = paths.teacher.read_bytes(), json.loads(paths.metrics.read_text())
+    # the same params again: nothing to train, the same teacher bytes (downstream stays valid), the same figures
+    assert run(SSLParams(**{**TINY, "epochs": 1}), paths).resumed_from == metrics["iterations"]
+    assert paths.teacher.read_bytes() == teacher
+    again = json.loads(paths.metrics.read_text())
+    assert math.isfinite(again["final_loss"]) and again["final_loss"] == metrics["final_loss"]
+    assert again["teacher_entropy"] == metrics["teacher_entropy"] is not None
     with pytest.raises(StageError, match="different pretrain params or inputs"):
         run(SSLParams(**{**TINY, "epochs": 1, "lr": 1e-3}), paths)
 

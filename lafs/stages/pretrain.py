@@ -201,6 +201,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     initial = {k: v.detach().clone() for k, v in task.teacher.backbone.state_dict().items()}  # seeded: same on resume
 
     start_it, run_id = 0, None
+    latest: dict[str, float] = {}  # the last step's metrics, kept in checkpoints: a finished run reports them again
     # One download per node (local rank 0); nodes may or may not share the checkpoint directory. Rank 0 writes
     # last.pt and then mirrors it, so its own copy is the newest; any other node's copy may be stale (an earlier
     # restart's download), so they always take the mirror when there is one.
@@ -224,6 +225,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
     if state is not None:
         trainer.load_state_dict(state)
         start_it, run_id = int(state["iteration"]), state.get("mlflow_run_id") or None
+        latest = dict(state.get("metrics") or {})
     if not same_on_all_ranks(start_it, env.device):
         raise StageError(
             f"the ranks found checkpoints of different iterations (this one: {start_it}): the nodes' copies of "
@@ -249,6 +251,7 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
                     "config": resolved(cfg),
                     "inputs": inputs,
                     "mlflow_run_id": logger.run_id or "",
+                    "metrics": latest,
                 },
                 paths.last,
             )
@@ -273,8 +276,10 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
 
     low_std = 0
 
-    def check_collapse(it: int, metrics: Mapping[str, float]) -> None:
+    def after_step(it: int, metrics: Mapping[str, float]) -> None:
+        """Keep the step's metrics; stop a collapsing teacher."""
         nonlocal low_std
+        latest.update({k: float(v) for k, v in metrics.items()})
         low_std = low_std + 1 if metrics["teacher_std"] < cfg.collapse_std else 0
         if low_std >= cfg.collapse_patience:
             raise StageError(
@@ -305,10 +310,10 @@ def _train(cfg: SSLParams, paths: PretrainPaths, env: DistEnv, restart_on_change
             logger=logger,
             # drop-path etc.: a function of the iteration, not of history
             seed_iteration=lambda it: torch.manual_seed(derived_seed(cfg.seed, env.rank, it)),
-            after_step=check_collapse,
+            after_step=after_step,
             stop=lambda raised: not all_true(not raised, env.device),  # any rank's SIGTERM stops all
         )
-    it, metrics = result.iteration, result.metrics or {"loss": float("nan")}
+    it, metrics = result.iteration, result.metrics or latest or {"loss": float("nan")}
 
     in_sync = ranks_in_sync(task.student, env.device)
     if not in_sync:
