@@ -57,7 +57,8 @@ def resume_state(
     state = load_checkpoint(last, map_location=map_location)
     if (state.get("config"), state.get("inputs")) == (config, inputs):
         return state
-    changed = _changes(state.get("config") or {}, config, "params") + _changes(state.get("inputs") or {}, inputs, "")
+    changed = [f"params {k} {was!r} -> {now!r}" for k, was, now in _differences(state.get("config") or {}, config)]
+    changed += [f"input {k}" for k, _, _ in _differences(state.get("inputs") or {}, inputs)]  # digests say nothing
     if not restart_on_change:
         raise ChangedCheckpointError(
             f"{last} was written with different {stage} params or inputs ({input_names}): {', '.join(changed)}; "
@@ -72,12 +73,9 @@ def resume_state(
     return None
 
 
-def _changes(old: Mapping[str, Any], new: Mapping[str, Any], kind: str) -> list[str]:
-    """``kind key old -> new`` for params, ``key`` (a file's digest) for inputs: what made a checkpoint stale."""
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if kind:
-        return [f"{kind} {k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
-    return [f"input {k}" for k in keys]
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key whose value differs: what made a checkpoint stale."""
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def rng_state() -> dict[str, Any]:
