@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from kubernetes_validate.utils import SchemaNotFoundError
+from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 from lafs.cli import _build_parser
 from lafs.layout import STAGE_IO, Layout
@@ -23,11 +23,16 @@ K8S = REPO / "infra" / "k8s"
 MANIFEST = K8S / "pytorchjob.yaml"
 
 
-def _validator():
-    spec = importlib.util.spec_from_file_location("k8s_validate", K8S / "validate.py")
+def _script_module(path: Path):
+    """A script of infra/ (not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _validator():
+    return _script_module(K8S / "validate.py")
 
 
 def _docs() -> dict[str, dict]:
@@ -124,10 +129,7 @@ def test_manifests_hold_no_credentials():
 
 # --- The Prefect Kubernetes work pool: its base job template requests GPUs ----------------------------------
 def _job_template_module():
-    spec = importlib.util.spec_from_file_location("job_template", REPO / "infra" / "prefect" / "job_template.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script_module(REPO / "infra" / "prefect" / "job_template.py")
 
 
 def _flow_run_job(template: dict, job_variables: dict) -> dict:
@@ -183,5 +185,5 @@ def test_prefect_yaml_pools_render_valid_jobs_with_their_gpu_request(prefect_api
     assert not any("AWS_" in name for name in env)  # keys come from the Secret, not the pool
 
     # prefect-kubernetes' own default puts Job fields into the pod spec: the strict schema rejects it.
-    with pytest.raises(Exception, match="completions"):
+    with pytest.raises(ValidationError, match="completions"):
         _validator().validate_document(_flow_run_job(module.default_template(), job_variables))
