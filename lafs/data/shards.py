@@ -153,7 +153,7 @@ class _Window(io.RawIOBase):
         super().close()
 
 
-def index_bytes(location: str | Path) -> bytes:
+def _index_bytes(location: str | Path) -> bytes:
     """The raw ``index.json`` at ``location`` (a folder or ``s3://bucket/prefix``)."""
     location = str(location).rstrip("/")
     try:
@@ -172,7 +172,7 @@ def index_bytes(location: str | Path) -> bytes:
 def load_shard_set(location: str | Path, name: str) -> ShardSet:
     """The set ``name`` of the shard index at ``location`` (a folder or ``s3://bucket/prefix``)."""
     location = str(location).rstrip("/")
-    raw = index_bytes(location)
+    raw = _index_bytes(location)
     index = json.loads(raw)
     if index.get("format") != INDEX_FORMAT:
         raise ShardError(f"{location}/{INDEX_FILE} has format {index.get('format')!r}, this reader {INDEX_FORMAT}")

@@ -360,8 +360,6 @@ def training_set(
     samples (no sampler)."""
     augment = recognition_augment(cfg.crop_scale, cfg.flip)
     if shards is not None:
-        if cfg.fewshot_k is not None:
-            raise StageError("finetune.data_source shards holds the full finetune set: use files with fewshot_k")
         stream = ShardStream(
             shards,
             LabelledShardDecode(data.labels, augment, cfg.seed),
@@ -465,7 +463,11 @@ def _train(
     model = build_recogniser(cfg, paths).to(device)
     anchored = model.landmark_net is not None and cfg.train_landmark_net and cfg.reg_weight > 0
     reference = frozen_copy(model.landmark_net) if anchored else None
-    shards = load_shard_set(cfg.shards_uri or paths.layout.shards, "finetune") if cfg.data_source == "shards" else None
+    shards = None
+    if cfg.data_source == "shards":
+        if cfg.fewshot_k is not None:  # checked before the index is fetched: the params alone are wrong
+            raise StageError("finetune.data_source shards holds the full finetune set: use files with fewshot_k")
+        shards = load_shard_set(cfg.shards_uri or paths.layout.shards, "finetune")
     train_set, sampler = training_set(cfg, data, env, shards)
     iters_per_epoch = len(sampler if sampler is not None else train_set) // cfg.batch_size  # type: ignore[arg-type]
     trainer = FinetuneTrainer(model, data.num_classes, cfg, iters_per_epoch, reference)
